@@ -1,0 +1,34 @@
+"""Test set-up: Triton runs in its CPU interpreter; Inductor uses a fresh cache per session."""
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="wisparse-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A small random Llama (hidden 64, 2 layers, vocab 256) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def token_batches(n: int, batch: int = 2, length: int = 32, seed: int = 1, vocab: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, length), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,40 @@
+"""Test helpers independent of the package's own masking code."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio in dB (as torchao reports it)."""
+    reference, actual = reference.double(), actual.double()
+    noise = (reference - actual).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(reference.norm() / noise))
+
+
+class MaskingHooks:
+    """Eager reference: forward pre-hooks on nn.Linear modules mask |x_i| <= t_i to zero."""
+
+    def __init__(self, model: nn.Module, thresholds: dict[str, torch.Tensor]) -> None:
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name, t in thresholds.items():
+            module = modules[name]
+            assert isinstance(module, nn.Linear), name
+            self.handles.append(module.register_forward_pre_hook(self._hook(t)))
+
+    @staticmethod
+    def _hook(t: torch.Tensor):
+        def hook(module, args):
+            (x,) = args
+            return (x * (x.abs().float() > t.to(x.device).float()).to(x.dtype),)
+
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,181 @@
+"""End to end on a tiny random Llama: calibrate, attach, torch.compile(backend="wisparse")."""
+
+import importlib.metadata
+import logging
+
+import pytest
+import torch
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from tests.helpers import MaskingHooks
+from wisparse_compile.backend import COMPILED_REPORTS
+
+
+def _calibrated(seed=0, sparsity=0.5, method="wina"):
+    model = tiny_llama(seed)
+    plan = wsc.calibrate(model, token_batches(4, seed=seed + 10), wsc.SparsityConfig(sparsity=sparsity, method=method))
+    wsc.attach(model, plan)
+    return model, plan
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_backend_is_an_entry_point():
+    names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
+    assert "wisparse" in names
+    assert "wisparse" in torch._dynamo.list_backends(exclude_tags=())
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_compiled_equals_masked_reference(method):
+    model, plan = _calibrated(method=method)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(model, backend="wisparse")
+    out = _logits(compiled, ids)
+    report = COMPILED_REPORTS[-1]
+    assert report.rewritten == 14, report.summary()
+    dense_left = [d for d in report.decisions if d.decision == "dense"]
+    assert [d.reason for d in dense_left] == ["no plan entry"]  # lm_head
+    with MaskingHooks(model, plan.channel_thresholds):
+        ref = _logits(model, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    dense = _logits(model, ids)
+    assert (out - dense).abs().max() > 1e-2  # sparsity really changed the output
+
+    # the decode shape (one token) takes its own static graph, also sparse
+    one = ids[:, :1]
+    out1 = _logits(compiled, one)
+    with MaskingHooks(model, plan.channel_thresholds):
+        torch.testing.assert_close(out1, _logits(model, one), rtol=1e-4, atol=1e-4)
+
+
+def test_achieved_sparsity_on_held_out_tokens():
+    model, plan = _calibrated()
+    held_out = token_batches(4, seed=99)
+    # each linear on dense activations: as calibrated
+    from wisparse_compile.reference import measure_sparsity
+
+    for name, achieved in measure_sparsity(model, held_out, masked=False).items():
+        assert achieved == pytest.approx(0.5, abs=0.02), name
+    # every linear masked at once: the budget holds on average
+    achieved = measure_sparsity(model, held_out)
+    assert sum(achieved.values()) / len(achieved) == pytest.approx(0.5, abs=0.02)
+
+
+def test_sparsity_zero_equals_dense():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 9))
+    dense = _logits(model, ids)
+    plan = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.0))
+    wsc.attach(model, plan)
+    out = _logits(torch.compile(model, backend="wisparse"), ids)
+    assert COMPILED_REPORTS[-1].rewritten == 14
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_two_instances_with_different_plans_in_one_process():
+    a, plan_a = _calibrated(seed=0, sparsity=0.5)
+    b, plan_b = _calibrated(seed=1, sparsity=0.3, method="teal")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    out_a = _logits(torch.compile(a, backend="wisparse"), ids)
+    out_b = _logits(torch.compile(b, backend="wisparse"), ids)
+    with MaskingHooks(a, plan_a.channel_thresholds):
+        torch.testing.assert_close(out_a, _logits(a, ids), rtol=1e-4, atol=1e-4)
+    with MaskingHooks(b, plan_b.channel_thresholds):
+        torch.testing.assert_close(out_b, _logits(b, ids), rtol=1e-4, atol=1e-4)
+    # and again in the other order: graphs are shared, thresholds are not
+    out_a2 = _logits(torch.compile(a, backend="wisparse"), ids)
+    torch.testing.assert_close(out_a2, out_a, rtol=0, atol=0)
+
+
+def test_no_plan_compiles_like_inductor():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 8))
+    out = _logits(torch.compile(model, backend="wisparse"), ids)
+    report = COMPILED_REPORTS[-1]
+    assert report.rewritten == 0 and report.threshold_sources == []
+    torch._dynamo.reset()
+    ref = _logits(torch.compile(model, backend="inductor"), ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_plan_attached_after_compiling():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 8))
+    compiled = torch.compile(model, backend="wisparse")
+    _logits(compiled, ids)
+    plan = wsc.calibrate(model, token_batches(1), wsc.SparsityConfig())
+    # attach re-lays the weights input-major: Dynamo's stride guards recompile, now sparse
+    wsc.attach(model, plan)
+    out = _logits(compiled, ids)
+    assert COMPILED_REPORTS[-1].rewritten == 14
+    with MaskingHooks(model, plan.channel_thresholds):
+        torch.testing.assert_close(out, _logits(model, ids), rtol=1e-4, atol=1e-4)
+    # without the re-layout nothing triggers a recompile: the stale dense graph says so
+    wsc.detach(model)
+    torch._dynamo.reset()
+    _logits(compiled, ids)
+    wsc.attach(model, plan, input_major=False)
+    with pytest.warns(UserWarning, match="compiled before a plan was attached"):
+        _logits(compiled, ids)
+
+
+def test_weights_without_plan_run_dense_through_a_sparse_graph():
+    a = tiny_llama(seed=0)
+    # same strides as the plain model, so Dynamo reuses the sparse graph for it
+    wsc.attach(a, wsc.calibrate(a, token_batches(1), wsc.SparsityConfig()), input_major=False)
+    plain = tiny_llama(seed=2)
+    ids = torch.randint(0, 256, (1, 8))
+    _logits(torch.compile(a, backend="wisparse"), ids)
+    with pytest.warns(UserWarning, match="weights that have none"):
+        out = _logits(torch.compile(plain, backend="wisparse"), ids)
+    torch.testing.assert_close(out, _logits(plain, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_unmasked_prefill_option():
+    model, plan = _calibrated()
+    compiled = torch.compile(model, backend="wisparse", options={"mask_prefill": False})
+    ids = torch.randint(0, 256, (1, 12))
+    out = _logits(compiled, ids)
+    report = COMPILED_REPORTS[-1]
+    assert report.rewritten == 0
+    assert {d.reason for d in report.decisions if d.name} == {"prefill left dense (mask_prefill=False)"}
+    torch.testing.assert_close(out, _logits(model, ids), rtol=1e-5, atol=1e-5)
+    _logits(compiled, ids[:, :1])  # decode shape: sparse
+    assert COMPILED_REPORTS[-1].rewritten == 14
+
+
+def test_mode_and_inductor_options_pass_through():
+    model, _ = _calibrated()
+    ids = torch.randint(0, 256, (1, 4))
+    _logits(torch.compile(model, backend="wisparse", mode="reduce-overhead"), ids)
+    assert COMPILED_REPORTS[-1].rewritten == 14
+    torch._dynamo.reset()
+    _logits(torch.compile(model, backend="wisparse", options={"max_sparse_rows": 4, "epilogue_fusion": True}), ids)
+    assert COMPILED_REPORTS[-1].rewritten == 14
+    with pytest.raises(Exception, match="unknown wisparse backend option"):
+        torch._dynamo.reset()
+        _logits(torch.compile(model, backend="wisparse", options={"wisparse.bogus": 1}), ids)
+
+
+def test_detach_returns_to_dense():
+    model, _ = _calibrated()
+    wsc.detach(model)
+    assert wsc.attached_plan(model) is None
+    ids = torch.randint(0, 256, (1, 8))
+    out = _logits(torch.compile(model, backend="wisparse"), ids)
+    assert COMPILED_REPORTS[-1].rewritten == 0
+    torch.testing.assert_close(out, _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_pass_decisions_are_logged(caplog):
+    model, _ = _calibrated()
+    with caplog.at_level(logging.DEBUG, logger="wisparse_compile"):
+        _logits(torch.compile(model, backend="wisparse"), torch.randint(0, 256, (1, 4)))
+    text = caplog.text
+    assert "15 linears: 14 sparse, 1 dense (1 no plan entry)" in text
+    assert "sparse: model.layers.0.mlp.down_proj" in text

@@ -1,0 +1,137 @@
+"""SparsityPlan persistence, validation, and the clear errors a user gets for bad input."""
+
+import os
+
+import pytest
+import torch
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina"))
+
+
+def test_plan_covers_block_linears_only(plan):
+    names = plan.names
+    assert len(names) == 14  # 7 linears x 2 blocks; lm_head and embeddings stay dense
+    assert "model.layers.0.mlp.down_proj" in names and "lm_head" not in names
+    t = plan.channel_thresholds["model.layers.0.mlp.down_proj"]
+    assert t.shape == (128,) and t.dtype == torch.float32
+    assert plan.sparsities["model.layers.1.self_attn.q_proj"] == 0.5
+    assert plan.mean_sparsity() == pytest.approx(0.5)
+
+
+def test_teal_thresholds_are_one_scalar_per_linear():
+    plan = wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.4, method="teal"))
+    for t in plan.channel_thresholds.values():
+        assert torch.all(t == t[0]) and t[0] > 0
+
+
+def test_wina_thresholds_are_tau_over_column_norms(plan):
+    model = tiny_llama()
+    w = model.get_submodule("model.layers.0.mlp.up_proj").weight
+    t = plan.channel_thresholds["model.layers.0.mlp.up_proj"]
+    tau = t * w.detach().norm(dim=0)
+    torch.testing.assert_close(tau, tau[0].expand_as(tau), rtol=1e-5, atol=0)
+
+
+def test_save_load_roundtrip(plan, tmp_path):
+    path = tmp_path / "plan.wsp"
+    plan.save(path)
+    loaded = wsc.SparsityPlan.load(path)
+    assert loaded.names == plan.names and loaded.method == "wina"
+    assert loaded.model_class == "LlamaForCausalLM" and loaded.shapes == plan.shapes
+    for name in plan.names:
+        assert torch.equal(loaded.channel_thresholds[name], plan.channel_thresholds[name])
+    assert loaded.sparsities == plan.sparsities and loaded.config["sparsity"] == 0.5
+
+
+def test_failed_save_leaves_no_file(plan, tmp_path, monkeypatch):
+    import wisparse_compile.plan as plan_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plan_module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plan.save(tmp_path / "plan.wsp")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"])
+def test_corrupted_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "plan.wsp"
+    path.write_bytes(content)
+    with pytest.raises(wsc.PlanError, match="not a readable wisparse plan|corrupted|not a wisparse plan"):
+        wsc.SparsityPlan.load(path)
+
+
+def test_truncated_plan_file_is_a_clear_error(plan, tmp_path):
+    path = tmp_path / "plan.wsp"
+    plan.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(wsc.PlanError, match="plan"):
+        wsc.SparsityPlan.load(path)
+
+
+def test_safetensors_without_plan_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"a": torch.zeros(2)}, path)
+    with pytest.raises(wsc.PlanError, match="not a wisparse plan"):
+        wsc.SparsityPlan.load(path)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), "half"])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        wsc.SparsityConfig(sparsity=sparsity)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        wsc.SparsityConfig(method="magnitude")
+
+
+def test_empty_calibration_data():
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        wsc.calibrate(tiny_llama(), [], wsc.SparsityConfig())
+
+
+def test_bad_batch_type():
+    with pytest.raises(TypeError, match="calibration batch"):
+        wsc.calibrate(tiny_llama(), ["some text"], wsc.SparsityConfig())
+
+
+def test_plan_for_another_model_size(plan):
+    bigger = tiny_llama(layers=3)
+    other = wsc.calibrate(bigger, token_batches(1), wsc.SparsityConfig())
+    with pytest.raises(wsc.PlanError, match="model.layers.2.self_attn.q_proj"):
+        wsc.attach(tiny_llama(), other)
+
+
+def test_plan_with_wrong_shapes(plan):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    with pytest.raises(wsc.PlanError, match="model.layers.0.mlp.gate_proj.*shape"):
+        wsc.attach(wide, plan)
+
+
+def test_plan_for_another_architecture(plan):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256))
+    with pytest.raises(wsc.PlanError, match="calibrated for LlamaForCausalLM.*GPT2LMHeadModel"):
+        wsc.attach(gpt2, plan)
+
+
+def test_sparsity_zero_prunes_nothing():
+    plan = wsc.calibrate(tiny_llama(), token_batches(1), wsc.SparsityConfig(sparsity=0.0))
+    assert all(torch.all(t == 0) for t in plan.channel_thresholds.values())

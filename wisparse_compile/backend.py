@@ -1,0 +1,102 @@
+"""The ``wisparse`` torch.compile backend: rewrite planned linears, then lower through Inductor.
+
+``torch.compile(model, backend="wisparse")`` finds this function through the
+``torch_dynamo_backends`` entry point (no import needed once the package is installed).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
+from .attach import any_attached, attach_generation, site_of, thresholds_of
+from .config import BackendConfig
+from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewrite_sparse_linears
+
+log = logging.getLogger(__name__)
+
+#: Reports of the graphs compiled in this process, newest last (for tests and debugging).
+COMPILED_REPORTS: list[RewriteResult] = []
+
+
+def _inductor_patches(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    if mode is not None and options:
+        raise ValueError("torch.compile: give either mode or options to the wisparse backend, not both")
+    if mode is None or mode == "default":
+        return dict(options)
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Callable[..., Any]:
+    """Append, per call, the thresholds of the weights actually passed."""
+    sources = list(result.threshold_sources)
+    dense_fallbacks = [torch.zeros_like(t) for t in result.threshold_examples]
+    warned = False
+
+    def run(*args: Any) -> Any:
+        nonlocal warned
+        extra = []
+        for j, i in enumerate(sources):
+            t = thresholds_of(args[i])
+            if t is None:
+                if not warned:
+                    warned = True
+                    warnings.warn(
+                        "wisparse: a graph compiled for a model with a plan is running with weights "
+                        "that have none; those linears run dense (zero thresholds)",
+                        stacklevel=2,
+                    )
+                t = dense_fallbacks[j].to(args[i].device)
+            extra.append(t)
+        return compiled(*args, *extra)
+
+    return run
+
+
+def _watch_for_late_plans(compiled: Callable[..., Any], weight_indices: list[int]) -> Callable[..., Any]:
+    """A dense graph that later meets planned weights (plan attached after compiling) says so."""
+    if not weight_indices:
+        return compiled
+    seen_generation = -1
+
+    def run(*args: Any) -> Any:
+        nonlocal seen_generation
+        if seen_generation != attach_generation():
+            seen_generation = attach_generation()
+            if any_attached() and any(site_of(args[i]) is not None for i in weight_indices):
+                warnings.warn(
+                    "wisparse: this graph was compiled before a plan was attached and runs dense; "
+                    "attach the plan before torch.compile, or call torch._dynamo.reset() and compile again",
+                    stacklevel=2,
+                )
+        return compiled(*args)
+
+    return run
+
+
+def wisparse_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """Dynamo backend: sparsify the planned linears of ``gm``, compile with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    config, inductor_options = BackendConfig.split_options(options)
+    patches = _inductor_patches(mode, inductor_options)
+    if any_attached() and any(site_of(e) is not None for e in example_inputs):
+        gm = copy_dynamo_graph_module(gm)
+    result = rewrite_sparse_linears(gm, example_inputs, config)
+    COMPILED_REPORTS.append(result)
+    log.info("wisparse: %s", result.summary())
+    if not result.rewritten:
+        compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
+        return _watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
+    compiled = compile_fx(gm, [*example_inputs, *result.threshold_examples], config_patches=patches)
+    return _with_thresholds(compiled, result)

@@ -1,0 +1,188 @@
+"""calibrate: run the model on sample batches, turn score statistics into a SparsityPlan.
+
+Linears are observed through a ``TorchFunctionMode``: it sees the same torch-level calls that
+Dynamo puts in the graph (see ``linear_forms``), for any architecture and without hooks on module
+types. For each planned linear we keep a log-histogram of its channel scores (``|x_i|``, or
+``|x_i| * ||W[:, i]||_2`` for weight-aware methods) and its column norms.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from .config import SparsityConfig
+from .histogram import ScoreHistogram
+from .linear_forms import call_operands, form_of
+from .model_structure import linear_name, parameter_names, repeated_block_prefixes
+from .plan import SparsityPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinearStats:
+    """Calibration statistics of one linear."""
+
+    name: str
+    shape: list[int]
+    in_dim: int
+    column_norms: torch.Tensor  # fp32 [in_features]: ||W[:, i]||_2
+    histogram: ScoreHistogram
+    tokens: int = 0
+
+    def thresholds(self, tau: float, weight_aware: bool) -> torch.Tensor:
+        """Per-channel thresholds: ``t_i = tau / ||W[:, i]||`` (weight-aware) or ``tau``."""
+        norms = self.column_norms.cpu()
+        if not weight_aware:
+            return torch.full_like(norms, tau)
+        return torch.where(norms > 0, tau / norms, torch.full_like(norms, float("inf")))
+
+
+def column_norms(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """||W[..., i, ...]||_2 over every dim but the input-channel one, in fp32."""
+    dims = [d for d in range(weight.dim()) if d != in_dim % weight.dim()]
+    return torch.linalg.vector_norm(weight.detach().float(), dim=dims)
+
+
+def channel_scores(x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """Scores of each (token, channel): ``|x|``, times the column norms when given."""
+    scores = x.detach().abs().float()
+    return scores * norms if norms is not None else scores
+
+
+class _ScoreCollector(TorchFunctionMode):
+    """Feeds the input of every call to a watched weight into that linear's histogram."""
+
+    def __init__(self, watched: dict[int, str], config: SparsityConfig) -> None:
+        super().__init__()
+        self.watched = watched
+        self.config = config
+        self.stats: dict[str, LinearStats] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        form = form_of(func)
+        if form is not None:
+            x, weight, _ = call_operands(form, args, kwargs)
+            name = self.watched.get(id(weight))
+            if name is not None and isinstance(x, torch.Tensor):
+                self._observe(name, x, weight, form.weight_in_dim)
+        return func(*args, **(kwargs or {}))
+
+    def _observe(self, name: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int) -> None:
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = LinearStats(
+                name=name, shape=list(weight.shape), in_dim=in_dim,
+                column_norms=column_norms(weight, in_dim),
+                histogram=ScoreHistogram(self.config.histogram_bins_per_octave, device=x.device),
+            )
+        norms = stats.column_norms if self.config.weight_aware else None
+        stats.histogram.update(channel_scores(x, norms))
+        stats.tokens += x.numel() // max(1, x.shape[-1])
+
+
+def _planned_parameters(model: nn.Module, config: SparsityConfig) -> dict[int, str]:
+    """id(weight) -> plan key for every parameter that may be planned (if a linear uses it)."""
+    names = parameter_names(model)
+    if config.include is not None:
+        pattern = re.compile(config.include)
+        return {pid: linear_name(n) for pid, n in names.items() if pattern.search(linear_name(n))}
+    prefixes = repeated_block_prefixes(model)
+    if not prefixes:
+        raise ValueError(
+            f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of one block class); "
+            "say which linears to plan with SparsityConfig(include=<regex on names>)"
+        )
+    return {pid: linear_name(n) for pid, n in names.items() if n.startswith(tuple(prefixes))}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device) -> int:
+    """Call the model on one batch (a dict of tensors, or an input_ids tensor); return its token count."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids = inputs.get("input_ids")
+        model(**inputs)
+        return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+    if isinstance(batch, torch.Tensor):
+        ids = batch.to(device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        model(ids)
+        return int(ids.numel())
+    raise TypeError(f"a calibration batch must be a dict of tensors or an input_ids tensor, got {type(batch).__name__}")
+
+
+def collect_statistics(model: nn.Module, batches: Iterable[Any], config: SparsityConfig) -> dict[str, LinearStats]:
+    """Run ``batches`` through ``model`` (no grad) and collect per-linear score histograms."""
+    watched = _planned_parameters(model, config)
+    device = model_device(model)
+    collector = _ScoreCollector(watched, config)
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), collector, tqdm(desc="calibrating", unit="tok", leave=False) as bar:
+            for batch in batches:
+                n = run_batch(model, batch, device)
+                tokens += n
+                bar.update(n)
+                if config.max_calibration_tokens is not None and tokens >= config.max_calibration_tokens:
+                    break
+    finally:
+        model.train(was_training)
+    if tokens == 0 and not collector.stats:
+        raise ValueError("calibration data is empty: pass a non-empty iterable of input_ids tensors or dicts")
+    if not collector.stats:
+        raise ValueError(
+            f"no linear of {type(model).__name__} was planned: none of the {len(watched)} candidate weights "
+            "was used by a linear during calibration (check SparsityConfig.include)"
+        )
+    log.info("calibrated %d linears on %d tokens", len(collector.stats), tokens)
+    return collector.stats
+
+
+def build_plan(
+    model: nn.Module, stats: Mapping[str, LinearStats], sparsities: Mapping[str, float], config: SparsityConfig
+) -> SparsityPlan:
+    """Thresholds from histograms at the given per-linear sparsities."""
+    thresholds: dict[str, torch.Tensor] = {}
+    achieved: dict[str, float] = {}
+    for name, s in stats.items():
+        tau = s.histogram.threshold(sparsities[name])
+        thresholds[name] = s.thresholds(tau, config.weight_aware)
+        achieved[name] = round(s.histogram.fraction_at_or_below(tau) if sparsities[name] > 0 else 0.0, 4)
+    return SparsityPlan(
+        channel_thresholds=thresholds,
+        sparsities={n: float(sparsities[n]) for n in stats},
+        shapes={n: list(s.shape) for n, s in stats.items()},
+        in_dims={n: s.in_dim for n, s in stats.items()},
+        model_class=type(model).__name__,
+        method=config.method,
+        config=config.to_dict(),
+        stats={
+            "calibration_tokens": max((s.tokens for s in stats.values()), default=0),
+            "calibration_sparsity": achieved,
+        },
+    )
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], config: SparsityConfig | None = None) -> SparsityPlan:
+    """Calibrate a plan: every planned linear gets ``config.sparsity`` of its channels pruned."""
+    config = config or SparsityConfig()
+    stats = collect_statistics(model, batches, config)
+    sparsities = {name: config.sparsity for name in stats}
+    return build_plan(model, stats, sparsities, config)

@@ -1,0 +1,88 @@
+"""Configuration dataclasses: one per feature (calibration, compilation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Method = Literal["teal", "wina", "wisparse"]
+METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How to calibrate a plan.
+
+    sparsity: target fraction of input channels pruned per token, in [0, 1).
+    method: "teal" scores a channel by |x_i|; "wina" and "wisparse" by |x_i| * ||W[:, i]||_2.
+    include: optional regex on linear names (``named_parameters`` name of the weight without
+        ``.weight``); default: every linear inside the model's repeated decoder blocks.
+    max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
+    histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
+        threshold (64 bins per factor of two: thresholds within about 1%).
+    """
+
+    sparsity: float = 0.5
+    method: Method = "wisparse"
+    include: str | None = None
+    max_calibration_tokens: int | None = None
+    histogram_bins_per_octave: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(
+                f"sparsity must be a number in [0, 1), got {self.sparsity!r}: it is the fraction of "
+                "input channels pruned per token (0.5 prunes half; 1.0 would prune everything)."
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.max_calibration_tokens is not None and self.max_calibration_tokens <= 0:
+            raise ValueError("max_calibration_tokens must be positive or None")
+        if self.histogram_bins_per_octave < 4:
+            raise ValueError("histogram_bins_per_octave must be at least 4")
+
+    @property
+    def weight_aware(self) -> bool:
+        """Whether the score multiplies |x_i| by the column norm ||W[:, i]||_2."""
+        return self.method != "teal"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Options of the ``wisparse`` torch.compile backend.
+
+    Pass them as ``torch.compile(model, backend="wisparse", options={"mask_prefill": False})``;
+    every other option key goes to Inductor unchanged.
+
+    max_sparse_rows: calls with at most this many token rows (decode: batch 1..8) take the
+        sparse GEMV kernel; larger calls (prefill) mask the input and run the dense GEMM.
+    mask_prefill: if False, linears whose token count is not statically at most
+        ``max_sparse_rows`` are left dense (unmasked), as deployed decoders often do.
+    """
+
+    max_sparse_rows: int = 8
+    mask_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_sparse_rows < 1:
+            raise ValueError("max_sparse_rows must be at least 1")
+
+    @classmethod
+    def split_options(cls, options: dict[str, Any] | None) -> tuple["BackendConfig", dict[str, Any]]:
+        """Separate our keys (``key`` or ``wisparse.key``) from Inductor's."""
+        ours: dict[str, Any] = {}
+        inductor: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in (options or {}).items():
+            short = key.removeprefix("wisparse.")
+            if short in names:
+                ours[short] = value
+            elif key.startswith("wisparse."):
+                raise ValueError(f"unknown wisparse backend option {key!r}; known: {sorted(names)}")
+            else:
+                inductor[key] = value
+        return cls(**ours), inductor

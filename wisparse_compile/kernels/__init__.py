@@ -1,0 +1,5 @@
+"""Sparse-linear kernels: the registered op, its reference, and the Triton GEMV."""
+
+from .sparse_linear import keep_mask, sparse_gemv, sparse_linear, sparse_linear_reference
+
+__all__ = ["keep_mask", "sparse_gemv", "sparse_linear", "sparse_linear_reference"]

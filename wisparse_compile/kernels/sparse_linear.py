@@ -1,0 +1,91 @@
+"""The ``wisparse::sparse_linear`` op: its plain-torch reference and its Triton route.
+
+Semantics (every route gives this result): channel i of ``x`` is kept for a token iff
+``|x_i| > t_i`` (compared in fp32), pruned channels count as zero, then ``x @ W^T + b``.
+
+Routes: on CUDA, calls with at most ``max_sparse_rows`` token rows (decode) run the Triton sparse
+GEMV; everything else (CPU, prefill) masks ``x`` and runs the dense linear, which Inductor compiles
+and fuses. Registered with ``torch.library.triton_op`` so that, inserted before AOT autograd,
+Inductor traces the body and inlines the Triton kernel into its generated code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .sparse_gemv import sparse_gemv_into
+
+log = logging.getLogger(__name__)
+
+SPARSE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def keep_mask(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of kept channels: ``|x_i| > t_i`` in fp32."""
+    return x.abs().float() > thresholds.float()
+
+
+def sparse_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor
+) -> torch.Tensor:
+    """Mask then dense: the definition of the op, and its CPU and prefill route."""
+    x = torch.where(keep_mask(x, thresholds), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.linear(x, weight, bias)
+
+
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor) -> None:
+    torch._check(weight.dim() == 2, lambda: f"sparse_linear expects a 2-D [out, in] weight, got {weight.dim()}-D")
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"sparse_linear: input has {x.shape[-1]} channels, weight expects {weight.shape[1]}",
+    )
+    torch._check(
+        thresholds.dim() == 1 and thresholds.shape[0] == weight.shape[1],
+        lambda: f"sparse_linear: thresholds must be 1-D of length {weight.shape[1]}, got {tuple(thresholds.shape)}",
+    )
+
+
+def uses_sparse_kernel(x: torch.Tensor, max_sparse_rows: int) -> bool:
+    """Whether a call takes the Triton sparse GEMV (decode-sized CUDA calls)."""
+    if x.device.type != "cuda" or x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return bool(statically_known_true(rows <= max_sparse_rows))
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    thresholds: torch.Tensor,
+    launcher=lambda kernel: kernel,
+) -> torch.Tensor:
+    """Run the Triton sparse GEMV on any device Triton reaches (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    _check_operands(x, weight, thresholds)
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    out = torch.zeros(x2d.shape[0], n, dtype=torch.float32, device=x.device)
+    sparse_gemv_into(x2d, weight, thresholds, out, launcher)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.library.triton_op("wisparse::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    thresholds: torch.Tensor,
+    max_sparse_rows: int = 8,
+) -> torch.Tensor:
+    """``F.linear(x masked by |x| > thresholds, weight, bias)``, routed by device and row count."""
+    _check_operands(x, weight, thresholds)
+    if uses_sparse_kernel(x, max_sparse_rows):
+        return sparse_gemv(x, weight, bias, thresholds, launcher=torch.library.wrap_triton)
+    return sparse_linear_reference(x, weight, bias, thresholds)

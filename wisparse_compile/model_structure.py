@@ -1,0 +1,56 @@
+"""Generic facts about a model's structure: its repeated blocks and parameter names.
+
+No architecture names: the decoder blocks are found as the largest ``nn.ModuleList`` whose
+children all share one class, which is how every Hugging Face causal LM stacks its layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def repeated_block_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes (``"model.layers.0."``, ...) of the model's repeated blocks.
+
+    Picks the ModuleList of same-class children holding the most parameters; returns [] when the
+    model has none (then calibration needs an explicit ``include`` pattern).
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, name, module)
+    if best is None:
+        return []
+    _, name, blocks = best
+    return [f"{name}.{i}." if name else f"{i}." for i in range(len(blocks))]
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its first ``named_parameters`` name (tied weights keep the first name)."""
+    return {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+
+
+def linear_name(param_name: str) -> str:
+    """Plan key of a weight: the parameter name without a trailing ``.weight``."""
+    return param_name.removesuffix(".weight")
+
+
+def owner_and_attr(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    """The module that holds ``param_name`` and the attribute name there."""
+    module_path, _, attr = param_name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+def find_weight(model: nn.Module, name: str) -> tuple[str, torch.nn.Parameter] | None:
+    """Resolve a plan key to (parameter name, parameter), trying ``name.weight`` then ``name``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for candidate in (f"{name}.weight", name):
+        if candidate in params:
+            return candidate, params[candidate]
+    return None

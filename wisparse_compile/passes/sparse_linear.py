@@ -1,0 +1,184 @@
+"""FX pass over the Dynamo graph: planned linears become ``wisparse::sparse_linear``.
+
+Matches: ``call_function`` nodes of a known linear form (see ``linear_forms``) whose weight
+operand is a graph input (placeholder) whose example value is a planned weight (one that
+``attach`` registered). Tying a node to a plan entry by the weight *object* is exact and needs no
+names, and it survives graph breaks (sources relative to a frame) and tied weights.
+
+Emits: ``torch.ops.wisparse.sparse_linear(x, weight, bias, thresholds, max_sparse_rows)`` in
+place of the linear, where ``thresholds`` is a new placeholder appended after the graph's inputs
+(one per distinct weight). The backend feeds it at run time with the thresholds of the weight
+actually passed, so one compiled graph serves any model instance with any plan.
+Every other linear is left as it was, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..attach import site_of, thresholds_of
+from ..config import BackendConfig
+from ..linear_forms import call_operands, form_of
+
+log = logging.getLogger(__name__)
+
+SPARSE = "sparse"
+DENSE = "dense"
+
+
+@dataclass
+class LinearDecision:
+    """What the pass did with one linear node."""
+
+    node: str
+    form: str
+    name: str | None  # plan key, if the weight is planned
+    weight_shape: tuple[int, ...] | None
+    dtype: str | None
+    decision: str  # SPARSE or DENSE
+    reason: str = ""
+
+
+@dataclass
+class RewriteResult:
+    """Decisions per linear, and the weight input index that feeds each appended threshold input.
+
+    unplanned_weight_inputs: input indices of weights of linears left dense for want of a plan
+    (watched at run time, in case a plan is attached after compiling).
+    """
+
+    decisions: list[LinearDecision] = field(default_factory=list)
+    unplanned_weight_inputs: list[int] = field(default_factory=list)
+    threshold_sources: list[int] = field(default_factory=list)
+    threshold_examples: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(d.decision == SPARSE for d in self.decisions)
+
+    def summary(self) -> str:
+        dense = [d for d in self.decisions if d.decision == DENSE]
+        reasons: dict[str, int] = {}
+        for d in dense:
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+        return f"{len(self.decisions)} linears: {self.rewritten} sparse, {len(dense)} dense" + (f" ({why})" if why else "")
+
+
+def _example_value(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _token_rows(x: torch.Tensor) -> Any:
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return 0
+    rows = 1
+    for size in x.shape[:-1]:
+        rows = rows * size
+    return rows
+
+
+def copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a Dynamo graph module that a pass may edit.
+
+    Dynamo keeps using its own graph after the backend returns (it reads each placeholder's
+    ``grapharg``), so passes that add inputs must work on a copy. The copy keeps the metadata
+    AOT autograd reads from Dynamo graphs (node ``_dynamo_source``, ``gm.meta``, param sources).
+    """
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    for old, new in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    for key, value in gm.__dict__.items():
+        copy.__dict__.setdefault(key, value)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def rewrite_sparse_linears(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendConfig | None = None
+) -> RewriteResult:
+    """Rewrite planned linears in ``gm`` in place; see the module docstring."""
+    config = config or BackendConfig()
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index_of = {n: i for i, n in enumerate(placeholders)}
+    result = RewriteResult()
+    threshold_nodes: dict[int, fx.Node] = {}
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or (form := form_of(node.target)) is None:
+            continue
+        x_node, w_node, b_node = call_operands(form, node.args, node.kwargs)
+        x_val, w_val = _example_value(x_node), _example_value(w_node)
+        decision = LinearDecision(
+            node=node.name, form=form.name, name=None,
+            weight_shape=tuple(w_val.shape) if isinstance(w_val, torch.Tensor) else None,
+            dtype=str(x_val.dtype).removeprefix("torch.") if isinstance(x_val, torch.Tensor) else None,
+            decision=DENSE,
+        )
+        result.decisions.append(decision)
+        if w_node not in index_of:
+            decision.reason = "weight is not a graph input"
+            continue
+        weight = example_inputs[index_of[w_node]]
+        site = site_of(weight)
+        if site is None:
+            decision.reason = "no plan entry"
+            result.unplanned_weight_inputs.append(index_of[w_node])
+            continue
+        decision.name = site.name
+        if not isinstance(x_val, torch.Tensor) or not x_val.is_floating_point():
+            decision.reason = f"unsupported input dtype {decision.dtype}"
+            continue
+        if x_val.dtype != weight.dtype:
+            decision.reason = f"input dtype {decision.dtype} differs from weight dtype"
+            continue
+        if not config.mask_prefill and not statically_known_true(_token_rows(x_val) <= config.max_sparse_rows):
+            decision.reason = "prefill left dense (mask_prefill=False)"
+            continue
+        w_index = index_of[w_node]
+        if w_index not in threshold_nodes:
+            with graph.inserting_after(placeholders[-1]):
+                t_node = graph.placeholder(f"wisparse_thresholds_{len(threshold_nodes)}")
+            placeholders.append(t_node)
+            t_example = thresholds_of(weight)
+            t_node.meta["example_value"] = t_example
+            # An input without a user-code source (as DDPOptimizer's split graphs have), static
+            # like a parameter so CUDA graphs do not copy it on every replay.
+            t_node._dynamo_source = None
+            t_node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            threshold_nodes[w_index] = t_node
+            result.threshold_sources.append(w_index)
+            result.threshold_examples.append(t_example)
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.wisparse.sparse_linear.default,
+                (x_node, w_node, b_node, threshold_nodes[w_index], config.max_sparse_rows),
+            )
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        decision.node = new.name
+        decision.decision = SPARSE
+        log.debug("sparse: %s (%s %s) via %s", site.name, decision.weight_shape, decision.dtype, new.name)
+
+    for d in result.decisions:
+        if d.decision == DENSE:
+            log.debug("dense: %s %s: %s", d.node, d.name or "", d.reason)
+    if result.rewritten:
+        graph.lint()
+        gm.recompile()
+    return result

@@ -1,0 +1,155 @@
+"""SparsityPlan: per-linear channel thresholds, with safetensors + JSON persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "wisparse_plan"
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used: corrupted file, wrong model, inconsistent contents."""
+
+
+@dataclass
+class SparsityPlan:
+    """Which linears are sparse and how.
+
+    channel_thresholds: linear name -> 1-D fp32 tensor t (len = in_features); channel i of the
+        linear's input is kept for a token iff ``|x_i| > t_i``. For stacked expert weights the
+        tensor is [num_experts, in_features].
+    sparsities: linear name -> target sparsity used for its threshold.
+    shapes: linear name -> weight shape as the model stores it (checked on attach).
+    in_dims: linear name -> which weight dim indexes input channels (1 for nn.Linear's
+        [out, in], 0 for GPT-2's Conv1D [in, out], -1 for stacked experts [E, out, in]).
+    model_class: class name of the calibrated model (checked on attach).
+    method: "teal", "wina" or "wisparse".
+    config: the SparsityConfig fields used (for the record).
+    stats: free-form calibration facts (tokens seen, achieved calibration sparsity, ...).
+    """
+
+    channel_thresholds: dict[str, torch.Tensor]
+    sparsities: dict[str, float]
+    shapes: dict[str, list[int]]
+    model_class: str
+    method: str
+    in_dims: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = set(self.channel_thresholds)
+        for name in names - set(self.in_dims):
+            self.in_dims[name] = len(self.shapes.get(name, [0, 0])) - 1
+        for other_name, other in (("sparsities", self.sparsities), ("shapes", self.shapes), ("in_dims", self.in_dims)):
+            if set(other) != names:
+                missing = sorted(names.symmetric_difference(other))[:3]
+                raise PlanError(f"plan is inconsistent: {other_name} and channel_thresholds differ on {missing}")
+        for name, t in self.channel_thresholds.items():
+            if t.dim() not in (1, 2) or not t.is_floating_point():
+                raise PlanError(f"plan entry {name!r}: thresholds must be a 1-D or 2-D float tensor")
+            in_features = self.shapes[name][self.in_dims[name]]
+            if t.shape[-1] != in_features:
+                raise PlanError(f"plan entry {name!r}: {t.shape[-1]} thresholds for {in_features} input channels")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.channel_thresholds)
+
+    def mean_sparsity(self) -> float:
+        """Parameter-weighted mean target sparsity over the planned linears."""
+        sizes = {n: float(torch.Size(s).numel()) for n, s in self.shapes.items()}
+        total = sum(sizes.values())
+        return sum(self.sparsities[n] * sizes[n] for n in sizes) / total if total else 0.0
+
+    def to(self, device: torch.device | str) -> "SparsityPlan":
+        return SparsityPlan(
+            {n: t.to(device) for n, t in self.channel_thresholds.items()},
+            dict(self.sparsities), dict(self.shapes), self.model_class, self.method,
+            dict(self.in_dims), dict(self.config), dict(self.stats),
+        )
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a failed save leaves no partial file at ``path``."""
+        path = os.fspath(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "names": self.names,
+            "model_class": self.model_class,
+            "sparsities": self.sparsities,
+            "shapes": self.shapes,
+            "in_dims": self.in_dims,
+            "config": self.config,
+            "stats": self.stats,
+            "torch_version": torch.__version__,
+        }
+        tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in self.channel_thresholds.items()}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SparsityPlan":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no plan file at {path!r}")
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get(_METADATA_KEY)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise PlanError(
+                f"{path!r} is not a readable wisparse plan ({e}); re-create it with wsc.calibrate(...).save()"
+            ) from e
+        if raw is None:
+            raise PlanError(f"{path!r} is a safetensors file but not a wisparse plan (no {_METADATA_KEY!r} metadata)")
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path!r}: plan metadata is corrupted ({e})") from e
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PlanError(f"{path!r}: plan format version {version!r}, this wisparse-compile reads {FORMAT_VERSION}")
+        try:
+            order = meta.get("names", sorted(tensors))
+            if set(order) != set(tensors):
+                raise PlanError(f"{path!r}: plan metadata and tensors name different linears")
+            return cls(
+                channel_thresholds={name: tensors[name] for name in order},
+                sparsities={k: float(v) for k, v in meta["sparsities"].items()},
+                shapes={k: list(v) for k, v in meta["shapes"].items()},
+                model_class=meta["model_class"],
+                method=meta["method"],
+                in_dims={k: int(v) for k, v in meta.get("in_dims", {}).items()},
+                config=meta.get("config", {}),
+                stats=meta.get("stats", {}),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise PlanError(f"{path!r}: plan metadata is malformed ({e!r})") from e
+
+    def __repr__(self) -> str:
+        return (
+            f"SparsityPlan(method={self.method!r}, model_class={self.model_class!r}, "
+            f"linears={len(self.channel_thresholds)}, mean_sparsity={self.mean_sparsity():.3f})"
+        )
