@@ -18,6 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from .allocation import allocate, split_batches
 from .config import SparsityConfig
 from .histogram import ScoreHistogram
 from .linear_forms import call_operands, form_of
@@ -181,8 +182,18 @@ def build_plan(
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], config: SparsityConfig | None = None) -> SparsityPlan:
-    """Calibrate a plan: every planned linear gets ``config.sparsity`` of its channels pruned."""
+    """Calibrate a plan whose parameter-weighted mean sparsity is ``config.sparsity``.
+
+    How it is split over linears depends on ``config.method`` (see ``allocation``).
+    """
     config = config or SparsityConfig()
-    stats = collect_statistics(model, batches, config)
-    sparsities = {name: config.sparsity for name in stats}
-    return build_plan(model, stats, sparsities, config)
+    calibration, validation = split_batches(batches, config)
+    stats = collect_statistics(model, calibration, config)
+    was_training = model.training
+    try:
+        allocation = allocate(model.eval(), stats, calibration, validation, config, model_device(model))
+    finally:
+        model.train(was_training)
+    plan = build_plan(model, stats, allocation.sparsities, config)
+    plan.stats["allocation"] = allocation.record
+    return plan

@@ -21,6 +21,11 @@ class SparsityConfig:
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
+    population, generations, mutation_scale, elite, seed: the "wisparse" evolutionary search over
+        per-block sparsities (same seed, same plan).
+    validation_tokens: held-out tokens (the last batches) scoring a candidate by KL to dense.
+    refinement_tokens, refinement_step: calibration tokens and step of the greedy within-block split.
+    min_block_sparsity, max_block_sparsity: bounds on any block's sparsity in the search.
     """
 
     sparsity: float = 0.5
@@ -28,6 +33,18 @@ class SparsityConfig:
     include: str | None = None
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
+    # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
+    # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
+    population: int = 8
+    generations: int = 8
+    mutation_scale: float = 0.05
+    elite: int = 2
+    validation_tokens: int = 256
+    refinement_tokens: int = 256
+    refinement_step: float = 0.1
+    min_block_sparsity: float = 0.0
+    max_block_sparsity: float = 0.9
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
@@ -41,6 +58,29 @@ class SparsityConfig:
             raise ValueError("max_calibration_tokens must be positive or None")
         if self.histogram_bins_per_octave < 4:
             raise ValueError("histogram_bins_per_octave must be at least 4")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        """Search knobs in range, and per-block bounds that can meet the global target."""
+        if self.population < 2 or not 1 <= self.elite < self.population:
+            raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
+        if self.generations < 0 or self.mutation_scale <= 0:
+            raise ValueError("generations must be >= 0 and mutation_scale > 0")
+        if self.validation_tokens <= 0 or self.refinement_tokens <= 0 or not 0 < self.refinement_step <= 1:
+            raise ValueError("validation_tokens and refinement_tokens must be positive, refinement_step in (0, 1]")
+        if not 0.0 <= self.min_block_sparsity <= self.max_block_sparsity <= 0.95:
+            raise ValueError(
+                f"per-block bounds must satisfy 0 <= min_block_sparsity <= max_block_sparsity <= 0.95, got "
+                f"[{self.min_block_sparsity}, {self.max_block_sparsity}]"
+            )
+        if self.method == "wisparse" and self.sparsity > 0 and not (
+            self.min_block_sparsity <= self.sparsity <= self.max_block_sparsity
+        ):
+            raise ValueError(
+                f"impossible budget: sparsity {self.sparsity} lies outside the per-block bounds "
+                f"[{self.min_block_sparsity}, {self.max_block_sparsity}], so no split across blocks meets it; "
+                "widen min_block_sparsity/max_block_sparsity or change the target"
+            )
 
     @property
     def weight_aware(self) -> bool:

@@ -1,0 +1,166 @@
+"""Per-linear sparsity allocation for each method of ``SparsityConfig``.
+
+- ``"wina"``: the target sparsity for every linear.
+- ``"teal"``: every block gets the target; inside a block, a greedy split over input-sharing
+  groups minimises the block's output reconstruction error (``refine``).
+- ``"wisparse"``: an evolutionary search (``search``) splits the parameter-weighted global budget
+  across blocks, with fitness the KL divergence of the model's next-token distribution to the
+  dense model's on held-out tokens; each block's budget is then split greedily as in TEAL, with
+  the weight-aware score.
+
+Any candidate sparsity becomes thresholds through the per-linear score histograms collected once,
+so evaluating a candidate costs one forward pass and no new statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import SparsityConfig
+from ..model_structure import find_weight
+from .blocks import Layout, call_model, discover_layout, first_tensor
+from .masking import candidate_masks
+from .refine import refine_block
+from .search import check_budget, evolve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Allocation", "allocate", "batch_tokens", "candidate_masks", "split_batches"]
+
+
+@dataclass
+class Allocation:
+    """Per-linear sparsities, and a JSON-serialisable record of how they were found."""
+
+    sparsities: dict[str, float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_tokens(batch: Any) -> int:
+    """Token count of a batch (input_ids tensor, or a dict holding one); 0 when unknown."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def split_batches(batches: Iterable[Any], config: SparsityConfig) -> tuple[list[Any], list[Any]]:
+    """(calibration, held-out validation) batches: validation takes ``validation_tokens`` from the end.
+
+    Only ``"wisparse"`` needs held-out tokens. With a single batch there are none to hold out: the
+    search then scores candidates on the calibration batch, and says so.
+    """
+    batches = list(batches)
+    if config.method != "wisparse" or config.sparsity == 0:
+        return batches, []
+    validation: list[Any] = []
+    tokens = 0
+    while len(batches) > 1 and tokens < config.validation_tokens:
+        validation.insert(0, batches.pop())
+        tokens += batch_tokens(validation[0])
+    if not validation and batches:
+        log.warning("one calibration batch only: the allocation search is scored on calibration tokens; "
+                    "pass more batches to hold %d tokens out", config.validation_tokens)
+    return batches, validation
+
+
+def _leading(batches: Sequence[Any], tokens: int) -> list[Any]:
+    out: list[Any] = []
+    seen = 0
+    for batch in batches:
+        if seen >= tokens:
+            break
+        out.append(batch)
+        seen += batch_tokens(batch)
+    return out
+
+
+def _log_probs(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    logits = logits if isinstance(logits, torch.Tensor) else first_tensor(output)
+    return F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+
+
+class _Thresholds:
+    """(linear, sparsity) -> thresholds on the model's device, from the histograms, memoised."""
+
+    def __init__(self, stats: Mapping[str, Any], weight_aware: bool, device: torch.device) -> None:
+        self.stats, self.weight_aware, self.device = stats, weight_aware, device
+        self.cache: dict[tuple[str, float], torch.Tensor] = {}
+
+    def __call__(self, name: str, sparsity: float) -> torch.Tensor:
+        key = (name, round(float(sparsity), 6))
+        if key not in self.cache:
+            s = self.stats[name]
+            self.cache[key] = s.thresholds(s.histogram.threshold(key[1]), self.weight_aware).to(self.device)
+        return self.cache[key]
+
+
+def allocate(
+    model: nn.Module, stats: Mapping[str, Any], calibration: Sequence[Any], validation: Sequence[Any],
+    config: SparsityConfig, device: torch.device,
+) -> Allocation:
+    """Per-linear sparsities for ``config.method`` whose parameter-weighted mean is ``config.sparsity``."""
+    target = float(config.sparsity)
+    names = list(stats)
+    if config.method == "wina" or target == 0:
+        return Allocation({n: target for n in names}, {"kind": "uniform"})
+    refinement = _leading(calibration, config.refinement_tokens)
+    layout, calls = discover_layout(model, names, refinement, device)
+    weight_ids = {n: id(find_weight(model, n)[1]) for n in names}  # type: ignore[index]
+    thresholds = _Thresholds(stats, config.weight_aware, device)
+    record: dict[str, Any] = {"kind": config.method, "groups": {b.prefix: b.groups for b in layout.blocks}}
+
+    if config.method == "wisparse" and layout.blocks:
+        check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
+        result = _search(model, layout, validation or calibration, config, thresholds, weight_ids, device)
+        budgets = result.sparsities
+        record["search"] = {
+            "fitness": "kl_to_dense", "best_fitness": result.fitness,
+            "uniform_fitness": result.uniform_fitness, "history": result.history,
+            "validation_tokens": sum(batch_tokens(b) for b in (validation or calibration)),
+        }
+    else:
+        budgets = [target] * len(layout.blocks)
+
+    sparsities = {n: target for n in layout.outside}
+    record["block_sparsities"] = {}
+    record["refinement"] = {}
+    for block, budget in zip(tqdm(layout.blocks, desc="within-block split", unit="block", leave=False), budgets):
+        split, steps = refine_block(block, calls[block.prefix], budget, config.refinement_step, thresholds, weight_ids)
+        sparsities.update(split)
+        record["block_sparsities"][block.prefix] = budget
+        record["refinement"][block.prefix] = steps
+    return Allocation({n: sparsities[n] for n in names}, record)
+
+
+def _search(model, layout: Layout, batches, config, thresholds, weight_ids, device):
+    """Evolve per-block sparsities; fitness = mean KL(dense || candidate) per held-out token."""
+    with torch.no_grad():
+        dense = [_log_probs(call_model(model, b, device)) for b in batches]
+
+    def fitness(block_sparsities: Sequence[float]) -> float:
+        masks = {}
+        for block, s in zip(layout.blocks, block_sparsities):
+            if s > 0:
+                masks.update({weight_ids[n]: thresholds(n, s) for n in block.linears})
+        for n in layout.outside:
+            masks[weight_ids[n]] = thresholds(n, config.sparsity)
+        total, tokens = 0.0, 0
+        with torch.no_grad(), candidate_masks(masks):
+            for batch, ref in zip(batches, dense):
+                lp = _log_probs(call_model(model, batch, device))
+                total += float(F.kl_div(lp, ref, log_target=True, reduction="sum"))
+                tokens += ref.shape[0]
+        return total / max(tokens, 1)
+
+    return evolve(
+        fitness, [b.size for b in layout.blocks], float(config.sparsity),
+        population=config.population, generations=config.generations, mutation_scale=config.mutation_scale,
+        elite=config.elite, low=config.min_block_sparsity, high=config.max_block_sparsity, seed=config.seed,
+    )
