@@ -16,6 +16,7 @@ from torch import fx
 from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
 from .attach import any_attached, attach_generation, site_of, thresholds_of
 from .config import BackendConfig
+from .debug import record_graph
 from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewrite_sparse_linears
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,12 @@ def wisparse_backend(
 
     config, inductor_options = BackendConfig.split_options(options)
     patches = _inductor_patches(mode, inductor_options)
+    before = gm
     if any_attached() and any(site_of(e) is not None for e in example_inputs):
         gm = copy_dynamo_graph_module(gm)
     result = rewrite_sparse_linears(gm, example_inputs, config)
     COMPILED_REPORTS.append(result)
+    record_graph(before, gm, example_inputs, result, config.debug_dir)
     log.info("wisparse: %s", result.summary())
     if not result.rewritten:
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)

@@ -102,10 +102,13 @@ class BackendConfig:
         sparse GEMV kernel; larger calls (prefill) mask the input and run the dense GEMM.
     mask_prefill: if False, linears whose token count is not statically at most
         ``max_sparse_rows`` are left dense (unmasked), as deployed decoders often do.
+    debug_dir: write, per compiled graph, the FX graph before/after the pass, their diff and a
+        table of every linear's decision here (also set by the ``WISPARSE_DEBUG_DIR`` env var).
     """
 
     max_sparse_rows: int = 8
     mask_prefill: bool = True
+    debug_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_sparse_rows < 1:

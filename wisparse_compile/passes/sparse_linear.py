@@ -43,6 +43,7 @@ class LinearDecision:
     dtype: str | None
     decision: str  # SPARSE or DENSE
     reason: str = ""
+    weight_input: int | None = None  # index of the weight's graph input (debug reports name it)
 
 
 @dataclass
@@ -131,6 +132,7 @@ def rewrite_sparse_linears(
         if w_node not in index_of:
             decision.reason = "weight is not a graph input"
             continue
+        decision.weight_input = index_of[w_node]
         weight = example_inputs[index_of[w_node]]
         site = site_of(weight)
         if site is None:

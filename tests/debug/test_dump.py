@@ -1,0 +1,141 @@
+"""Debug output of the wisparse backend: per-graph code before/after, diff, and linear report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from tests.debug.models import Net, planned_net
+from wisparse_compile.debug import GraphReport, dotted_source_name, reason_kind
+from wisparse_compile.passes.sparse_linear import copy_dynamo_graph_module, rewrite_sparse_linears
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _graphs(debug_dir: Path) -> list[Path]:
+    return sorted(p for p in debug_dir.iterdir() if p.is_dir())
+
+
+def _report(folder: Path) -> GraphReport:
+    return GraphReport.from_json((folder / "linears.json").read_text())
+
+
+def _run(model, x, **options):
+    with torch.no_grad():
+        return torch.compile(model, backend="wisparse", options=options or None)(x)
+
+
+def test_tiny_llama_report_lists_every_linear(tmp_path):
+    model = tiny_llama(layers=1)
+    plan = wsc.calibrate(model, token_batches(1), wsc.SparsityConfig(sparsity=0.4))
+    wsc.attach(model, plan)
+    _run(model, torch.randint(0, 256, (1, 6)), debug_dir=str(tmp_path))
+    (folder,) = _graphs(tmp_path)
+    report = _report(folder)
+    rows = {r.module: r for r in report.rows}
+    assert set(rows) == {*plan.names, "lm_head"}
+    for name in plan.names:
+        assert (rows[name].outcome, rows[name].planned_sparsity, rows[name].reason) == ("sparse", 0.4, "")
+        assert rows[name].weight_shape == list(plan.shapes[name]) and rows[name].dtype == "float32"
+    head = rows["lm_head"]
+    assert (head.outcome, head.reason_kind, head.planned_sparsity) == ("dense", "no plan entry", None)
+    assert report.counts == {"found": 8, "rewritten": 7, "fused": 0, "dense": 1}
+    diff = (folder / "diff.patch").read_text()
+    assert diff.count("\n+") > 0 and diff.count("torch.ops.wisparse.sparse_linear.default(") == 7
+    assert "torch.ops.wisparse" not in (folder / "before.py").read_text()
+    table = (folder / "linears.txt").read_text()
+    assert "model.layers.0.mlp.down_proj" in table and "7 rewritten, 0 fused, 1 left dense" in table
+
+
+def test_diff_is_empty_exactly_when_nothing_is_rewritten(tmp_path, monkeypatch):
+    x = torch.randn(3, 16)
+    # no plan, directory from the environment: unplanned linears named from their Dynamo sources
+    monkeypatch.setenv("WISPARSE_DEBUG_DIR", str(tmp_path / "env"))
+    _run(Net().eval(), x)
+    (folder,) = _graphs(tmp_path / "env")
+    assert (folder / "diff.patch").read_text() == ""
+    report = _report(folder)
+    assert [r.module for r in report.rows] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+    assert {(r.outcome, r.reason_kind) for r in report.rows} == {("dense", "no plan entry")}
+    monkeypatch.delenv("WISPARSE_DEBUG_DIR")
+
+    # planned but prefill-sized with mask_prefill=False: nothing rewritten, empty diff, reason given
+    torch._dynamo.reset()
+    net = planned_net()
+    _run(net, torch.randn(16, 16), debug_dir=str(tmp_path / "prefill"), mask_prefill=False, max_sparse_rows=4)
+    (folder,) = _graphs(tmp_path / "prefill")
+    assert (folder / "diff.patch").read_text() == ""
+    kinds = {r.module: r.reason_kind for r in _report(folder).rows}
+    assert kinds == {**dict.fromkeys(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], "prefill size"), "head": "no plan entry"}
+
+    # the same model at decode size: rewritten, non-empty diff
+    torch._dynamo.reset()
+    _run(net, torch.randn(2, 16), debug_dir=str(tmp_path / "decode"), mask_prefill=False, max_sparse_rows=4)
+    (folder,) = _graphs(tmp_path / "decode")
+    assert _report(folder).counts["rewritten"] == 4 and (folder / "diff.patch").read_text().startswith("---")
+
+
+def test_unsupported_dtype_is_reported(tmp_path):
+    net = planned_net(bf16_down=True)
+    _run(net, torch.randn(2, 16), debug_dir=str(tmp_path))
+    (folder,) = _graphs(tmp_path)
+    rows = {r.module: r for r in _report(folder).rows}
+    mixed = rows["blocks.1.down"]
+    assert (mixed.outcome, mixed.reason_kind, mixed.dtype, mixed.planned_sparsity) == ("dense", "dtype", "bfloat16", 0.5)
+    assert "differs from weight dtype" in mixed.reason
+    assert rows["blocks.1.up"].outcome == "sparse"
+    assert "dtype: input dtype float32 differs" in (folder / "linears.txt").read_text()
+
+
+def test_new_nodes_keep_source_location():
+    seen = []
+
+    def backend(gm, example_inputs):
+        gm = copy_dynamo_graph_module(gm)
+        result = rewrite_sparse_linears(gm, example_inputs)
+        seen.extend(n for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear.default)
+        return lambda *args: gm.forward(*args, *result.threshold_examples)
+
+    with torch.no_grad():
+        torch.compile(planned_net(), backend=backend)(torch.randn(2, 16))
+    assert len(seen) == 4
+    for node in seen:
+        assert "tests/debug/models.py" in node.meta["stack_trace"]
+        assert "self.up(x)" in node.meta["stack_trace"] or "self.down(h)" in node.meta["stack_trace"]
+        assert any("blocks" in str(path) for path, _ in node.meta["nn_module_stack"].values())
+
+
+def test_dotted_source_names_and_reason_kinds():
+    src = "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']._parameters['weight']"
+    assert dotted_source_name(src) == "model.layers.0.mlp.weight"
+    assert dotted_source_name("L['self'].model.layers[3].proj.weight") == "model.layers.3.proj.weight"
+    assert reason_kind("no plan entry") == "no plan entry"
+    assert reason_kind("unsupported input dtype int64") == "dtype"
+    assert reason_kind("prefill left dense (mask_prefill=False)") == "prefill size"
+    assert reason_kind("weight is not a graph input") == "shape not supported"
+
+
+def test_torch_logs_and_trace_artifacts(tmp_path):
+    """TORCH_LOGS="+wisparse_compile" shows the decisions; TORCH_TRACE gets the graphs for tlparse."""
+    script = (
+        "import torch\n"
+        "from tests.debug.models import planned_net\n"
+        "with torch.no_grad():\n"
+        "    torch.compile(planned_net(), backend='wisparse')(torch.randn(2, 16))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_LOGS": "+wisparse_compile", "TORCH_TRACE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sparse: blocks.0.up" in done.stderr
+    assert "dense: linear_4" in done.stderr and "no plan entry" in done.stderr
+    assert "4 rewritten, 0 fused, 1 left dense" in done.stderr  # the linear table at DEBUG
+    trace = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    for name in ("wisparse_graph_before", "wisparse_graph_after", "wisparse_linears"):
+        assert json.dumps(name) in trace
+    assert "torch.ops.wisparse.sparse_linear.default" in trace

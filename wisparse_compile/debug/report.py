@@ -1,0 +1,189 @@
+"""The linear table of one compiled graph: every linear the pass found, named, and what it became.
+
+Built from the pass's ``RewriteResult`` plus the graph and example inputs the backend saw, so the
+pass itself stays free of reporting code. Planned linears are named by their plan key; the rest by
+their weight placeholder's Dynamo source, turned into a dotted ``named_parameters`` path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+
+from ..attach import _PLANS, site_of
+from ..model_structure import find_weight, linear_name
+from ..passes.sparse_linear import DENSE, SPARSE, RewriteResult
+
+# Why a linear was left dense, as a short category (the pass's reason text stays in ``reason``).
+NO_PLAN = "no plan entry"
+DTYPE = "dtype"
+PREFILL = "prefill size"
+UNSUPPORTED = "shape not supported"
+OTHER = "other"
+
+
+def reason_kind(reason: str) -> str:
+    """Category of a dense reason; the pass writes free text, reports group by this."""
+    text = reason.lower()
+    if not text:
+        return ""
+    if "no plan" in text:
+        return NO_PLAN
+    if "dtype" in text:
+        return DTYPE
+    if "prefill" in text:
+        return PREFILL
+    if "graph input" in text or "shape" in text:
+        return UNSUPPORTED
+    return OTHER
+
+
+_INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
+
+
+def dotted_source_name(source: str) -> str:
+    """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``.
+
+    Dynamo spells parameter sources as a Python expression rooted at the frame's locals; dropping
+    the root and the ``_modules``/``_parameters`` containers gives the ``named_parameters`` name
+    (relative to the frame after a graph break).
+    """
+    text = re.sub(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?", "", source)
+    text = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), text)
+    parts = [p for p in text.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(parts)
+
+
+def placeholder_source(node: fx.Node) -> str | None:
+    """The Dynamo source name of a placeholder, from ``grapharg`` (while compiling) or the node."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def _module_path_from_meta(node: fx.Node | None) -> str | None:
+    stack = node.meta.get("nn_module_stack") if node is not None else None
+    if not stack:
+        return None
+    path, _ = list(stack.values())[-1]
+    return dotted_source_name(str(path))
+
+
+def planned_sparsity(weight: Any) -> float | None:
+    """The target sparsity of a planned weight, from the plan attached to its model."""
+    site = site_of(weight)
+    if site is None:
+        return None
+    for model, plan in list(_PLANS.items()):
+        if site.name in plan.sparsities:
+            found = find_weight(model, site.name)
+            if found is not None and found[1] is weight:
+                return float(plan.sparsities[site.name])
+    return None
+
+
+@dataclass
+class LinearRow:
+    """One linear of a compiled graph, as the debug report shows it."""
+
+    module: str
+    node: str
+    form: str
+    weight_shape: list[int] | None
+    dtype: str | None
+    planned_sparsity: float | None
+    outcome: str  # "sparse", "fused" or "dense"
+    reason: str = ""
+    reason_kind: str = ""
+
+
+@dataclass
+class GraphReport:
+    """The linear table and counts of one compiled graph."""
+
+    graph: str
+    rows: list[LinearRow] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        outcomes = [r.outcome for r in self.rows]
+        return {
+            "found": len(outcomes),
+            "rewritten": outcomes.count(SPARSE),
+            "fused": outcomes.count("fused"),
+            "dense": outcomes.count(DENSE),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"graph": self.graph, "counts": self.counts, "linears": [asdict(r) for r in self.rows]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GraphReport":
+        data = json.loads(text)
+        return cls(data["graph"], [LinearRow(**row) for row in data["linears"]])
+
+
+def build_report(
+    graph: str, before: fx.GraphModule, example_inputs: Sequence[Any], result: RewriteResult
+) -> GraphReport:
+    """Name every decision of ``result``; ``before`` is the graph as Dynamo gave it."""
+    placeholders = [n for n in before.graph.nodes if n.op == "placeholder"]
+    nodes = {n.name: n for n in before.graph.nodes}
+    report = GraphReport(graph)
+    for d in result.decisions:
+        weight = example_inputs[d.weight_input] if d.weight_input is not None else None
+        module = d.name
+        if module is None and d.weight_input is not None and d.weight_input < len(placeholders):
+            source = placeholder_source(placeholders[d.weight_input])
+            module = linear_name(dotted_source_name(source)) if source else None
+        module = module or _module_path_from_meta(nodes.get(d.node)) or d.node
+        report.rows.append(
+            LinearRow(
+                module=module,
+                node=d.node,
+                form=d.form,
+                weight_shape=list(d.weight_shape) if d.weight_shape is not None else None,
+                dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else d.dtype,
+                planned_sparsity=planned_sparsity(weight) if weight is not None else None,
+                outcome=d.decision,
+                reason=d.reason,
+                reason_kind=reason_kind(d.reason) if d.decision == DENSE else "",
+            )
+        )
+    return report
+
+
+def format_table(report: GraphReport, colour: bool = False) -> str:
+    """Readable fixed-width table of ``report`` (ANSI colours when ``colour``)."""
+    header = ("module", "shape", "dtype", "planned", "became", "why dense")
+    lines = [
+        (
+            r.module,
+            "x".join(map(str, r.weight_shape)) if r.weight_shape else "?",
+            r.dtype or "?",
+            f"{r.planned_sparsity:.2f}" if r.planned_sparsity is not None else "-",
+            "sparse_linear" if r.outcome == SPARSE else r.outcome,
+            f"{r.reason_kind}: {r.reason}" if r.reason_kind and r.reason_kind != r.reason else r.reason,
+        )
+        for r in report.rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = [f"graph {report.graph}", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    for row, line in zip(report.rows, lines):
+        text = "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+        if colour:
+            code = "32" if row.outcome == SPARSE else "36" if row.outcome == "fused" else "33"
+            text = f"\033[{code}m{text}\033[0m"
+        out.append(text)
+    c = report.counts
+    out.append(f"{c['found']} linears found: {c['rewritten']} rewritten, {c['fused']} fused, {c['dense']} left dense")
+    return "\n".join(out)
