@@ -43,7 +43,12 @@ def _build() -> None:
     )
 
 
-def _register_fake() -> None:
+def _load() -> None:
+    """Build (or load from the cache) the extension, then give it a fake kernel for tracing."""
+    if hasattr(torch.ops.wisparse_cpu, "sparse_gemv"):
+        return
+    _build()
+
     @torch.library.register_fake("wisparse_cpu::sparse_gemv")
     def _(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
         torch._check(x.dim() == 2 and wt.dim() == 2 and x.shape[1] == wt.shape[0])
@@ -55,9 +60,7 @@ def cpu_kernel_available() -> bool:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            if not hasattr(torch.ops.wisparse_cpu, "sparse_gemv"):
-                _build()
-            _register_fake()
+            _load()
             _state["ok"] = True
         except Exception as e:  # a missing compiler must never stop a model from compiling
             warnings.warn(
@@ -99,3 +102,19 @@ def cpu_sparse_gemv(
     n, k = weight.shape
     out = torch.ops.wisparse_cpu.sparse_gemv(x.reshape(-1, k), weight.t(), bias, thresholds)
     return out.reshape(*x.shape[:-1], n)
+
+
+def cpu_compile_patches(example_inputs) -> dict[str, object]:
+    """Inductor config patches for compiling a rewritten graph that may run on CPU.
+
+    Compiled-graph caches are keyed on the Dynamo graph, not on which route the op body took, so
+    a cache hit can skip the body: load the kernel first (cached code calls it by name), and if it
+    is unavailable keep the caches out of the way so code that needs the kernel is never reused.
+    """
+    on_cpu = any(
+        isinstance(e, torch.Tensor) and e.device.type == "cpu" and e.dtype in CPU_KERNEL_DTYPES
+        for e in example_inputs
+    )
+    if not on_cpu or cpu_kernel_available():
+        return {}
+    return {"fx_graph_cache": False}
