@@ -17,6 +17,7 @@ from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
 from .attach import any_attached, attach_generation, site_of, thresholds_of
 from .config import BackendConfig
 from .debug import record_graph
+from .kernels.cpu_kernel import cpu_compile_patches
 from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewrite_sparse_linears
 
 log = logging.getLogger(__name__)
@@ -101,5 +102,6 @@ def wisparse_backend(
     if not result.rewritten:
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
         return _watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
+    patches.update(cpu_compile_patches(example_inputs))
     compiled = compile_fx(gm, [*example_inputs, *result.threshold_examples], config_patches=patches)
     return _with_thresholds(compiled, result)

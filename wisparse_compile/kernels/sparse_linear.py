@@ -4,7 +4,8 @@ Semantics (every route gives this result): channel i of ``x`` is kept for a toke
 ``|x_i| > t_i`` (compared in fp32), pruned channels count as zero, then ``x @ W^T + b``.
 
 Routes: on CUDA, calls with at most ``max_sparse_rows`` token rows (decode) run the Triton sparse
-GEMV; everything else (CPU, prefill) masks ``x`` and runs the dense linear, which Inductor compiles
+GEMV; on CPU they run the C++ kernel (``cpu_kernel.py``) when it builds; everything else (prefill,
+no compiler) masks ``x`` and runs the dense linear, which Inductor compiles
 and fuses. Registered with ``torch.library.triton_op`` so that, inserted before AOT autograd,
 Inductor traces the body and inlines the Triton kernel into its generated code.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .cpu_kernel import cpu_sparse_gemv, uses_cpu_kernel
 from .sparse_gemv import sparse_gemv_into
 
 log = logging.getLogger(__name__)
@@ -88,4 +90,6 @@ def sparse_linear(
     _check_operands(x, weight, thresholds)
     if uses_sparse_kernel(x, max_sparse_rows):
         return sparse_gemv(x, weight, bias, thresholds, launcher=torch.library.wrap_triton)
+    if uses_cpu_kernel(x, weight, max_sparse_rows):
+        return cpu_sparse_gemv(x, weight, bias, thresholds)
     return sparse_linear_reference(x, weight, bias, thresholds)

@@ -1,0 +1,100 @@
+"""The C++ CPU sparse GEMV against the reference, its routing in compiled models, and its fallback."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from tests.helpers import MaskingHooks
+from tests.kernels.test_sparse_linear import _operands
+from wisparse_compile.kernels import cpu_kernel, sparse_linear, sparse_linear_reference
+from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available, uses_cpu_kernel
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The built kernel (a one-time ~45 s build, cached by torch across runs)."""
+    assert cpu_kernel_available(), "the C++ CPU kernel did not build on this machine"
+    return torch.ops.wisparse_cpu.sparse_gemv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n,k", [(70, 45), (33, 130), (1041, 67)])
+def test_kernel_matches_reference(kernel, dtype, m, sparsity, n, k):
+    x, w, b, t = _operands(m, n, k, sparsity, dtype)
+    out = kernel(x, w.t(), b, t)
+    ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)
+    assert out.dtype == dtype and out.shape == (m, n)
+    # bf16: the kernel accumulates in fp32 like the reference; only the final rounding differs
+    torch.testing.assert_close(out.float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    if sparsity == 1.0:
+        torch.testing.assert_close(out.float(), b.float().expand(m, n).to(dtype).float(), rtol=0, atol=0)
+
+
+def test_kernel_threshold_rule_and_per_row_masks(kernel):
+    """Kept iff |x| > t strictly (fp32); each row uses its own mask even when another row keeps a channel."""
+    x = torch.tensor([[0.5, 2.0, -3.0], [1.0, 0.1, -0.5]])
+    w = torch.tensor([[1.0, 10.0, 100.0]])
+    t = torch.tensor([0.5, 0.5, 0.5])
+    out = kernel(x, w.t().contiguous(), None, t)
+    assert out[:, 0].tolist() == [20.0 - 300.0, 1.0]
+
+
+def test_op_routes_decode_to_kernel_and_prefill_to_reference(kernel):
+    x, w, b, t = _operands(2, 40, 50, 0.5, torch.float32)
+    assert uses_cpu_kernel(x, w, max_sparse_rows=8)
+    assert not uses_cpu_kernel(torch.randn(9, 50), w, max_sparse_rows=8)  # prefill
+    assert not uses_cpu_kernel(x, w, max_sparse_rows=1)
+    assert not uses_cpu_kernel(x.half(), w.half(), max_sparse_rows=8)  # fp16: no CPU kernel
+    torch.testing.assert_close(sparse_linear(x, w, b, t), sparse_linear_reference(x, w, b, t))
+
+
+def test_output_major_weight_takes_reference_route_and_logs(kernel, caplog):
+    x, w, b, t = _operands(1, 24, 31, 0.5, torch.float32, input_major=False)
+    with caplog.at_level(logging.INFO, logger=cpu_kernel.__name__):
+        assert not uses_cpu_kernel(x, w, max_sparse_rows=8)
+    assert "not input-major" in caplog.text
+    torch.testing.assert_close(sparse_linear(x, w, b, t), sparse_linear_reference(x, w, b, t))
+
+
+def _compiled_decode(sparsity=0.5):
+    model = tiny_llama()
+    plan = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=sparsity))
+    wsc.attach(model, plan)
+    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, codes = run_and_get_code(lambda: torch.compile(model, backend="wisparse")(ids).logits)
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    return out, ref, "\n".join(codes)
+
+
+def test_compiled_tiny_model_decodes_through_kernel(kernel):
+    out, ref, code = _compiled_decode()
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv.default(") == 14  # every planned linear
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_when_kernel_unavailable(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernel, "_load", no_compiler)
+    monkeypatch.setitem(cpu_kernel._state, "tried", False)
+    monkeypatch.setitem(cpu_kernel._state, "ok", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, ref, code = _compiled_decode()
+        assert not cpu_kernel_available()
+    messages = [str(w.message) for w in caught if "C++ CPU sparse kernel is unavailable" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler found" in messages[0]
+    assert "wisparse_cpu" not in code
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

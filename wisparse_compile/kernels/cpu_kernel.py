@@ -1,0 +1,120 @@
+"""The C++ CPU sparse GEMV (``wisparse_cpu::sparse_gemv``): lazy build, fake kernel, routing test.
+
+Built on first use (not at import) with ``torch.utils.cpp_extension.load`` from
+``cpu_sparse_gemv.cpp`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``): about 45 s the first time, a fraction of a second afterwards.
+If the toolchain is missing or the build fails, ``cpu_kernel_available()`` says False, one warning
+explains why, and callers take the masked dense reference route instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+log = logging.getLogger(__name__)
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+#: Most token rows one call may have (the C++ kernel's limit).
+CPU_KERNEL_MAX_ROWS = 8
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_sparse_gemv.cpp")
+_EXTENSION_NAME = "wisparse_cpu_sparse_gemv_v1"
+
+_state: dict[str, object] = {"tried": False, "ok": False}
+_logged_layouts: set[tuple[int, ...]] = set()
+
+
+def _build() -> None:
+    """Compile and load the extension; registers ``torch.ops.wisparse_cpu.sparse_gemv``."""
+    from torch.utils.cpp_extension import load
+
+    log.info("wisparse: building the CPU sparse GEMV kernel (first use; cached afterwards)")
+    load(
+        name=_EXTENSION_NAME,
+        sources=[_SOURCE],
+        extra_cflags=["-O3", "-march=native"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _load() -> None:
+    """Build (or load from the cache) the extension, then give it a fake kernel for tracing."""
+    if hasattr(torch.ops.wisparse_cpu, "sparse_gemv"):
+        return
+    _build()
+
+    @torch.library.register_fake("wisparse_cpu::sparse_gemv")
+    def _(x: torch.Tensor, wt: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
+        torch._check(x.dim() == 2 and wt.dim() == 2 and x.shape[1] == wt.shape[0])
+        return x.new_empty(x.shape[0], wt.shape[1])
+
+
+def cpu_kernel_available() -> bool:
+    """Build/load the kernel once per process; False (with one warning) if that fails."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _load()
+            _state["ok"] = True
+        except Exception as e:  # a missing compiler must never stop a model from compiling
+            warnings.warn(
+                f"wisparse: the C++ CPU sparse kernel is unavailable ({type(e).__name__}: {e}); "
+                "CPU decode runs the masked dense reference (correct, not faster). Install a C++ "
+                "compiler (g++ or clang) and ninja to get the sparse speed-up.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            log.warning("wisparse: CPU kernel build failed", exc_info=True)
+    return bool(_state["ok"])
+
+
+def uses_cpu_kernel(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int) -> bool:
+    """Whether a call takes the C++ kernel: CPU, fp32/bf16, statically few rows, input-major weight."""
+    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES or weight.dtype != x.dtype or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    if not statically_known_true(rows <= min(max_sparse_rows, CPU_KERNEL_MAX_ROWS)):
+        return False  # prefill: the masked dense route
+    if not weight.t().is_contiguous():
+        shape = tuple(weight.shape)
+        if shape not in _logged_layouts:
+            _logged_layouts.add(shape)
+            log.info(
+                "wisparse: weight %s is not input-major (strides %s), so it takes the masked dense route; "
+                "wsc.attach(model, plan) re-lays planned weights input-major",
+                shape,
+                tuple(weight.stride()),
+            )
+        return False
+    return cpu_kernel_available()
+
+
+def cpu_sparse_gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor
+) -> torch.Tensor:
+    """``sparse_linear`` through the C++ kernel: any leading dims, ``weight`` [out, in] input-major."""
+    n, k = weight.shape
+    out = torch.ops.wisparse_cpu.sparse_gemv(x.reshape(-1, k), weight.t(), bias, thresholds)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def cpu_compile_patches(example_inputs) -> dict[str, object]:
+    """Inductor config patches for compiling a rewritten graph that may run on CPU.
+
+    Compiled-graph caches are keyed on the Dynamo graph, not on which route the op body took, so
+    a cache hit can skip the body: load the kernel first (cached code calls it by name), and if it
+    is unavailable keep the caches out of the way so code that needs the kernel is never reused.
+    """
+    on_cpu = any(
+        isinstance(e, torch.Tensor) and e.device.type == "cpu" and e.dtype in CPU_KERNEL_DTYPES
+        for e in example_inputs
+    )
+    if not on_cpu or cpu_kernel_available():
+        return {}
+    return {"fx_graph_cache": False}
