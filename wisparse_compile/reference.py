@@ -23,17 +23,22 @@ class masked_linears(TorchFunctionMode):
     """Context manager: planned linears see their masked input; counts pruned channels per linear.
 
     apply=False only counts (each linear's sparsity on dense activations).
+    max_rows: mask only calls with at most this many token rows, e.g. the batch size to mask decode
+        steps only, as ``generate`` does when only its decode step is compiled (prefill runs eager).
     """
 
-    def __init__(self, apply: bool = True) -> None:
+    def __init__(self, apply: bool = True, max_rows: int | None = None) -> None:
         super().__init__()
         self.apply = apply
+        self.max_rows = max_rows
         self.pruned: dict[str, float] = {}
         self.seen: dict[str, float] = {}
         self.views = WeightViews(lambda t: site_of(t) is not None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         call = self.views.resolve(func, args, kwargs)
+        if call is not None and self.max_rows is not None and call.x.numel() > self.max_rows * call.x.shape[-1]:
+            call = None
         if call is not None:
             site, x = site_of(call.weight), call.x
             keep = keep_mask(x, thresholds_of(call.weight))
