@@ -14,21 +14,22 @@ def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 class MaskingHooks:
-    """Eager reference: forward pre-hooks on nn.Linear modules mask |x_i| <= t_i to zero."""
+    """Eager reference: forward pre-hooks on the modules owning planned weights (nn.Linear, or any
+    module whose forward takes the activation first, e.g. Conv1D) mask |x_i| <= t_i to zero."""
 
     def __init__(self, model: nn.Module, thresholds: dict[str, torch.Tensor]) -> None:
         self.handles = []
         modules = dict(model.named_modules())
         for name, t in thresholds.items():
             module = modules[name]
-            assert isinstance(module, nn.Linear), name
+            assert isinstance(getattr(module, "weight", None), nn.Parameter), name
             self.handles.append(module.register_forward_pre_hook(self._hook(t)))
 
     @staticmethod
     def _hook(t: torch.Tensor):
         def hook(module, args):
-            (x,) = args
-            return (x * (x.abs().float() > t.to(x.device).float()).to(x.dtype),)
+            x, *rest = args
+            return (x * (x.abs().float() > t.to(x.device).float()).to(x.dtype), *rest)
 
         return hook
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .experts import make_experts_traceable
 from .model_structure import find_weight, owner_and_attr
 from .plan import PlanError, SparsityPlan
 
@@ -121,6 +122,7 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
                 weight.data = weight.data.t().contiguous().t()
         _SITES[weight] = _Site(name, in_dim, weakref.ref(owner), buffer)
     _PLANS[model] = plan
+    make_experts_traceable(model)
     log.info("attached %r to %s (%d linears)", plan, type(model).__name__, len(plan.names))
     return model
 

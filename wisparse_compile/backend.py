@@ -100,6 +100,13 @@ def wisparse_backend(
     record_graph(before, gm, example_inputs, result, config.debug_dir)
     log.info("wisparse: %s", result.summary())
     if not result.rewritten:
+        planned = [d for d in result.decisions if d.name is not None]
+        if planned:
+            warnings.warn(
+                f"wisparse: none of the {len(planned)} planned linears of this graph can run sparse, "
+                f"so it compiles dense: {result.summary()}",
+                stacklevel=2,
+            )
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
         return _watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
     patches.update(cpu_compile_patches(example_inputs))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .allocation import allocate, split_batches
 from .config import SparsityConfig
 from .histogram import ScoreHistogram
-from .linear_forms import call_operands, form_of
+from .linear_forms import WeightViews
 from .model_structure import linear_name, parameter_names, repeated_block_prefixes
 from .plan import SparsityPlan
 
@@ -67,15 +67,15 @@ class _ScoreCollector(TorchFunctionMode):
         self.watched = watched
         self.config = config
         self.stats: dict[str, LinearStats] = {}
+        self.views = WeightViews(lambda t: id(t) in watched and isinstance(t, nn.Parameter))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        form = form_of(func)
-        if form is not None:
-            x, weight, _ = call_operands(form, args, kwargs)
-            name = self.watched.get(id(weight))
-            if name is not None and isinstance(x, torch.Tensor):
-                self._observe(name, x, weight, form.weight_in_dim)
-        return func(*args, **(kwargs or {}))
+        call = self.views.resolve(func, args, kwargs)
+        if call is not None:
+            self._observe(self.watched[id(call.weight)], call.x, call.weight, call.in_dim)
+        result = func(*args, **(kwargs or {}))
+        self.views.record(func, args, kwargs, result)
+        return result
 
     def _observe(self, name: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int) -> None:
         stats = self.stats.get(name)

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import operator
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class LinearForm:
     name: short label for reports.
     targets: the callables (as seen by Dynamo and by TorchFunctionMode).
     x_arg / weight_arg / bias_arg: positional indices (bias_arg None if the form has no bias).
-    weight_in_dim: the dim of the weight that indexes input channels.
+    weight_in_dim: the dim of the weight operand (as passed, after any views) that is contracted
+        with x's last dim, i.e. that indexes input channels.
+    arg_names: keyword names of (x, weight, bias), for calls that pass them by keyword.
     """
 
     name: str
@@ -31,11 +36,22 @@ class LinearForm:
     weight_arg: int
     bias_arg: int | None
     weight_in_dim: int
+    arg_names: tuple[str, str, str] = ("input", "weight", "bias")
 
 
 LINEAR = LinearForm("linear", (torch._C._nn.linear, F.linear), x_arg=0, weight_arg=1, bias_arg=2, weight_in_dim=1)
+# A 1-D-convolution-style linear: ``addmm(b, x2d, W[in, out])`` with x flattened to 2-D.
+ADDMM = LinearForm(
+    "addmm", (torch.addmm, torch.Tensor.addmm), x_arg=1, weight_arg=2, bias_arg=0, weight_in_dim=0,
+    arg_names=("mat1", "mat2", "input"),
+)
+# ``x @ W.T`` (bias, if any, added by a separate op) or ``x @ W[in, out]``.
+MATMUL = LinearForm(
+    "matmul", (operator.matmul, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm),
+    x_arg=0, weight_arg=1, bias_arg=None, weight_in_dim=0, arg_names=("input", "other", "bias"),
+)
 
-FORMS: tuple[LinearForm, ...] = (LINEAR,)
+FORMS: tuple[LinearForm, ...] = (LINEAR, ADDMM, MATMUL)
 _BY_TARGET: dict[Any, LinearForm] = {t: f for f in FORMS for t in f.targets}
 
 
@@ -50,7 +66,7 @@ def form_of(target: Any) -> LinearForm | None:
 def call_operands(form: LinearForm, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[Any, Any, Any]:
     """(x, weight, bias) of one call or node, whether passed positionally or by keyword."""
     kwargs = kwargs or {}
-    names = ("input", "weight", "bias")
+    names = form.arg_names
 
     def pick(index: int | None, key: str) -> Any:
         if index is None:
@@ -60,3 +76,100 @@ def call_operands(form: LinearForm, args: tuple[Any, ...], kwargs: dict[str, Any
         return kwargs.get(key)
 
     return pick(form.x_arg, names[0]), pick(form.weight_arg, names[1]), pick(form.bias_arg, names[2])
+
+
+# Ops that only permute a weight's dims: name (call_method / Tensor method) -> dims of the view.
+def _swap_last_two(ndim: int) -> tuple[int, ...]:
+    dims = list(range(ndim))
+    if ndim >= 2:
+        dims[-2], dims[-1] = dims[-1], dims[-2]
+    return tuple(dims)
+
+
+def view_dims(kind: str, ndim: int, args: tuple[Any, ...]) -> tuple[int, ...] | None:
+    """For a permuting view op ``kind`` applied to an ``ndim``-D tensor with extra ``args``: the
+    source dim of each output dim, or None if ``kind`` is not a pure permutation we understand."""
+    if kind in ("T", "t", "mT"):
+        return _swap_last_two(ndim) if (ndim == 2 or kind == "mT") else None
+    if kind in ("transpose", "swapaxes", "swapdims") and len(args) == 2 and all(isinstance(a, int) for a in args):
+        a, b = (d % ndim for d in args)
+        dims = list(range(ndim))
+        dims[a], dims[b] = dims[b], dims[a]
+        return tuple(dims)
+    if kind == "permute":
+        order = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        if len(order) == ndim and all(isinstance(a, int) for a in order):
+            return tuple(d % ndim for d in order)
+    return None
+
+
+_VIEW_FUNCS: dict[Any, str] = {
+    torch.Tensor.T.__get__: "T", torch.Tensor.mT.__get__: "mT",
+    torch.Tensor.t: "t", torch.t: "t",
+    torch.Tensor.transpose: "transpose", torch.transpose: "transpose",
+    torch.Tensor.swapaxes: "swapaxes", torch.Tensor.swapdims: "swapdims",
+    torch.Tensor.permute: "permute", torch.permute: "permute",
+}
+
+
+def view_kind(func: Any) -> str | None:
+    """The permuting view a torch-function call target performs (eager side), or None."""
+    try:
+        return _VIEW_FUNCS.get(func)
+    except TypeError:
+        return None
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One resolved linear call: its form, input, root weight parameter, bias and input-channel dim."""
+
+    form: LinearForm
+    x: Any
+    weight: torch.Tensor
+    bias: Any
+    in_dim: int
+
+
+class WeightViews:
+    """Eager dataflow for ``TorchFunctionMode`` observers: follows watched weights through views.
+
+    ``watched(tensor)`` says whether a tensor is a weight of interest. ``record`` notes the
+    result of a permuting view of a watched weight (or of such a view); ``resolve`` turns a call
+    into a ``LinearCall`` when its weight operand leads back to a watched weight.
+    """
+
+    def __init__(self, watched: Callable[[Any], bool]) -> None:
+        self.watched = watched
+        self._views: WeakIdKeyDictionary = WeakIdKeyDictionary()  # view -> (root, source dims)
+
+    def _root(self, t: Any) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if self.watched(t):
+            return t, tuple(range(t.dim()))
+        return self._views.get(t)
+
+    def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, result: Any) -> None:
+        kind = view_kind(func)
+        if kind is None or not args or not isinstance(result, torch.Tensor):
+            return
+        root = self._root(args[0])
+        if root is None:
+            return
+        extra = tuple(args[1:]) + tuple((kwargs or {}).values())
+        dims = view_dims(kind, args[0].dim(), extra)
+        if dims is not None:
+            weight, source = root
+            self._views[result] = (weight, tuple(source[d] for d in dims))
+
+    def resolve(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> LinearCall | None:
+        form = form_of(func)
+        if form is None:
+            return None
+        x, w, b = call_operands(form, args, kwargs)
+        root = self._root(w)
+        if root is None or not isinstance(x, torch.Tensor) or w.dim() != 2:
+            return None
+        weight, source = root
+        return LinearCall(form, x, weight, b, source[form.weight_in_dim])

@@ -30,7 +30,7 @@ class SparsityPlan:
     sparsities: linear name -> target sparsity used for its threshold.
     shapes: linear name -> weight shape as the model stores it (checked on attach).
     in_dims: linear name -> which weight dim indexes input channels (1 for nn.Linear's
-        [out, in], 0 for GPT-2's Conv1D [in, out], -1 for stacked experts [E, out, in]).
+        [out, in], 0 for [in, out] weights (addmm layouts), -1 for stacked experts [E, out, in]).
     model_class: class name of the calibrated model (checked on attach).
     method: "teal", "wina" or "wisparse".
     config: the SparsityConfig fields used (for the record).

@@ -16,39 +16,54 @@ from torch.overrides import TorchFunctionMode
 from .attach import site_of, thresholds_of
 from .calibrate import model_device, run_batch
 from .kernels import keep_mask
-from .linear_forms import call_operands, form_of
+from .linear_forms import LinearForm, WeightViews
 
 
 class masked_linears(TorchFunctionMode):
     """Context manager: planned linears see their masked input; counts pruned channels per linear.
 
     apply=False only counts (each linear's sparsity on dense activations).
+    max_rows: mask only calls with at most this many token rows, e.g. the batch size to mask decode
+        steps only, as ``generate`` does when only its decode step is compiled (prefill runs eager).
     """
 
-    def __init__(self, apply: bool = True) -> None:
+    def __init__(self, apply: bool = True, max_rows: int | None = None) -> None:
         super().__init__()
         self.apply = apply
+        self.max_rows = max_rows
         self.pruned: dict[str, float] = {}
         self.seen: dict[str, float] = {}
+        self.views = WeightViews(lambda t: site_of(t) is not None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        form = form_of(func)
-        if form is not None:
-            x, weight, _ = call_operands(form, args, kwargs)
-            site = site_of(weight)
-            if site is not None and isinstance(x, torch.Tensor):
-                t = thresholds_of(weight)
-                keep = keep_mask(x, t)
-                self.pruned[site.name] = self.pruned.get(site.name, 0.0) + float((~keep).sum())
-                self.seen[site.name] = self.seen.get(site.name, 0.0) + keep.numel()
-                if self.apply:
-                    args = list(args)
-                    args[form.x_arg] = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return func(*args, **(kwargs or {}))
+        call = self.views.resolve(func, args, kwargs)
+        if call is not None and self.max_rows is not None and call.x.numel() > self.max_rows * call.x.shape[-1]:
+            call = None
+        if call is not None:
+            site, x = site_of(call.weight), call.x
+            keep = keep_mask(x, thresholds_of(call.weight))
+            self.pruned[site.name] = self.pruned.get(site.name, 0.0) + float((~keep).sum())
+            self.seen[site.name] = self.seen.get(site.name, 0.0) + keep.numel()
+            if self.apply:
+                masked = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                args, kwargs = _replace_operand(call.form, args, kwargs, masked)
+        result = func(*args, **(kwargs or {}))
+        self.views.record(func, args, kwargs, result)
+        return result
 
     def sparsity(self) -> dict[str, float]:
         """Achieved sparsity per planned linear over the calls seen so far."""
         return {n: self.pruned[n] / self.seen[n] for n in self.seen if self.seen[n]}
+
+
+def _replace_operand(form: LinearForm, args: tuple, kwargs: dict | None, x: torch.Tensor) -> tuple[tuple, dict]:
+    """The call's (args, kwargs) with its activation operand replaced by ``x``."""
+    kwargs = dict(kwargs or {})
+    if form.x_arg < len(args):
+        args = (*args[: form.x_arg], x, *args[form.x_arg + 1 :])
+    else:
+        kwargs[form.arg_names[0]] = x
+    return args, kwargs
 
 
 def measure_sparsity(model: nn.Module, batches: Iterable[Any], masked: bool = True) -> dict[str, float]:

@@ -1,15 +1,18 @@
 """FX pass over the Dynamo graph: planned linears become ``wisparse::sparse_linear``.
 
-Matches: ``call_function`` nodes of a known linear form (see ``linear_forms``) whose weight
-operand is a graph input (placeholder) whose example value is a planned weight (one that
-``attach`` registered). Tying a node to a plan entry by the weight *object* is exact and needs no
+Matches: ``call_function`` nodes of a known linear form (see ``linear_forms``: ``linear``,
+``addmm``, ``matmul``/``mm``) whose weight operand is a graph input (placeholder), directly or
+through permuting views (``.T``, ``t``, ``transpose``, ``permute``), whose example value is a
+planned weight (one that ``attach`` registered). Tying a node to a plan entry by the weight *object* is exact and needs no
 names, and it survives graph breaks (sources relative to a frame) and tied weights.
 
 Emits: ``torch.ops.wisparse.sparse_linear(x, weight, bias, thresholds, max_sparse_rows)`` in
-place of the linear, where ``thresholds`` is a new placeholder appended after the graph's inputs
+place of the linear (``weight`` as ``[out, in]``: an ``[in, out]`` parameter enters as its ``t()``
+view, no copy; a ``matmul``'s separate bias add stays as it was), where ``thresholds`` is a new placeholder appended after the graph's inputs
 (one per distinct weight). The backend feeds it at run time with the thresholds of the weight
 actually passed, so one compiled graph serves any model instance with any plan.
-Every other linear is left as it was, with the reason recorded.
+Every other linear is left as it was, with the reason recorded; so are contractions of stacked
+3-D expert weights (``bmm``/grouped mm), which are reported as dense.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..attach import site_of, thresholds_of
 from ..config import BackendConfig
-from ..linear_forms import call_operands, form_of
+from ..linear_forms import call_operands, form_of, view_dims
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,64 @@ def _token_rows(x: torch.Tensor) -> Any:
     return rows
 
 
+_VIEW_METHODS = ("t", "transpose", "permute", "swapaxes", "swapdims")
+_VIEW_FUNCTIONS = {torch.t: "t", torch.transpose: "transpose", torch.permute: "permute"}
+
+
+def _view_of(node: fx.Node) -> tuple[fx.Node, str, tuple[Any, ...]] | None:
+    """(source, kind, extra args) if ``node`` is a permuting view op, else None."""
+    if node.op == "call_method" and node.target in _VIEW_METHODS and node.args:
+        return node.args[0], str(node.target), tuple(node.args[1:])
+    if node.op == "call_function" and node.args:
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+            return node.args[0], node.args[1], ()
+        kind = _VIEW_FUNCTIONS.get(node.target) if not isinstance(node.target, str) else None
+        if kind is not None:
+            return node.args[0], kind, tuple(node.args[1:])
+    return None
+
+
+def weight_root(node: Any) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """The placeholder a weight operand views, and the root dim behind each of its dims."""
+    dims: tuple[int, ...] | None = None
+    while isinstance(node, fx.Node):
+        if node.op == "placeholder":
+            val = _example_value(node)
+            ndim = val.dim() if isinstance(val, torch.Tensor) else 0
+            return node, dims if dims is not None else tuple(range(ndim))
+        view = _view_of(node)
+        if view is None or node.kwargs:
+            return None
+        source, kind, extra = view
+        val = _example_value(source)
+        if not isinstance(val, torch.Tensor) or (step := view_dims(kind, val.dim(), extra)) is None:
+            return None
+        dims = step if dims is None else tuple(step[d] for d in dims)
+        node = source
+    return None
+
+
+def _is_expert_contraction(node: fx.Node) -> bool:
+    """bmm / grouped mm nodes (stacked expert weights), which the pass does not rewrite yet."""
+    if node.op != "call_function":
+        return False
+    return node.target in (torch.bmm, torch.baddbmm) or "grouped_mm" in str(node.target)
+
+
+def _operand_parameter(node: Any, example_inputs: Sequence[Any], index_of: dict[fx.Node, int]) -> Any:
+    """The parameter behind an operand reached through views and indexing (W[expert_ids]), or None."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            value = example_inputs[index_of[node]] if node in index_of else None
+            return value if isinstance(value, torch.nn.Parameter) else None
+        if not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
 def copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of a Dynamo graph module that a pass may edit.
 
@@ -128,16 +189,35 @@ def rewrite_sparse_linears(
             dtype=str(x_val.dtype).removeprefix("torch.") if isinstance(x_val, torch.Tensor) else None,
             decision=DENSE,
         )
-        result.decisions.append(decision)
-        if w_node not in index_of:
-            decision.reason = "weight is not a graph input"
+        # A matmul is a linear only if its weight operand is a 2-D parameter (attention is not).
+        needs_parameter = form.bias_arg is None
+        root = weight_root(w_node)
+        if root is None or root[0] not in index_of:
+            if not needs_parameter:
+                decision.reason = "weight is not a graph input"
+                result.decisions.append(decision)
             continue
+        w_node, dims = root
         decision.weight_input = index_of[w_node]
         weight = example_inputs[index_of[w_node]]
+        if needs_parameter and not (
+            isinstance(weight, torch.nn.Parameter) and weight.dim() == 2 and isinstance(w_val, torch.Tensor) and w_val.dim() == 2
+        ):
+            continue
+        result.decisions.append(decision)
         site = site_of(weight)
         if site is None:
             decision.reason = "no plan entry"
             result.unplanned_weight_inputs.append(index_of[w_node])
+            continue
+        in_dim = dims[form.weight_in_dim]
+        if in_dim != site.in_dim:
+            decision.name = site.name
+            decision.reason = f"weight used with input channels on dim {in_dim}, planned on dim {site.in_dim}"
+            continue
+        if any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+            decision.name = site.name
+            decision.reason = "addmm with alpha/beta scaling"
             continue
         decision.name = site.name
         if not isinstance(x_val, torch.Tensor) or not x_val.is_floating_point():
@@ -164,9 +244,13 @@ def rewrite_sparse_linears(
             result.threshold_sources.append(w_index)
             result.threshold_examples.append(t_example)
         with graph.inserting_before(node):
+            w_operand = w_node
+            if in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
+                w_operand = graph.call_function(torch.t, (w_node,))
+                w_operand.meta["example_value"] = _example_value(w_node).t()
             new = graph.call_function(
                 torch.ops.wisparse.sparse_linear.default,
-                (x_node, w_node, b_node, threshold_nodes[w_index], config.max_sparse_rows),
+                (x_node, w_operand, b_node, threshold_nodes[w_index], config.max_sparse_rows),
             )
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
             if key in node.meta:
@@ -177,6 +261,14 @@ def rewrite_sparse_linears(
         decision.decision = SPARSE
         log.debug("sparse: %s (%s %s) via %s", site.name, decision.weight_shape, decision.dtype, new.name)
 
+    for node in graph.nodes:
+        if _is_expert_contraction(node) and any(
+            _operand_parameter(a, example_inputs, index_of) is not None for a in node.args[:2]
+        ):
+            result.decisions.append(LinearDecision(
+                node=node.name, form=str(node.target), name=None, weight_shape=None, dtype=None, decision=DENSE,
+                reason="stacked expert weights (bmm / grouped mm): not supported yet",
+            ))
     for d in result.decisions:
         if d.decision == DENSE:
             log.debug("dense: %s %s: %s", d.node, d.name or "", d.reason)

@@ -1,0 +1,82 @@
+"""Tiny random configurations of Hugging Face causal LMs (the zoo of shared/arch-survey.md).
+
+Hidden 64, vocab 256, 4 heads / 2 kv heads, intermediate 128; MoE 4 experts top-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+LAYERS = 1
+COMMON = dict(
+    hidden_size=64, num_hidden_layers=LAYERS, vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, max_position_embeddings=128,
+)
+MOE = dict(num_experts_per_tok=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    name: str
+    config_cls: str
+    model_cls: str
+    kwargs: dict
+    moe: bool = False
+
+    def build(self, seed: int = 0, **overrides) -> torch.nn.Module:
+        import transformers
+
+        config = getattr(transformers, self.config_cls)(**{**self.kwargs, **overrides})
+        torch.manual_seed(seed)
+        return getattr(transformers, self.model_cls)(config).eval()
+
+
+DENSE = [
+    Arch("llama", "LlamaConfig", "LlamaForCausalLM", COMMON),
+    Arch("mistral", "MistralConfig", "MistralForCausalLM", COMMON),
+    Arch("qwen2", "Qwen2Config", "Qwen2ForCausalLM", COMMON),
+    Arch("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, head_dim=16)),
+    Arch("gemma2", "Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=16)),
+    Arch("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(COMMON, head_dim=16)),
+    Arch("phi3", "Phi3Config", "Phi3ForCausalLM", dict(COMMON, pad_token_id=0)),
+    Arch("gpt2", "GPT2Config", "GPT2LMHeadModel",
+         dict(n_embd=64, n_layer=LAYERS, n_head=4, n_inner=128, vocab_size=256, n_positions=128,
+              bos_token_id=0, eos_token_id=0)),
+    Arch("opt", "OPTConfig", "OPTForCausalLM",
+         dict(hidden_size=64, num_hidden_layers=LAYERS, ffn_dim=128, num_attention_heads=4, vocab_size=256,
+              max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=0)),
+    Arch("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM",
+         dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128, vocab_size=256,
+              max_position_embeddings=128)),
+    Arch("falcon", "FalconConfig", "FalconForCausalLM",
+         dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=256)),
+    Arch("falcon_new_arch", "FalconConfig", "FalconForCausalLM",
+         dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_kv_heads=2, vocab_size=256,
+              new_decoder_architecture=True)),
+    Arch("falcon_rw", "FalconConfig", "FalconForCausalLM",
+         dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=256, bias=True, alibi=True,
+              multi_query=False, parallel_attn=False)),
+    Arch("stablelm", "StableLmConfig", "StableLmForCausalLM", COMMON),
+    Arch("phi", "PhiConfig", "PhiForCausalLM", dict(COMMON, partial_rotary_factor=0.5)),
+    Arch("gptj", "GPTJConfig", "GPTJForCausalLM",
+         dict(n_embd=64, n_layer=LAYERS, n_head=4, n_inner=128, rotary_dim=8, vocab_size=256, n_positions=128,
+              bos_token_id=0, eos_token_id=0)),
+    Arch("bloom", "BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=LAYERS, n_head=4, vocab_size=256)),
+    Arch("cohere", "CohereConfig", "CohereForCausalLM", COMMON),
+    Arch("olmo2", "Olmo2Config", "Olmo2ForCausalLM", COMMON),
+    Arch("granite", "GraniteConfig", "GraniteForCausalLM", COMMON),
+]
+
+MOE_ARCHS = [
+    Arch("mixtral", "MixtralConfig", "MixtralForCausalLM", dict(COMMON, **MOE, num_local_experts=4), moe=True),
+    Arch("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+         dict(COMMON, **MOE, num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+              decoder_sparse_step=1, mlp_only_layers=[]), moe=True),
+    Arch("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+         dict(COMMON, **MOE, num_experts=4, moe_intermediate_size=64, head_dim=16, decoder_sparse_step=1,
+              mlp_only_layers=[]), moe=True),
+]
+
+BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS}

@@ -1,0 +1,74 @@
+"""Linear recognition by dataflow: eager (WeightViews) and FX (weight_root) agree on in_dim."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.overrides import TorchFunctionMode
+
+from wisparse_compile.linear_forms import WeightViews
+from wisparse_compile.passes.sparse_linear import weight_root
+
+W_OUT_IN = torch.nn.Parameter(torch.randn(6, 4))  # [out, in]
+W_IN_OUT = torch.nn.Parameter(torch.randn(4, 6))  # [in, out]
+X = torch.randn(3, 4)
+
+CASES = {  # name: (call, weight, expected in_dim)
+    "linear": (lambda: F.linear(X, W_OUT_IN), W_OUT_IN, 1),
+    "addmm": (lambda: torch.addmm(torch.zeros(6), X, W_IN_OUT), W_IN_OUT, 0),
+    "matmul_T": (lambda: X @ W_OUT_IN.T, W_OUT_IN, 1),
+    "matmul_t": (lambda: torch.matmul(X, W_OUT_IN.t()), W_OUT_IN, 1),
+    "matmul_transpose": (lambda: X @ W_OUT_IN.transpose(0, 1), W_OUT_IN, 1),
+    "matmul_permute_twice": (lambda: X @ W_IN_OUT.permute(1, 0).T, W_IN_OUT, 0),
+    "linear_of_view": (lambda: F.linear(X, W_IN_OUT.t()), W_IN_OUT, 0),
+}
+
+
+class _Record(TorchFunctionMode):
+    def __init__(self, watched):
+        super().__init__()
+        self.views = WeightViews(lambda t: any(t is w for w in watched))
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        call = self.views.resolve(func, args, kwargs)
+        if call is not None:
+            self.calls.append(call)
+        result = func(*args, **(kwargs or {}))
+        self.views.record(func, args, kwargs, result)
+        return result
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eager_resolves_weight_and_input_dim(case):
+    call, weight, in_dim = CASES[case]
+    with _Record([W_OUT_IN, W_IN_OUT]) as rec:
+        call()
+    assert len(rec.calls) == 1
+    assert rec.calls[0].weight is weight and rec.calls[0].in_dim == in_dim and rec.calls[0].x is X
+
+
+def test_activation_matmul_is_not_a_linear():
+    with _Record([W_OUT_IN]) as rec:
+        X @ X.T
+    assert rec.calls == []
+
+
+def test_fx_weight_root_follows_permuting_views():
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    w.meta["example_value"] = W_OUT_IN.detach()
+    t = graph.call_function(getattr, (w, "T"))
+    t.meta["example_value"] = W_OUT_IN.detach().T
+    tt = graph.call_method("transpose", (t, 0, 1))
+    tt.meta["example_value"] = W_OUT_IN.detach()
+    mm = graph.call_function(operator.matmul, (x, t))
+    viewed = graph.call_method("view", (w, 24))
+    graph.output((mm, tt, viewed))
+    assert weight_root(t) == (w, (1, 0))  # matmul contracts dim 0 of the view = input dim 1
+    assert weight_root(tt) == (w, (0, 1))
+    assert weight_root(viewed) is None  # a reshape is no permutation: not followed
