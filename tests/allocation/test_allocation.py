@@ -153,3 +153,9 @@ def test_impossible_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="impossible budget"):
         evolve(lambda s: 0.0, [1, 1], 0.9, population=4, generations=1, mutation_scale=0.1, elite=1,
                low=0.0, high=0.5, seed=0)
+
+
+def test_single_block_model_needs_no_search():
+    plan = wsc.calibrate(tiny_llama(layers=1), token_batches(2), wsc.SparsityConfig(sparsity=0.4, method="wisparse"))
+    assert plan.mean_sparsity() == pytest.approx(0.4, abs=0.005)
+    assert len(plan.stats["allocation"]["search"]["history"]) == 1

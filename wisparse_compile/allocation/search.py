@@ -73,6 +73,11 @@ def evolve(
         return cache[key]
 
     uniform = np.full(len(sizes), float(target))
+    if len(sizes) < 2:  # one block: the budget fixes its sparsity, nothing to search
+        fit = score(uniform)
+        log.info("one block: its sparsity is the target %.3f; no search", target)
+        record = {"generation": 0, "best": fit, "mean": fit, "worst": fit, "best_block_sparsities": uniform.tolist()}
+        return SearchResult(uniform.tolist(), fit, fit, [record])
     pop = [uniform] + [_mutate(uniform, size_arr, mutation_scale, low, high, rng, moves) for _ in range(population - 1)]
     uniform_fitness = score(uniform)
     history: list[dict[str, object]] = []
