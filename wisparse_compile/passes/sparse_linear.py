@@ -167,6 +167,27 @@ def copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+def _nodes_under_autocast(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes under autocast: between Dynamo's ``_enter_autocast``/``_exit_autocast``, or all of
+    them when the graph is compiled inside the caller's autocast context.
+
+    Autocast would run such a linear in the autocast dtype; the sparse op has no autocast rule,
+    so rewriting it would silently change the precision. Those linears stay dense.
+    """
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return set(graph.nodes)  # compiled inside the caller's autocast: the whole graph is
+    inside: set[fx.Node] = set()
+    depth = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.amp._enter_autocast:
+            depth += 1
+        elif node.op == "call_function" and node.target is torch.amp._exit_autocast:
+            depth = max(0, depth - 1)
+        elif depth:
+            inside.add(node)
+    return inside
+
+
 def rewrite_sparse_linears(
     gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendConfig | None = None
 ) -> RewriteResult:
@@ -177,6 +198,7 @@ def rewrite_sparse_linears(
     index_of = {n: i for i, n in enumerate(placeholders)}
     result = RewriteResult()
     threshold_nodes: dict[int, fx.Node] = {}
+    autocast_nodes = _nodes_under_autocast(graph)
 
     for node in list(graph.nodes):
         if node.op != "call_function" or (form := form_of(node.target)) is None:
@@ -225,6 +247,9 @@ def rewrite_sparse_linears(
             continue
         if x_val.dtype != weight.dtype:
             decision.reason = f"input dtype {decision.dtype} differs from weight dtype"
+            continue
+        if node in autocast_nodes:
+            decision.reason = "inside an autocast region (the sparse op has no autocast rule)"
             continue
         if not config.mask_prefill and not statically_known_true(_token_rows(x_val) <= config.max_sparse_rows):
             decision.reason = "prefill left dense (mask_prefill=False)"
