@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import warnings
 from typing import Any, Callable, Sequence
@@ -23,9 +22,8 @@ from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewri
 
 log = logging.getLogger(__name__)
 
-#: Reports of the graphs compiled in this process, newest last (for tests and debugging); the
-#: last 256 are kept.
-COMPILED_REPORTS: "collections.deque[RewriteResult]" = collections.deque(maxlen=256)
+#: Reports of the graphs compiled in this process, newest last (for tests and debugging).
+COMPILED_REPORTS: list[RewriteResult] = []
 
 
 def _inductor_patches(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
