@@ -177,13 +177,15 @@ def _nodes_under_autocast(graph: fx.Graph) -> set[fx.Node]:
     if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
         return set(graph.nodes)  # compiled inside the caller's autocast: the whole graph is
     inside: set[fx.Node] = set()
-    depth = 0
+    enabled: list[bool] = []  # one entry per open autocast context: is it enabled?
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.amp._enter_autocast:
-            depth += 1
+            args = list(node.args) + [None] * 3
+            enabled.append(bool(node.kwargs.get("enabled", args[2] if args[2] is not None else True)))
         elif node.op == "call_function" and node.target is torch.amp._exit_autocast:
-            depth = max(0, depth - 1)
-        elif depth:
+            if enabled:
+                enabled.pop()
+        elif enabled and enabled[-1]:
             inside.add(node)
     return inside
 
