@@ -96,7 +96,7 @@ def rewrite_expert_contraction(
     weight = example_inputs[index_of[match.weight]] if match.weight in index_of else None
     x_val = _example_value(match.x)
     decision = LinearDecision(
-        node=node.name, form=match.form, name=None,
+        node=node.name, form=match.form + (" (native)" if match.native else ""), name=None,
         weight_shape=tuple(weight.shape) if isinstance(weight, torch.Tensor) else None,
         dtype=str(x_val.dtype).removeprefix("torch.") if isinstance(x_val, torch.Tensor) else None,
         decision=DENSE, weight_input=index_of.get(match.weight),
