@@ -94,6 +94,13 @@ def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
                 f"plan entry {name!r} expects a weight of shape {list(plan.shapes[name])}, "
                 f"this model's is {list(weight.shape)}: the plan is for another model size"
             )
+        t = plan.channel_thresholds[name]
+        expected = [weight.shape[0], t.shape[-1]] if weight.dim() == 3 else [t.shape[-1]]
+        if list(t.shape) != expected:
+            raise PlanError(
+                f"plan entry {name!r} has thresholds of shape {list(t.shape)}, its {weight.dim()}-D weight needs "
+                f"{expected} (stacked [E, ...] expert weights take one row per expert); re-calibrate the plan"
+            )
 
 
 def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .allocation import allocate, split_batches
 from .config import SparsityConfig
-from .histogram import ScoreHistogram
+from .histogram import ExpertHistograms, ScoreHistogram
 from .linear_forms import WeightViews
 from .model_structure import linear_name, parameter_names, repeated_block_prefixes
 from .plan import SparsityPlan
@@ -35,21 +35,26 @@ class LinearStats:
     name: str
     shape: list[int]
     in_dim: int
-    column_norms: torch.Tensor  # fp32 [in_features]: ||W[:, i]||_2
-    histogram: ScoreHistogram
+    column_norms: torch.Tensor  # fp32 [in_features]: ||W[:, i]||_2 (stacked experts: [E, in_features])
+    histogram: ScoreHistogram | ExpertHistograms
     tokens: int = 0
 
-    def thresholds(self, tau: float, weight_aware: bool) -> torch.Tensor:
-        """Per-channel thresholds: ``t_i = tau / ||W[:, i]||`` (weight-aware) or ``tau``."""
+    def thresholds(self, tau: float | torch.Tensor, weight_aware: bool) -> torch.Tensor:
+        """Per-channel thresholds: ``t_i = tau / ||W[:, i]||`` (weight-aware) or ``tau``.
+
+        Stacked experts: ``tau`` holds one value per expert and the result is [E, in_features]."""
         norms = self.column_norms.cpu()
+        tau = torch.as_tensor(tau, dtype=torch.float32).reshape(-1, *([1] if norms.dim() == 2 else []))
         if not weight_aware:
-            return torch.full_like(norms, tau)
+            return tau.expand_as(norms).clone() if norms.dim() == 2 else torch.full_like(norms, float(tau))
         return torch.where(norms > 0, tau / norms, torch.full_like(norms, float("inf")))
 
 
 def column_norms(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """||W[..., i, ...]||_2 over every dim but the input-channel one, in fp32."""
-    dims = [d for d in range(weight.dim()) if d != in_dim % weight.dim()]
+    """||W[..., i, ...]||_2 over every dim but the input-channel one (and the expert dim 0 of a
+    stacked 3-D weight, giving [E, in]), in fp32."""
+    keep = {in_dim % weight.dim()} | ({0} if weight.dim() == 3 else set())
+    dims = [d for d in range(weight.dim()) if d not in keep]
     return torch.linalg.vector_norm(weight.detach().float(), dim=dims)
 
 
@@ -72,22 +77,30 @@ class _ScoreCollector(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         call = self.views.resolve(func, args, kwargs)
         if call is not None:
-            self._observe(self.watched[id(call.weight)], call.x, call.weight, call.in_dim)
+            self._observe(self.watched[id(call.weight)], call.x, call.weight, call.in_dim, call.row_experts)
         result = func(*args, **(kwargs or {}))
         self.views.record(func, args, kwargs, result)
         return result
 
-    def _observe(self, name: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int) -> None:
+    def _observe(
+        self, name: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int, row_experts: torch.Tensor | None = None
+    ) -> None:
         stats = self.stats.get(name)
         if stats is None:
+            bins = self.config.histogram_bins_per_octave
             stats = self.stats[name] = LinearStats(
                 name=name, shape=list(weight.shape), in_dim=in_dim,
                 column_norms=column_norms(weight, in_dim),
-                histogram=ScoreHistogram(self.config.histogram_bins_per_octave, device=x.device),
+                histogram=ExpertHistograms(weight.shape[0], bins, x.device) if weight.dim() == 3
+                else ScoreHistogram(bins, device=x.device),
             )
         norms = stats.column_norms if self.config.weight_aware else None
-        stats.histogram.update(channel_scores(x, norms))
-        stats.tokens += x.numel() // max(1, x.shape[-1])
+        if isinstance(stats.histogram, ExpertHistograms):  # each row scored against its expert
+            rows = x.reshape(row_experts.numel(), -1)
+            stats.histogram.update(channel_scores(rows, None if norms is None else norms[row_experts]), row_experts)
+        else:
+            stats.histogram.update(channel_scores(x, norms))
+        stats.tokens += x.numel() // max(1, stats.column_norms.shape[-1])
 
 
 def _planned_parameters(model: nn.Module, config: SparsityConfig) -> dict[int, str]:

@@ -75,3 +75,45 @@ class ScoreHistogram:
         counts = self.counts.cpu()
         below = float(counts[:whole].sum()) + (float(counts[whole]) * (pos - whole) if whole < self.num_bins else 0.0)
         return (float(self.zeros) + below) / self.total
+
+
+class ExpertHistograms:
+    """One ``ScoreHistogram`` per expert of a stacked [E, ...] weight: every expert gets its own
+    threshold from the scores of the rows routed to it (``threshold`` returns an [E] tensor).
+
+    An expert that no calibration row reached takes the threshold of all experts' scores pooled.
+    """
+
+    def __init__(self, num_experts: int, bins_per_octave: int = 64, device: torch.device | str = "cpu") -> None:
+        self.experts = [ScoreHistogram(bins_per_octave, device) for _ in range(num_experts)]
+        self.pooled = ScoreHistogram(bins_per_octave, device)
+
+    @property
+    def total(self) -> int:
+        return self.pooled.total
+
+    def update(self, scores: torch.Tensor, row_experts: torch.Tensor) -> None:
+        """scores: [rows, in]; row_experts: the expert of each row."""
+        scores = scores.detach().float().reshape(row_experts.numel(), -1)
+        self.pooled.update(scores)
+        row_experts = row_experts.to(scores.device)
+        for e in torch.unique(row_experts).tolist():
+            self.experts[e].update(scores[row_experts == e])
+
+    def merge(self, other: "ExpertHistograms") -> None:
+        for mine, theirs in zip(self.experts, other.experts):
+            mine.merge(theirs)
+        self.pooled.merge(other.pooled)
+
+    def threshold(self, sparsity: float) -> torch.Tensor:
+        fallback = self.pooled.threshold(sparsity)
+        return torch.tensor(
+            [h.threshold(sparsity) if h.total else fallback for h in self.experts], dtype=torch.float64
+        )
+
+    def fraction_at_or_below(self, tau: torch.Tensor) -> float:
+        """Share of all calibration scores that per-expert thresholds ``tau`` [E] prune."""
+        if self.total == 0:
+            return 0.0
+        pruned = sum(h.fraction_at_or_below(float(t)) * h.total for h, t in zip(self.experts, tau.tolist()))
+        return pruned / self.total

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from .attach import site_of, thresholds_of
 from .calibrate import model_device, run_batch
-from .kernels import keep_mask
+from .kernels import expert_keep_mask
 from .linear_forms import LinearForm, WeightViews
 
 
@@ -41,7 +41,7 @@ class masked_linears(TorchFunctionMode):
             call = None
         if call is not None:
             site, x = site_of(call.weight), call.x
-            keep = keep_mask(x, thresholds_of(call.weight))
+            keep = expert_keep_mask(x, thresholds_of(call.weight), call.row_experts)
             self.pruned[site.name] = self.pruned.get(site.name, 0.0) + float((~keep).sum())
             self.seen[site.name] = self.seen.get(site.name, 0.0) + keep.numel()
             if self.apply:

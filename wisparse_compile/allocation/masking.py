@@ -13,23 +13,28 @@ from typing import Mapping
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..kernels import keep_mask
-from ..linear_forms import call_operands, form_of
+from ..kernels import expert_keep_mask
+from ..linear_forms import WeightViews
 
 
 class candidate_masks(TorchFunctionMode):
-    """Context manager: linears whose weight is in ``thresholds`` (by ``id``) see masked inputs."""
+    """Context manager: linears whose weight is in ``thresholds`` (by ``id``) see masked inputs.
+
+    The weight is followed through views (``x @ W.T``) and expert indexing (stacked experts: each
+    row is masked by its expert's thresholds), as the compiler's pass does."""
 
     def __init__(self, thresholds: Mapping[int, torch.Tensor]) -> None:
         super().__init__()
         self.thresholds = thresholds
+        self.views = WeightViews(lambda t: id(t) in thresholds)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        form = form_of(func)
-        if form is not None:
-            x, weight, _ = call_operands(form, args, kwargs)
-            t = self.thresholds.get(id(weight))
-            if t is not None and isinstance(x, torch.Tensor):
-                args = list(args)
-                args[form.x_arg] = torch.where(keep_mask(x, t), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return func(*args, **(kwargs or {}))
+        call = self.views.resolve(func, args, kwargs)
+        if call is not None and call.form.x_arg < len(args):
+            x = call.x
+            keep = expert_keep_mask(x, self.thresholds[id(call.weight)], call.row_experts)
+            args = list(args)
+            args[call.form.x_arg] = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        result = func(*args, **(kwargs or {}))
+        self.views.record(func, args, kwargs, result)
+        return result

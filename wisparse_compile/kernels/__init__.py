@@ -1,5 +1,9 @@
-"""Sparse-linear kernels: the registered op, its reference, and the Triton GEMV."""
+"""Sparse-linear kernels: the registered ops, their references, and the Triton GEMV."""
 
+from .sparse_experts import expert_keep_mask, expert_of_rows, sparse_bmm, sparse_grouped_mm
 from .sparse_linear import keep_mask, sparse_gemv, sparse_linear, sparse_linear_reference
 
-__all__ = ["keep_mask", "sparse_gemv", "sparse_linear", "sparse_linear_reference"]
+__all__ = [
+    "expert_keep_mask", "expert_of_rows", "keep_mask", "sparse_bmm", "sparse_gemv", "sparse_grouped_mm",
+    "sparse_linear", "sparse_linear_reference",
+]

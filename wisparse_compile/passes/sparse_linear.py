@@ -11,8 +11,9 @@ place of the linear (``weight`` as ``[out, in]``: an ``[in, out]`` parameter ent
 view, no copy; a ``matmul``'s separate bias add stays as it was), where ``thresholds`` is a new placeholder appended after the graph's inputs
 (one per distinct weight). The backend feeds it at run time with the thresholds of the weight
 actually passed, so one compiled graph serves any model instance with any plan.
-Every other linear is left as it was, with the reason recorded; so are contractions of stacked
-3-D expert weights (``bmm``/grouped mm), which are reported as dense.
+Every other linear is left as it was, with the reason recorded. Contractions of stacked 3-D
+expert weights (grouped mm, ``bmm`` on ``W[expert_ids]``) go to ``sparse_experts``, with [E, in]
+thresholds.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def weight_root(node: Any) -> tuple[fx.Node, tuple[int, ...]] | None:
 
 
 def _is_expert_contraction(node: fx.Node) -> bool:
-    """bmm / grouped mm nodes (stacked expert weights), which the pass does not rewrite yet."""
-    if node.op != "call_function":
+    """bmm / grouped mm nodes (stacked expert weights) left after the rewrite (forms it did not match)."""
+    if node.op != "call_function" or str(node.target).startswith("wisparse."):
         return False
     return node.target in (torch.bmm, torch.baddbmm) or "grouped_mm" in str(node.target)
 
@@ -202,7 +203,32 @@ def rewrite_sparse_linears(
     threshold_nodes: dict[int, fx.Node] = {}
     autocast_nodes = _nodes_under_autocast(graph)
 
+    def threshold_input(w_index: int, weight: torch.Tensor) -> fx.Node:
+        """The appended input that carries ``weight``'s thresholds (one per distinct weight)."""
+        if w_index not in threshold_nodes:
+            with graph.inserting_after(placeholders[-1]):
+                t_node = graph.placeholder(f"wisparse_thresholds_{len(threshold_nodes)}")
+            placeholders.append(t_node)
+            t_example = thresholds_of(weight)
+            t_node.meta["example_value"] = t_example
+            # An input without a user-code source (as DDPOptimizer's split graphs have), static
+            # like a parameter so CUDA graphs do not copy it on every replay.
+            t_node._dynamo_source = None
+            t_node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            threshold_nodes[w_index] = t_node
+            result.threshold_sources.append(w_index)
+            result.threshold_examples.append(t_example)
+        return threshold_nodes[w_index]
+
+    from .sparse_experts import match_expert_contraction, rewrite_expert_contraction  # imports this module
+
     for node in list(graph.nodes):
+        if (expert := match_expert_contraction(node)) is not None and expert.weight in index_of:
+            decision = rewrite_expert_contraction(graph, node, expert, example_inputs, index_of, config, threshold_input)
+            result.decisions.append(decision)
+            if decision.reason == "no plan entry":
+                result.unplanned_weight_inputs.append(index_of[expert.weight])
+            continue
         if node.op != "call_function" or (form := form_of(node.target)) is None:
             continue
         x_node, w_node, b_node = call_operands(form, node.args, node.kwargs)
@@ -257,19 +283,7 @@ def rewrite_sparse_linears(
             decision.reason = "prefill left dense (mask_prefill=False)"
             continue
         w_index = index_of[w_node]
-        if w_index not in threshold_nodes:
-            with graph.inserting_after(placeholders[-1]):
-                t_node = graph.placeholder(f"wisparse_thresholds_{len(threshold_nodes)}")
-            placeholders.append(t_node)
-            t_example = thresholds_of(weight)
-            t_node.meta["example_value"] = t_example
-            # An input without a user-code source (as DDPOptimizer's split graphs have), static
-            # like a parameter so CUDA graphs do not copy it on every replay.
-            t_node._dynamo_source = None
-            t_node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            threshold_nodes[w_index] = t_node
-            result.threshold_sources.append(w_index)
-            result.threshold_examples.append(t_example)
+        t_node = threshold_input(w_index, weight)
         with graph.inserting_before(node):
             w_operand = w_node
             if in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
@@ -277,7 +291,7 @@ def rewrite_sparse_linears(
                 w_operand.meta["example_value"] = _example_value(w_node).t()
             new = graph.call_function(
                 torch.ops.wisparse.sparse_linear.default,
-                (x_node, w_operand, b_node, threshold_nodes[w_index], config.max_sparse_rows),
+                (x_node, w_operand, b_node, t_node, config.max_sparse_rows),
             )
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
             if key in node.meta:
@@ -294,7 +308,7 @@ def rewrite_sparse_linears(
         ):
             result.decisions.append(LinearDecision(
                 node=node.name, form=str(node.target), name=None, weight_shape=None, dtype=None, decision=DENSE,
-                reason="stacked expert weights (bmm / grouped mm): not supported yet",
+                reason="stacked expert weights in a form the pass does not match",
             ))
     for d in result.decisions:
         if d.decision == DENSE:
