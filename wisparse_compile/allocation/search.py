@@ -41,8 +41,6 @@ def check_budget(target: float, low: float, high: float) -> None:
 def _mutate(genome: np.ndarray, sizes: np.ndarray, scale: float, low: float, high: float,
             rng: np.random.Generator, moves: int) -> np.ndarray:
     g = genome.copy()
-    if len(g) < 2:  # one block: its sparsity is the budget, nothing to move
-        return g
     for _ in range(moves):
         i, j = rng.choice(len(g), size=2, replace=False)
         ratio = sizes[i] / sizes[j]
