@@ -23,8 +23,9 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("rows", [1, 6])  # decode size (CPU kernel per sibling) and prefill (masked dense)
-def test_fused_equals_unfused_and_masked_reference(rows):
+def test_fused_equals_unfused_and_masked_reference():
+    """Decode size; the prefill route of the fused op is checked in tests/kernels."""
+    rows = 1
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, rows), generator=torch.Generator().manual_seed(3))
     fused_model = torch.compile(model, backend="wisparse", options={"fuse_siblings": True})
@@ -66,17 +67,24 @@ def test_prepared_weight_is_built_once_and_rebuilt_on_change():
     torch.testing.assert_close(again[:6], a.detach())
 
 
-def test_mode_reduce_overhead_and_fullgraph_match():
-    """The fused and single ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs)."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_reduce_overhead_and_fullgraph_match(fuse):
+    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs).
+
+    The backend takes mode or options, so the fused case spells reduce-overhead as its options.
+    """
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
-    compiled = torch.compile(
-        model.model, backend="wisparse", mode="reduce-overhead", fullgraph=True,
-    )
+    if fuse:
+        options = {**torch._inductor.list_mode_options("reduce-overhead"), "fuse_siblings": True}
+        compiled = torch.compile(model.model, backend="wisparse", options=options, fullgraph=True)
+    else:
+        compiled = torch.compile(model.model, backend="wisparse", mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         out = compiled(ids).last_hidden_state
         out2 = compiled(ids).last_hidden_state
     assert COMPILED_REPORTS[-1].rewritten == 7
+    assert sum(d.decision == "fused" for d in COMPILED_REPORTS[-1].decisions) == (5 if fuse else 0)
     with MaskingHooks(model, plan.channel_thresholds), torch.no_grad():
         ref = model.model(ids).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
