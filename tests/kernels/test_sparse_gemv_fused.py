@@ -32,11 +32,11 @@ def _reference(x, ws, bs, ts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("splits", [(40, 24, 24), (70, 70), (16, 16, 16, 30)])
+@pytest.mark.parametrize("splits", [(70,), (40, 24, 24), (70, 70), (16, 16, 16, 30)])  # (70,): plain GEMV
 def test_fused_kernel_matches_per_sibling_reference(dtype, m, splits):
     x, ws, bs, ts = _siblings(m, splits, 96, dtype)
     masks = [(x.abs().float() > t) for t in ts]
-    assert not torch.equal(masks[0], masks[1])  # the siblings really prune differently
+    assert len(ts) == 1 or not torch.equal(masks[0], masks[1])  # the siblings really prune differently
     out = sparse_gemv_fused(x, fused_weight(ws, (False,) * len(ws)), bs, ts, list(splits))
     ref = _reference(x, ws, bs, ts)
     assert out.dtype == dtype and out.shape == (m, sum(splits))
