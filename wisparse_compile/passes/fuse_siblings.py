@@ -117,7 +117,6 @@ def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], resu
                 if len(chunk) >= 2:
                     _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion, decisions)
     if fusion.groups:
-        graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
         log.info("wisparse: fused %d sibling groups (%d linears)", len(fusion.groups), sum(len(g.members) for g in fusion.groups))
