@@ -106,7 +106,7 @@ class BackendConfig:
         table of every linear's decision here (also set by the ``WISPARSE_DEBUG_DIR`` env var).
     fuse_siblings: fuse sparse linears that read the same input (q/k/v, gate/up) into one
         sparse GEMV over their concatenated weights (``passes/fuse_siblings.py``); costs one
-        extra copy of those weights in memory, so it is opt-in.
+        extra copy of those weights in memory, so it is off by default.
 
     ``max_sparse_rows`` = 8 is not measured yet: the row count above which dense wins has to be
     measured on a GPU (``benchmarks/kernel_bench.py``).

@@ -16,7 +16,7 @@ into a concatenated buffer changes their strides (``(1, sum(out))`` instead of `
 tracing. So the backend prepares the concatenated input-major weight once per weight tuple (at
 compile time, cached, rebuilt only if a weight is modified or replaced) and feeds it at run time
 keyed by the weights actually passed, like the thresholds. Cost: one extra copy of the fused
-weights in memory, which is why ``BackendConfig.fuse_siblings`` is opt-in.
+weights in memory, which is why ``BackendConfig.fuse_siblings`` is off by default.
 """
 
 from __future__ import annotations
