@@ -18,8 +18,7 @@ def test_kernel_bench_smoke_schema(tmp_path):
     for r in data["records"]:
         assert KERNEL_KEYS <= r.keys()
         assert len(r["shape"]) == 2 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
-        assr = r["max_abs_err"] <= (1e-4 if r["dtype"] == "float32" else 5e-2)
-        assert assr, r
+        assert r["max_abs_err"] <= (1e-4 if r["dtype"] == "float32" else 5e-2), r
         if r["sparsity"] == 0.0:
             assert r["rows_loaded"] == 1.0
         else:
