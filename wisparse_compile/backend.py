@@ -18,6 +18,7 @@ from .attach import any_attached, attach_generation, site_of, thresholds_of
 from .config import BackendConfig
 from .debug import record_graph
 from .kernels.cpu_kernel import cpu_compile_patches
+from .passes.fuse_siblings import FusionResult, fuse_sibling_linears, with_fused_weights
 from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewrite_sparse_linears
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def wisparse_backend(
     if any_attached() and any(site_of(e) is not None for e in example_inputs):
         gm = copy_dynamo_graph_module(gm)
     result = rewrite_sparse_linears(gm, example_inputs, config)
+    fusion = fuse_sibling_linears(gm, example_inputs, result) if config.fuse_siblings else FusionResult()
     COMPILED_REPORTS.append(result)
     record_graph(before, gm, example_inputs, result, config.debug_dir)
     log.info("wisparse: %s", result.summary())
@@ -110,5 +112,5 @@ def wisparse_backend(
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
         return _watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
     patches.update(cpu_compile_patches(example_inputs))
-    compiled = compile_fx(gm, [*example_inputs, *result.threshold_examples], config_patches=patches)
-    return _with_thresholds(compiled, result)
+    compiled = compile_fx(gm, [*example_inputs, *result.threshold_examples, *fusion.examples], config_patches=patches)
+    return _with_thresholds(with_fused_weights(compiled, fusion), result)

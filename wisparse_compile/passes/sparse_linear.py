@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SPARSE = "sparse"
 DENSE = "dense"
+FUSED = "fused"  # sparse, and fused with its siblings (``passes/fuse_siblings.py``)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class LinearDecision:
     name: str | None  # plan key, if the weight is planned
     weight_shape: tuple[int, ...] | None
     dtype: str | None
-    decision: str  # SPARSE or DENSE
+    decision: str  # SPARSE, FUSED or DENSE
     reason: str = ""
     weight_input: int | None = None  # index of the weight's graph input (debug reports name it)
 
@@ -65,7 +66,7 @@ class RewriteResult:
 
     @property
     def rewritten(self) -> int:
-        return sum(d.decision == SPARSE for d in self.decisions)
+        return sum(d.decision in (SPARSE, FUSED) for d in self.decisions)
 
     def summary(self) -> str:
         dense = [d for d in self.decisions if d.decision == DENSE]

@@ -1,0 +1,214 @@
+"""GPU benchmark of the sparse GEMV: sparse vs dense (cuBLAS ``F.linear`` and Inductor's dense).
+
+    PYTHONPATH=$PWD python benchmarks/kernel_bench.py                      # on a CUDA machine: the full grid
+    PYTHONPATH=$PWD python benchmarks/kernel_bench.py --smoke              # anywhere: tiny shapes, Triton interpreter
+
+Grid: Llama-3-8B shapes (4096x4096, 14336x4096, 4096x14336) and SmolLM2-135M shapes, sparsity
+0..0.9, batch 1/2/4/8, bf16 and fp16. Each point times, in one run with ``triton.testing.do_bench``:
+dense ``F.linear`` on the usual [out, in] weight (cuBLAS), ``torch.compile`` of the same
+(Inductor's dense), and ``torch.compile`` of ``wisparse::sparse_linear`` on the input-major weight
+(Inductor inlines the Triton kernel). Thresholds are one constant per channel at the sparsity
+quantile of |x| (x ~ N(0, 1)), so each token row keeps about (1 - s) of the channels and a batch of
+b rows loads the union (recorded as ``rows_loaded``). Achieved bandwidth counts the weight rows
+loaded plus x and the output, against the GPU's peak (``--peak-gbps`` or a table of known GPUs).
+
+Writes ``benchmarks/results/kernel_<gpu>.json`` (``{"device", "torch", "records"}``) and a markdown
+table. ``--smoke`` (and any machine without CUDA) runs small shapes on the CPU through the Triton
+interpreter: the numbers prove the script works and are NOT speed figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # [out, in]
+    "Llama-3-8B": [(4096, 4096), (14336, 4096), (4096, 14336)],
+    "SmolLM2-135M": [(576, 576), (1536, 576), (576, 1536), (192, 576)],
+}
+SMOKE_SHAPES = {"smoke": [(96, 64), (48, 128)]}
+SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BATCHES = (1, 2, 4, 8)
+#: Peak HBM bandwidth in GB/s by device-name pattern (vendor data sheets).
+PEAK_GBPS = {r"H200": 4800.0, r"H100.*PCIe": 2000.0, r"H100": 3350.0, r"A100.*80": 2039.0, r"A100": 1555.0, r"L40S": 864.0}
+SMOKE_WARNING = "SMOKE RUN (CPU / Triton interpreter): these numbers are NOT speed figures"
+
+log = logging.getLogger("kernel_bench")
+
+
+def gpu_name() -> str:
+    """Short file-name tag of the GPU: ``h100``, ``h200``, ... (``cpu`` without CUDA)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    found = re.search(r"([A-Z]+\d+[A-Z]*)", name)
+    return (found.group(1) if found else name.split()[-1]).lower()
+
+
+def peak_gbps(override: float | None) -> float | None:
+    if override is not None or not torch.cuda.is_available():
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if re.search(k, name)), None)
+
+
+def _timer(smoke: bool):
+    """``triton.testing.do_bench`` on a GPU (ms, median); wall-clock median of a few calls in smoke mode."""
+    if not smoke:
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, return_mode="median")
+
+    def wall(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return sorted(samples)[1]
+
+    return wall
+
+
+def _dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w)
+
+
+def _sparse_linear(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.ops.wisparse.sparse_linear(x, w, None, t, 8)
+
+
+_COMPILED: list = []
+
+
+def _compiled():
+    """Inductor's dense and the sparse op, compiled once with static shapes (one graph per shape:
+    dynamic shapes would make the row count symbolic and route the op to its dense path)."""
+    if not _COMPILED:
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 4096)
+        if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+            torch._dynamo.config.accumulated_recompile_limit = 4096
+        _COMPILED.extend([torch.compile(_dense_linear, dynamic=False), torch.compile(_sparse_linear, dynamic=False)])
+    return _COMPILED
+
+
+def bench_point(out_f: int, in_f: int, dtype: torch.dtype, batch: int, sparsity: float, device: str, smoke: bool, timer) -> dict:
+    """Time dense cuBLAS, Inductor dense and the sparse op at one (shape, dtype, batch, sparsity)."""
+    import torch.nn.functional as F
+
+    from wisparse_compile.kernels import sparse_gemv
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, in_f, generator=g, device=device).to(dtype)
+    w = (torch.randn(out_f, in_f, generator=g, device=device) / in_f**0.5).to(dtype)
+    w_input_major = w.t().contiguous().t()
+    level = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + sparsity / 2)).item() if sparsity > 0 else 0.0
+    t = torch.full((in_f,), level, device=device)
+    keep = x.abs().float() > t
+    rows_loaded = keep.any(0).float().mean().item()
+
+    dense = lambda: F.linear(x, w)  # noqa: E731
+    if smoke:  # the interpreter cannot run inside compiled code on CPU: call the kernel directly
+        sparse = lambda: sparse_gemv(x, w_input_major, None, t)  # noqa: E731
+        inductor_ms = None
+    else:
+        inductor, sparse_c = _compiled()
+        sparse = lambda: sparse_c(x, w_input_major, t)  # noqa: E731
+        inductor_ms = timer(lambda: inductor(x, w))
+    dense_ms = timer(dense)
+    sparse_ms = timer(sparse)
+    ref = torch.where(keep, x, torch.zeros((), dtype=dtype, device=device)).float() @ w.float().t()
+    err = (sparse().float() - ref).abs().max().item()
+    item = torch.finfo(dtype).bits // 8
+    moved = (rows_loaded * out_f * in_f + batch * (in_f + out_f)) * item
+    return {
+        "shape": [out_f, in_f], "dtype": str(dtype).removeprefix("torch."), "batch": batch, "sparsity": sparsity,
+        "dense_ms": dense_ms, "inductor_dense_ms": inductor_ms, "sparse_ms": sparse_ms,
+        "speedup": dense_ms / sparse_ms,
+        "speedup_vs_inductor": inductor_ms / sparse_ms if inductor_ms else None,
+        "rows_loaded": rows_loaded, "sparse_gbps": moved / sparse_ms / 1e6,
+        "dense_gbps": (out_f * in_f + batch * (in_f + out_f)) * item / dense_ms / 1e6,
+        "max_abs_err": err,
+    }
+
+
+def markdown(result: dict) -> str:
+    peak = result.get("peak_gbps")
+    lines = []
+    if result.get("smoke"):
+        lines += [f"**{SMOKE_WARNING}**", ""]
+    lines += [
+        f"Device: {result['device']}, torch {result['torch']}, peak {peak or '?'} GB/s",
+        "",
+        "| shape [out,in] | dtype | batch | sparsity | rows loaded | cuBLAS ms | Inductor ms | sparse ms | vs cuBLAS | vs Inductor | sparse GB/s (% peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        ind = f"{r['inductor_dense_ms']:.4f}" if r["inductor_dense_ms"] else "-"
+        vs_ind = f"{r['speedup_vs_inductor']:.2f}x" if r["speedup_vs_inductor"] else "-"
+        pct = f" ({100 * r['sparse_gbps'] / peak:.0f}%)" if peak else ""
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['batch']} | {r['sparsity']:.1f} | {r['rows_loaded']:.2f} "
+            f"| {r['dense_ms']:.4f} | {ind} | {r['sparse_ms']:.4f} | {r['speedup']:.2f}x | {vs_ind} | {r['sparse_gbps']:.0f}{pct} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter); not speed figures")
+    parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--models", default=",".join(SHAPES), help="which shape sets: " + ", ".join(SHAPES))
+    parser.add_argument("--peak-gbps", type=float, default=None)
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1" and "wisparse_compile" in sys.modules:
+            raise SystemExit("--smoke needs TRITON_INTERPRET=1 before wisparse_compile is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+        log.warning(SMOKE_WARNING)
+        shapes = SMOKE_SHAPES
+        dtypes, batches, sparsities = [torch.float32, torch.bfloat16], [1, 2], [0.0, 0.5]
+    else:
+        shapes = {m: SHAPES[m] for m in args.models.split(",")}
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    from tqdm import tqdm
+
+    device = "cpu" if smoke else "cuda"
+    timer = _timer(smoke)
+    points = [(s, d, b, sp) for m in shapes.values() for s in m for d in dtypes for b in batches for sp in sparsities]
+    records = [bench_point(*s, d, b, sp, device, smoke, timer) for s, d, b, sp in tqdm(points, desc="kernel bench")]
+    tag = "smoke" if smoke else gpu_name()
+    result = {
+        "device": torch.cuda.get_device_name() if not smoke else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "smoke": smoke, "peak_gbps": peak_gbps(args.peak_gbps), "records": records,
+    }
+    if smoke:
+        result["note"] = SMOKE_WARNING
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kernel_{tag}.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / f"kernel_{tag}.md").write_text(table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

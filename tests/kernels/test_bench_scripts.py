@@ -1,0 +1,36 @@
+"""The GPU benchmark scripts run end to end in --smoke mode and write the issue's record schema."""
+
+import json
+
+from benchmarks import decode_bench, kernel_bench
+
+KERNEL_KEYS = {"shape", "dtype", "batch", "sparsity", "dense_ms", "sparse_ms", "speedup"}
+DECODE_KEYS = {"model", "dtype", "sparsity", "dense_tokens_per_s", "sparse_tokens_per_s", "speedup"}
+
+
+def test_kernel_bench_smoke_schema(tmp_path):
+    result = kernel_bench.main(["--smoke", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "kernel_smoke.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    assert {"device", "torch", "records"} <= data.keys() and data["smoke"] is True
+    assert "NOT speed figures" in data["note"] and "NOT speed figures" in (tmp_path / "kernel_smoke.md").read_text()
+    assert len(data["records"]) == 2 * 2 * 2 * 2
+    for r in data["records"]:
+        assert KERNEL_KEYS <= r.keys()
+        assert len(r["shape"]) == 2 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+        assert r["max_abs_err"] <= (1e-4 if r["dtype"] == "float32" else 5e-2), r
+        if r["sparsity"] == 0.0:
+            assert r["rows_loaded"] == 1.0
+        else:
+            assert r["rows_loaded"] < 1.0
+
+
+def test_decode_bench_smoke_schema(tmp_path):
+    decode_bench.main(["--smoke", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "decode_smoke.json").read_text())
+    assert {"device", "torch", "records"} <= data.keys() and data["smoke"] is True
+    assert "NOT speed figures" in data["note"]
+    assert [r["sparsity"] for r in data["records"]] == [0.5]
+    for r in data["records"]:
+        assert DECODE_KEYS <= r.keys()
+        assert r["dense_tokens_per_s"] > 0 and r["sparse_tokens_per_s"] > 0

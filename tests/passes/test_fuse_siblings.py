@@ -1,0 +1,116 @@
+"""Sibling fusion: q/k/v and gate/up become one fused sparse op, with the same output as unfused."""
+
+import pytest
+import torch
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from tests.helpers import MaskingHooks
+from wisparse_compile.backend import COMPILED_REPORTS
+from wisparse_compile.debug.report import build_report
+from wisparse_compile.passes.fuse_siblings import fused_weight
+
+
+def _calibrated(seed=0, sparsity=0.5):
+    model = tiny_llama(seed, layers=1)
+    plan = wsc.calibrate(model, token_batches(2, seed=seed + 10), wsc.SparsityConfig(sparsity=sparsity, method="wina"))
+    wsc.attach(model, plan)
+    return model, plan
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_fused_graph_equals_masked_reference():
+    """Decode size; the prefill route of the fused op is checked in tests/kernels."""
+    rows = 1
+    model, plan = _calibrated()
+    ids = torch.randint(0, 256, (1, rows), generator=torch.Generator().manual_seed(3))
+    fused_model = torch.compile(model, backend="wisparse", options={"fuse_siblings": True})
+    out = _logits(fused_model, ids)
+    result = COMPILED_REPORTS[-1]
+    fused = [d for d in result.decisions if d.decision == "fused"]
+    # one layer: q/k/v (3) and gate/up (2); o and down read other inputs and stay single
+    assert len(fused) == 5 and len({d.node for d in fused}) == 2, result.summary()
+    assert result.rewritten == 7
+    # (fused == unfused exactly, op by op: tests/kernels/test_sparse_gemv_fused.py)
+    with MaskingHooks(model, plan.channel_thresholds):
+        ref = _logits(model, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_debug_report_counts_fused(tmp_path):
+    model, _ = _calibrated()
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(3))
+    _logits(torch.compile(model, backend="wisparse", options={"fuse_siblings": True, "debug_dir": str(tmp_path)}), ids)
+    reports = list(tmp_path.rglob("*.json"))
+    assert reports, list(tmp_path.rglob("*"))
+    text = "".join(p.read_text() for p in reports)
+    assert '"fused": 5' in text, text[:2000]
+
+
+def test_prepared_weight_is_built_once_and_rebuilt_on_change():
+    a = torch.nn.Parameter(torch.randn(6, 5))
+    b = torch.nn.Parameter(torch.randn(5, 3))  # stored [in, out]: enters transposed
+    first = fused_weight([a, b], (False, True))
+    assert first.shape == (9, 5) and first.stride() == (1, 9)  # input-major
+    torch.testing.assert_close(first, torch.cat([a, b.t()]).detach())
+    assert fused_weight([a, b], (False, True)) is first  # cached: no per-call work
+    with torch.no_grad():
+        a.mul_(2)
+    again = fused_weight([a, b], (False, True))
+    assert again is not first
+    torch.testing.assert_close(again[:6], a.detach())
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_reduce_overhead_and_fullgraph_match(fuse):
+    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs).
+
+    The backend takes mode or options, so the fused case spells reduce-overhead as its options.
+    """
+    model, plan = _calibrated()
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
+    if fuse:
+        options = {**torch._inductor.list_mode_options("reduce-overhead"), "fuse_siblings": True}
+        compiled = torch.compile(model.model, backend="wisparse", options=options, fullgraph=True)
+    else:
+        compiled = torch.compile(model.model, backend="wisparse", mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids).last_hidden_state
+        out2 = compiled(ids).last_hidden_state
+    assert COMPILED_REPORTS[-1].rewritten == 7
+    assert sum(d.decision == "fused" for d in COMPILED_REPORTS[-1].decisions) == (5 if fuse else 0)
+    with MaskingHooks(model, plan.channel_thresholds), torch.no_grad():
+        ref = model.model(ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out2, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_decode_matches_masked_reference():
+    """Fused decode steps keep the graph's cache writes (the pass removes only what it replaces)."""
+    from transformers import StaticCache
+
+    model, plan = _calibrated()
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(6))
+
+    def greedy(step, steps=3):
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with MaskingHooks(model, plan.channel_thresholds), torch.no_grad():
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(4))
+        token, logits = out.logits[:, -1:].argmax(-1), []
+        with torch.no_grad():
+            for i in range(steps):
+                pos = torch.tensor([4 + i])
+                out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None])
+                logits.append(out.logits)
+                token = out.logits[:, -1:].argmax(-1)
+        return torch.cat(logits, 1)
+
+    fused = greedy(torch.compile(model, backend="wisparse", options={"fuse_siblings": True}))
+    assert sum(d.decision == "fused" for d in COMPILED_REPORTS[-1].decisions) == 5
+    with MaskingHooks(model, plan.channel_thresholds):
+        ref = greedy(model)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)

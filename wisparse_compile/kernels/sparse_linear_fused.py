@@ -1,0 +1,77 @@
+"""The ``wisparse::sparse_linear_fused`` op: sibling sparse linears that read one input, in one call.
+
+``sparse_linear_fused(x, weights, biases, thresholds, fused_weight, max_sparse_rows)`` equals
+``cat([sparse_linear(x, w_i, b_i, t_i) for i], -1)``: every sibling keeps its own thresholds
+(weight-aware thresholds differ per weight), so each output segment applies its own mask.
+
+``fused_weight`` is the siblings' weights concatenated along the output dim and laid out
+input-major (``[sum(out_i), in]`` with strides ``(1, sum(out_i))``), prepared once by the backend
+(``passes/fuse_siblings.py``), never per call. Routes: decode-sized CUDA calls run ONE Triton
+sparse GEMV over ``fused_weight`` (a weight row is loaded if any sibling keeps that channel);
+everything else runs the per-sibling ``sparse_linear`` routes on the original weights (CPU C++
+kernel, masked dense reference) and concatenates.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .sparse_gemv import MAX_SEGMENTS, sparse_gemv_into
+from .sparse_linear import _check_operands, sparse_linear, uses_sparse_kernel
+
+
+def _check_fused(x: torch.Tensor, weights: List[torch.Tensor], thresholds: List[torch.Tensor], fused_weight: torch.Tensor) -> None:
+    torch._check(
+        1 <= len(weights) <= MAX_SEGMENTS and len(thresholds) == len(weights),
+        lambda: f"sparse_linear_fused: need 1..{MAX_SEGMENTS} weights with one threshold tensor each",
+    )
+    for w, t in zip(weights, thresholds):
+        _check_operands(x, w, t)
+    n = sum(w.shape[0] for w in weights)
+    torch._check(
+        tuple(fused_weight.shape) == (n, x.shape[-1]),
+        lambda: f"sparse_linear_fused: fused weight must be [{n}, {x.shape[-1]}], got {tuple(fused_weight.shape)}",
+    )
+
+
+def sparse_gemv_fused(
+    x: torch.Tensor,
+    fused_weight: torch.Tensor,
+    biases: List[Optional[torch.Tensor]],
+    thresholds: List[torch.Tensor],
+    splits: List[int],
+    launcher=lambda kernel: kernel,
+) -> torch.Tensor:
+    """One Triton sparse GEMV over the concatenated weight (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    n, k = fused_weight.shape
+    x2d = x.reshape(-1, k)
+    out = torch.zeros(x2d.shape[0], n, dtype=torch.float32, device=x.device)
+    sparse_gemv_into(x2d, fused_weight, thresholds, out, launcher, splits=splits)
+    if any(b is not None for b in biases):
+        bias = torch.cat([
+            b.float() if b is not None else torch.zeros(s, dtype=torch.float32, device=x.device)
+            for b, s in zip(biases, splits)
+        ])
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.library.triton_op("wisparse::sparse_linear_fused", mutates_args=())
+def sparse_linear_fused(
+    x: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[Optional[torch.Tensor]],
+    thresholds: List[torch.Tensor],
+    fused_weight: torch.Tensor,
+    max_sparse_rows: int = 8,
+) -> torch.Tensor:
+    """``cat([sparse_linear(x, w_i, b_i, t_i)], -1)``; one kernel launch on decode-sized CUDA calls."""
+    _check_fused(x, weights, thresholds, fused_weight)
+    if uses_sparse_kernel(x, max_sparse_rows):
+        splits = [w.shape[0] for w in weights]
+        return sparse_gemv_fused(x, fused_weight, biases, thresholds, splits, launcher=torch.library.wrap_triton)
+    return torch.cat(
+        [sparse_linear(x, w, b, t, max_sparse_rows) for w, b, t in zip(weights, biases, thresholds)], dim=-1
+    )

@@ -1,0 +1,177 @@
+"""FX pass: sibling sparse linears that read the same input become one ``sparse_linear_fused``.
+
+Matches: ``wisparse::sparse_linear`` nodes (emitted by ``rewrite_sparse_linears``) with the same
+input node ``x`` (q/k/v, gate/up: found by dataflow, not by names), the same ``max_sparse_rows``,
+a weight that is a graph input (directly or as its ``t()`` view) of one dtype and device, and a
+bias that is a graph input or None. Groups of 2+ are cut into chunks of at most
+``MAX_SEGMENTS``.
+
+Emits: ``f = wisparse.sparse_linear_fused(x, [w...], [b...], [t...], fused_weight, rows)`` before
+the group's first member, and each member becomes ``split(f, sizes, -1)[i]``. ``fused_weight`` is
+a new graph input appended after the threshold inputs.
+
+Why an extra input (and not re-pointing the parameters into one buffer): Dynamo guards and
+Inductor's generated code assume the strides the parameters had when traced; making them views
+into a concatenated buffer changes their strides (``(1, sum(out))`` instead of ``(1, out)``) after
+tracing. So the backend prepares the concatenated input-major weight once per weight tuple (at
+compile time, cached, rebuilt only if a weight is modified or replaced) and feeds it at run time
+keyed by the weights actually passed, like the thresholds. Cost: one extra copy of the fused
+weights in memory, which is why ``BackendConfig.fuse_siblings`` is off by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..kernels.sparse_gemv import MAX_SEGMENTS
+from .sparse_linear import FUSED, RewriteResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FusedGroup:
+    """One fused call: the graph-input indices of its weights (in output order) and its node."""
+
+    weight_inputs: tuple[int, ...]
+    transposed: tuple[bool, ...]
+    node: str
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FusionResult:
+    """The fused groups of a graph, and the prepared weights used as example inputs."""
+
+    groups: list[FusedGroup] = field(default_factory=list)
+    examples: list[torch.Tensor] = field(default_factory=list)
+
+
+def _weight_input(node: Any, index_of: dict[fx.Node, int]) -> int | None:
+    """Graph-input index of a sparse_linear weight operand (the parameter or its ``t()``)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.t:
+        node = node.args[0]
+    return index_of.get(node) if isinstance(node, fx.Node) else None
+
+
+# Keyed by the first weight (weakly, by identity), then by the whole tuple.
+_PREPARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def fused_weight(weights: Sequence[torch.Tensor], transposed: Sequence[bool]) -> torch.Tensor:
+    """The weights as ``[out, in]`` (``t()`` of those ``transposed``, stored ``[in, out]``),
+    concatenated along out and stored input-major; cached per weight tuple.
+
+    Built once (at compile time, when the backend makes its example input); later calls return the
+    cached buffer unless a weight was modified in place or its data replaced, then it is rebuilt.
+    """
+    key = tuple(id(w) for w in weights) + tuple(transposed)
+    stamp = tuple((w.data_ptr(), w._version) for w in weights)
+    per_first = _PREPARED.setdefault(weights[0], {})
+    cached = per_first.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    with torch.no_grad():
+        parts = [w.detach().t() if tr else w.detach() for w, tr in zip(weights, transposed)]
+        buffer = torch.cat(parts, dim=0).t().contiguous().t()
+    if cached is not None:
+        log.info("wisparse: rebuilt a fused weight %s (a sibling weight changed)", tuple(buffer.shape))
+    per_first[key] = (stamp, buffer)
+    return buffer
+
+
+def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], result: RewriteResult) -> FusionResult:
+    """Fuse sibling ``sparse_linear`` nodes of ``gm`` in place; see the module docstring."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index_of = {n: i for i, n in enumerate(placeholders)}
+    op = torch.ops.wisparse.sparse_linear.default
+    by_input: dict[tuple[fx.Node, int], list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not op:
+            continue
+        x, w, b, _t, rows = node.args
+        wi = _weight_input(w, index_of)
+        if wi is None or not (b is None or b in index_of):
+            continue
+        by_input.setdefault((x, rows), []).append(node)
+
+    fusion = FusionResult()
+    decisions = {d.node: d for d in result.decisions}
+    for (x, rows), nodes in by_input.items():
+        # Same dtype and device only: one kernel, one buffer.
+        kinds: dict[tuple[Any, Any], list[fx.Node]] = {}
+        for n in nodes:
+            w = example_inputs[_weight_input(n.args[1], index_of)]
+            kinds.setdefault((w.dtype, w.device), []).append(n)
+        for members in kinds.values():
+            for start in range(0, len(members), MAX_SEGMENTS):
+                chunk = members[start : start + MAX_SEGMENTS]
+                if len(chunk) >= 2:
+                    _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion, decisions)
+    if fusion.groups:
+        graph.lint()
+        gm.recompile()
+        log.info("wisparse: fused %d sibling groups (%d linears)", len(fusion.groups), sum(len(g.members) for g in fusion.groups))
+    return fusion
+
+
+def _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion, decisions) -> None:
+    weight_inputs = tuple(_weight_input(n.args[1], index_of) for n in chunk)
+    transposed = tuple(n.args[1].op == "call_function" for n in chunk)
+    example = fused_weight([example_inputs[i] for i in weight_inputs], transposed)
+    with graph.inserting_after(placeholders[-1]):
+        fw_node = graph.placeholder(f"wisparse_fused_weight_{len(fusion.groups)}")
+    placeholders.append(fw_node)
+    fw_node.meta["example_value"] = example
+    fw_node._dynamo_source = None
+    # Static like a parameter: CUDA graphs must not copy it on every replay.
+    fw_node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    splits = [example_inputs[i].shape[1 if tr else 0] for i, tr in zip(weight_inputs, transposed)]
+    with graph.inserting_before(chunk[0]):
+        fused = graph.call_function(
+            torch.ops.wisparse.sparse_linear_fused.default,
+            (x, [n.args[1] for n in chunk], [n.args[2] for n in chunk], [n.args[3] for n in chunk], fw_node, rows),
+        )
+        parts = graph.call_function(torch.split, (fused, splits), {"dim": -1})
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in chunk[0].meta:
+                fused.meta[key] = chunk[0].meta[key]
+        outs = []
+        for i, member in enumerate(chunk):
+            out = graph.call_function(operator.getitem, (parts, i))
+            for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+                if key in member.meta:
+                    out.meta[key] = member.meta[key]
+            outs.append(out)
+    group = FusedGroup(weight_inputs=weight_inputs, transposed=transposed, node=fused.name)
+    for member, out in zip(chunk, outs):
+        member.replace_all_uses_with(out)
+        d = decisions.get(member.name)
+        if d is not None:
+            d.decision = FUSED
+            d.reason = f"one of {len(chunk)} siblings in {fused.name}"
+            d.node = fused.name
+        group.members.append(member.name)
+        graph.erase_node(member)
+    fusion.groups.append(group)
+    fusion.examples.append(example)
+
+
+def with_fused_weights(compiled: Callable[..., Any], fusion: FusionResult) -> Callable[..., Any]:
+    """Append, per call, the prepared fused weight of the weights actually passed."""
+    groups = [(g.weight_inputs, g.transposed) for g in fusion.groups]
+    if not groups:
+        return compiled
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, *(fused_weight([args[i] for i in idx], tr) for idx, tr in groups))
+
+    return run
