@@ -102,7 +102,7 @@ def wisparse_backend(
     record_graph(before, gm, example_inputs, result, config.debug_dir)
     log.info("wisparse: %s", result.summary())
     if not result.rewritten:
-        planned = [d for d in result.decisions if d.name is not None]
+        planned = [d for d in result.decisions if d.name is not None and not d.reason.startswith("prefill left dense")]
         if planned:
             warnings.warn(
                 f"wisparse: none of the {len(planned)} planned linears of this graph can run sparse, "
