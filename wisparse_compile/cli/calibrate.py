@@ -1,0 +1,47 @@
+"""``wisparse calibrate MODEL -o PLAN``: calibrate a sparsity plan on text and save it.
+
+The plan file is written atomically: an interrupted run (Ctrl-C) leaves no partial plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..config import METHODS
+from .session import add_text_arguments, load_model, text_windows
+
+NAME = "calibrate"
+HELP = "calibrate a sparsity plan for a model on text and save it"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a Hugging Face model folder, a .gguf file, smollm2, or random:<model_type>")
+    parser.add_argument("-o", "--output", required=True, help="plan file to write (safetensors + JSON metadata)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="target fraction of input channels pruned (default 0.5)")
+    parser.add_argument("--method", choices=METHODS, default="wisparse", help="allocation method (default wisparse)")
+    add_text_arguments(parser, tokens=8192, length=512, part="calibration")
+    parser.add_argument("--validation-tokens", type=int, default=None, help="wisparse: held-out tokens scoring the search")
+    parser.add_argument("--population", type=int, default=None, help="wisparse: search population")
+    parser.add_argument("--generations", type=int, default=None, help="wisparse: search generations")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import SparsityConfig, calibrate
+
+    knobs = {k: getattr(args, k) for k in ("validation_tokens", "population", "generations") if getattr(args, k) is not None}
+    try:
+        config = SparsityConfig(sparsity=args.sparsity, method=args.method, seed=args.seed, **knobs)
+    except ValueError as e:
+        raise SystemExit(f"wisparse: {e}") from None
+    model, tokenizer = load_model(args.model, tokenizer=True)
+    batches = text_windows(tokenizer, args, "calibration")
+    start = time.perf_counter()
+    plan = calibrate(model, batches, config)
+    plan.save(args.output)
+    print(
+        f"{plan.method} plan at sparsity {args.sparsity:g}: {len(plan.names)} linears, "
+        f"{plan.stats['calibration_tokens']} calibration tokens, {time.perf_counter() - start:.1f} s -> {args.output}"
+    )
+    return 0
