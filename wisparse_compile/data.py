@@ -78,7 +78,7 @@ def random_causal_lm(model_type: str, seed: int = 0):
 
 def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer: bool = True):
     """(model, tokenizer or None) from a model directory, a .gguf file, ``"smollm2"``, or
-    ``random:<model_type>`` (a tiny random model, e.g. ``random:llama``)."""
+    ``random:<model_type>`` (a tiny random model of that transformers ``model_type``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.startswith(RANDOM_PREFIX):
@@ -95,7 +95,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = 
     else:
         raise FileNotFoundError(
             f"{spec!r} is neither a model folder, a .gguf file, 'smollm2' nor random:<model_type>; "
-            "give a path that exists or e.g. random:llama"
+            "give a path that exists or random:<model_type>"
         )
     tok = AutoTokenizer.from_pretrained(folder, **kwargs) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()

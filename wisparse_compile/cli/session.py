@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
-        help="a Hugging Face model folder, a .gguf file, or random:<model_type> (e.g. random:llama) "
+        help="a Hugging Face model folder, a .gguf file, or random:<model_type> (a tiny random model of any transformers model_type) "
         "for a tiny randomly initialised model of that transformers architecture",
     )
     parser.add_argument("--plan", help="a plan saved by SparsityPlan.save (safetensors + JSON)")
