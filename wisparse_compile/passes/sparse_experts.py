@@ -28,7 +28,7 @@ from torch import fx
 from ..attach import site_of
 from ..config import BackendConfig
 from ..linear_forms import BMM_WEIGHT_FIRST, BMM_WEIGHT_SECOND, GROUPED_MM, is_grouped_mm, offs_operand
-from .sparse_linear import DENSE, SPARSE, LinearDecision, _example_value, weight_root
+from .sparse_linear import DENSE, SPARSE, LinearDecision, _example_value, replace_node, weight_root
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,7 @@ def rewrite_expert_contraction(
             new = graph.call_function(
                 torch.ops.wisparse.sparse_bmm.default, (*node.args, t_node, match.routing, match.weight_arg)
             )
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
-        if key in node.meta:
-            new.meta[key] = node.meta[key]
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    replace_node(node, new)
     decision.node = new.name
     decision.decision = SPARSE
     log.debug("sparse experts: %s (%s %s) via %s", site.name, decision.weight_shape, decision.dtype, new.name)

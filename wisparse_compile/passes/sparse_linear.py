@@ -169,6 +169,18 @@ def copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+def replace_node(node: fx.Node, new: fx.Node) -> None:
+    """Put ``new`` in place of ``node``, keeping the source location and module stack.
+
+    Errors inside a rewritten op then point at the model's source line.
+    """
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
 def _nodes_under_autocast(graph: fx.Graph) -> set[fx.Node]:
     """Nodes under autocast: between Dynamo's ``_enter_autocast``/``_exit_autocast``, or all of
     them when the graph is compiled inside the caller's autocast context.
@@ -294,11 +306,7 @@ def rewrite_sparse_linears(
                 torch.ops.wisparse.sparse_linear.default,
                 (x_node, w_operand, b_node, t_node, config.max_sparse_rows),
             )
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val"):
-            if key in node.meta:
-                new.meta[key] = node.meta[key]
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_node(node, new)
         decision.node = new.name
         decision.decision = SPARSE
         log.debug("sparse: %s (%s %s) via %s", site.name, decision.weight_shape, decision.dtype, new.name)
