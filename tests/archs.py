@@ -77,6 +77,9 @@ MOE_ARCHS = [
     Arch("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
          dict(COMMON, **MOE, num_experts=4, moe_intermediate_size=64, head_dim=16, decoder_sparse_step=1,
               mlp_only_layers=[]), moe=True),
+    Arch("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", dict(COMMON, **MOE, num_local_experts=4), moe=True),
+    # transposed expert weights [E, in, out] with biases, interleaved gate/up
+    Arch("gpt_oss", "GptOssConfig", "GptOssForCausalLM", dict(COMMON, **MOE, num_local_experts=4, head_dim=16), moe=True),
 ]
 
 BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS}
