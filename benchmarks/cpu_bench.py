@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not cpu_kernel_available():
@@ -239,8 +240,9 @@ def main() -> None:
     records = [] if args.skip_kernels else bench_kernels(args.rounds, batches=(1,))
     load["after_kernels"] = os.getloadavg()
     if not args.skip_decode:
-        records += bench_decode("SmolLM2-135M", load_smollm2, "fp32", args.new_tokens, args.decode_rounds)
-        load["after_smollm2"] = os.getloadavg()
+        if not args.skip_smollm2:
+            records += bench_decode("SmolLM2-135M", load_smollm2, "fp32", args.new_tokens, args.decode_rounds)
+            load["after_smollm2"] = os.getloadavg()
         if not args.skip_1b:
             records += bench_decode("random Llama 1.1B", random_llama_1b, "bf16", args.new_tokens, args.decode_rounds)
             load["after_1b"] = os.getloadavg()
