@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .allocation import allocate, split_batches
+from .allocation.blocks import call_model
 from .config import SparsityConfig
 from .histogram import ExpertHistograms, ScoreHistogram
 from .linear_forms import WeightViews
@@ -126,18 +127,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 def run_batch(model: nn.Module, batch: Any, device: torch.device) -> int:
     """Call the model on one batch (a dict of tensors, or an input_ids tensor); return its token count."""
-    if isinstance(batch, Mapping):
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        ids = inputs.get("input_ids")
-        model(**inputs)
-        return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
-    if isinstance(batch, torch.Tensor):
-        ids = batch.to(device)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        model(ids)
-        return int(ids.numel())
-    raise TypeError(f"a calibration batch must be a dict of tensors or an input_ids tensor, got {type(batch).__name__}")
+    call_model(model, batch, device)
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
 def collect_statistics(model: nn.Module, batches: Iterable[Any], config: SparsityConfig) -> dict[str, LinearStats]:
