@@ -11,7 +11,7 @@ from tests.conftest import tiny_llama, token_batches
 
 @pytest.fixture(scope="module")
 def plan():
-    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina"))
+    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
 
 
 def test_plan_covers_block_linears_only(plan):

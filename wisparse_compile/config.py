@@ -16,6 +16,10 @@ class SparsityConfig:
 
     sparsity: target fraction of input channels pruned per token, in [0, 1).
     method: "teal" scores a channel by |x_i|; "wina" and "wisparse" by |x_i| * ||W[:, i]||_2.
+        "teal" and "wina" split each block's budget greedily over its projections (as both
+        papers' code does); "wisparse" first searches how the budget splits across blocks.
+    uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
+        TEAL and WINA papers; the cheapest calibration).
     include: optional regex on linear names (``named_parameters`` name of the weight without
         ``.weight``); default: every linear inside the model's repeated decoder blocks.
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
@@ -30,6 +34,7 @@ class SparsityConfig:
 
     sparsity: float = 0.5
     method: Method = "wisparse"
+    uniform: bool = False
     include: str | None = None
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
@@ -39,7 +44,7 @@ class SparsityConfig:
     generations: int = 8
     mutation_scale: float = 0.05
     elite: int = 2
-    validation_tokens: int = 256
+    validation_tokens: int = 1024
     refinement_tokens: int = 256
     refinement_step: float = 0.1
     min_block_sparsity: float = 0.0

@@ -1,4 +1,4 @@
-"""Allocation of a global sparsity budget: teal (greedy in blocks), wina (uniform), wisparse (search + greedy)."""
+"""Allocation of a global sparsity budget: teal and wina (greedy in blocks), wisparse (search + greedy), uniform."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from wisparse_compile.allocation import _Thresholds
 from wisparse_compile.allocation.blocks import discover_layout
-from wisparse_compile.allocation.refine import block_error, refine_block
+from wisparse_compile.allocation import split_batches
+from wisparse_compile.allocation.refine import block_error, greedy_path, refine_block
 from wisparse_compile.allocation.search import evolve
 from wisparse_compile.model_structure import find_weight
 
@@ -48,8 +49,7 @@ def test_budget_holds_and_linears_hit_their_targets(method):
     model = tiny_llama(seed=0, layers=3)
     plan = wsc.calibrate(model, token_batches(10, batch=16, length=16, seed=2), wsc.SparsityConfig(sparsity=0.5, method=method, **SEARCH))
     assert abs(plan.mean_sparsity() - 0.5) <= 0.005
-    if method != "wina":
-        assert len(set(round(s, 4) for s in plan.sparsities.values())) > 1, "allocation stayed uniform"
+    assert len(set(round(s, 4) for s in plan.sparsities.values())) > 1, "allocation stayed uniform"
     wsc.attach(model, plan)
     try:
         achieved = wsc.measure_sparsity(model, token_batches(8, batch=16, length=16, seed=77), masked=False)
@@ -87,8 +87,29 @@ def test_search_fitness_is_remeasured_lower_than_uniform(sensitive_plan):
                 wsc.detach(model)
         return sum(torch.nn.functional.kl_div(s, d, log_target=True, reduction="sum") for s, d in zip(sparse, dense))
 
-    uniform = wsc.calibrate(model, token_batches(6, seed=5), wsc.SparsityConfig(sparsity=0.5, method="wina"))
-    assert kl(plan) < kl(uniform)
+    calibration = token_batches(6, seed=5)
+    uniform = wsc.calibrate(model, calibration, wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
+    greedy = wsc.calibrate(model, calibration, wsc.SparsityConfig(sparsity=0.5, method="wina", **SEARCH))
+    assert kl(plan) < kl(greedy) < kl(uniform)
+
+
+def test_search_fitness_is_the_returned_plans_kl(sensitive_plan):
+    """The search scores a candidate with the within-block split the plan really uses: the recorded
+    best fitness is the returned plan's KL to dense on the validation tokens, remeasured."""
+    model, plan = sensitive_plan
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", **SEARCH)
+    _, validation = split_batches(token_batches(6, seed=5), config)
+    with torch.no_grad():
+        dense = [torch.log_softmax(model(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in validation]
+        wsc.attach(model, plan, input_major=False)
+        try:
+            with wsc.masked_linears():
+                sparse = [torch.log_softmax(model(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in validation]
+        finally:
+            wsc.detach(model)
+    kl = sum(float(torch.nn.functional.kl_div(s, d, log_target=True, reduction="sum")) for s, d in zip(sparse, dense))
+    tokens = sum(d.shape[0] for d in dense)
+    assert kl / tokens == pytest.approx(plan.stats["allocation"]["search"]["best_fitness"], rel=1e-3)
 
 
 def test_plan_record_is_json_and_survives_save(sensitive_plan, tmp_path):
@@ -117,6 +138,38 @@ def test_refinement_lowers_block_error_and_keeps_block_budget():
         uniform = {n: 0.5 for n in block.linears}
         assert block_error(block, calls[block.prefix], refined, thresholds, weight_ids) < block_error(
             block, calls[block.prefix], uniform, thresholds, weight_ids)
+
+
+def test_greedy_path_serves_every_budget():
+    """One greedy run records a path; reading a budget off it holds that budget exactly, and up to the
+    crossing step it is the greedy run to that budget."""
+    model = _sensitive_model()
+    stats = wsc.calibrate.__globals__["collect_statistics"](model, token_batches(4, seed=5), wsc.SparsityConfig(method="wisparse"))
+    layout, calls = discover_layout(model, list(stats), token_batches(2, seed=5), torch.device("cpu"))
+    weight_ids = {n: id(find_weight(model, n)[1]) for n in stats}
+    thresholds = _Thresholds(stats, True, torch.device("cpu"))
+    block = layout.blocks[1]
+    sizes = [block.group_size(g) for g in block.groups]
+    path = greedy_path(block, calls[block.prefix], 0.8, 0.1, thresholds, weight_ids)
+    assert path.budgets[0] == 0 and path.budgets[-1] == pytest.approx(0.8) and path.budgets == sorted(path.budgets)
+    for k in range(1, len(path.budgets)):  # one group moves per step, never down
+        moved = [b - a for a, b in zip(path.group_sparsities[k - 1], path.group_sparsities[k])]
+        assert sum(m > 0 for m in moved) == 1 and min(moved) >= 0
+    for budget in (0.0, 0.13, 0.5, 0.8):
+        split = path.group_split(budget)
+        assert sum(s * n for s, n in zip(split, sizes)) / block.size == pytest.approx(budget, abs=1e-9)
+    mid = path.budgets[3]
+    to_mid = greedy_path(block, calls[block.prefix], mid, 0.1, thresholds, weight_ids)
+    assert to_mid.group_sparsities[-1] == pytest.approx(path.group_split(mid))
+    with pytest.raises(ValueError, match="beyond the greedy path"):
+        path.group_split(0.9)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "wisparse"])
+def test_uniform_gives_every_linear_the_target(method):
+    plan = wsc.calibrate(tiny_llama(layers=2), token_batches(3), wsc.SparsityConfig(sparsity=0.4, method=method, uniform=True))
+    assert set(plan.sparsities.values()) == {0.4}
+    assert plan.stats["allocation"]["kind"] == "uniform"
 
 
 def test_same_seed_same_plan():

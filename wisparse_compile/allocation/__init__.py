@@ -1,12 +1,13 @@
 """Per-linear sparsity allocation for each method of ``SparsityConfig``.
 
-- ``"wina"``: the target sparsity for every linear.
-- ``"teal"``: every block gets the target; inside a block, a greedy split over input-sharing
-  groups minimises the block's output reconstruction error (``refine``).
+- ``"teal"`` and ``"wina"``: every block gets the target; inside a block, a greedy split over
+  input-sharing groups minimises the block's output reconstruction error (``refine``), as TEAL's
+  code does and WINA's released code does too (with its weight-aware score).
 - ``"wisparse"``: an evolutionary search (``search``) splits the parameter-weighted global budget
   across blocks, with fitness the KL divergence of the model's next-token distribution to the
-  dense model's on held-out tokens; each block's budget is then split greedily as in TEAL, with
-  the weight-aware score.
+  dense model's on held-out tokens; each candidate's blocks are split greedily as in TEAL, with
+  the weight-aware score, while it is scored, so the search ranks the plans it can return.
+- ``SparsityConfig.uniform``: any method with the target for every linear (no allocation).
 
 Any candidate sparsity becomes thresholds through the per-linear score histograms collected once,
 so evaluating a candidate costs one forward pass and no new statistics.
@@ -27,7 +28,7 @@ from ..config import SparsityConfig
 from ..model_structure import find_weight
 from .blocks import Layout, call_model, discover_layout, first_tensor
 from .masking import candidate_masks
-from .refine import refine_block
+from .refine import BlockSplitter
 from .search import check_budget, evolve
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,24 @@ def allocate(
     """Per-linear sparsities for ``config.method`` whose parameter-weighted mean is ``config.sparsity``."""
     target = float(config.sparsity)
     names = list(stats)
-    if config.method == "wina" or target == 0:
+    if config.uniform or target == 0:
         return Allocation({n: target for n in names}, {"kind": "uniform"})
     refinement = _leading(calibration, config.refinement_tokens)
     layout, calls = discover_layout(model, names, refinement, device)
     weight_ids = {n: id(find_weight(model, n)[1]) for n in names}  # type: ignore[index]
     thresholds = _Thresholds(stats, config.weight_aware, device)
     record: dict[str, Any] = {"kind": config.method, "groups": {b.prefix: b.groups for b in layout.blocks}}
-
-    if config.method == "wisparse" and layout.blocks:
+    search = config.method == "wisparse" and len(layout.blocks) > 0
+    if search:
         check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
-        result = _search(model, layout, validation or calibration, config, thresholds, weight_ids, device)
+    path_end = config.max_block_sparsity if search else target
+    splitters = {
+        b.prefix: BlockSplitter(b, calls[b.prefix], path_end, config.refinement_step, thresholds, weight_ids)
+        for b in tqdm(layout.blocks, desc="within-block greedy paths", unit="block", leave=False)
+    }
+
+    if search:
+        result = _search(model, layout, splitters, validation or calibration, config, thresholds, weight_ids, device)
         budgets = result.sparsities
         record["search"] = {
             "fitness": "kl_to_dense", "best_fitness": result.fitness,
@@ -131,24 +139,26 @@ def allocate(
     sparsities = {n: target for n in layout.outside}
     record["block_sparsities"] = {}
     record["refinement"] = {}
-    for block, budget in zip(tqdm(layout.blocks, desc="within-block split", unit="block", leave=False), budgets):
-        split, steps = refine_block(block, calls[block.prefix], budget, config.refinement_step, thresholds, weight_ids)
-        sparsities.update(split)
+    for block, budget in zip(layout.blocks, budgets):
+        sparsities.update(splitters[block.prefix](budget))
         record["block_sparsities"][block.prefix] = budget
-        record["refinement"][block.prefix] = steps
+        record["refinement"][block.prefix] = splitters[block.prefix].path.steps()
     return Allocation({n: sparsities[n] for n in names}, record)
 
 
-def _search(model, layout: Layout, batches, config, thresholds, weight_ids, device):
-    """Evolve per-block sparsities; fitness = mean KL(dense || candidate) per held-out token."""
+def _search(model, layout: Layout, splitters, batches, config, thresholds, weight_ids, device):
+    """Evolve per-block sparsities; fitness = mean KL(dense || candidate) per held-out token.
+
+    A candidate's blocks are split internally exactly as the final plan splits them (``splitters``),
+    so the search ranks the plans it can return, not a proxy of them."""
     with torch.no_grad():
         dense = [_log_probs(call_model(model, b, device)) for b in batches]
 
     def fitness(block_sparsities: Sequence[float]) -> float:
         masks = {}
         for block, s in zip(layout.blocks, block_sparsities):
-            if s > 0:
-                masks.update({weight_ids[n]: thresholds(n, s) for n in block.linears})
+            split = splitters[block.prefix](s)
+            masks.update({weight_ids[n]: thresholds(n, v) for n, v in split.items() if v > 0})
         for n in layout.outside:
             masks[weight_ids[n]] = thresholds(n, config.sparsity)
         total, tokens = 0.0, 0

@@ -2,13 +2,19 @@
 
 Greedy, as TEAL does: start every group dense, and repeatedly raise the sparsity of the group
 whose step costs the least block-output reconstruction error (against the dense block, on
-calibration tokens) per unit of budget, until the block's parameter-weighted budget holds
-exactly (the last step is cut to fit). Linears in one group share one sparsity.
+calibration tokens) per unit of budget. Linears in one group share one sparsity.
+
+One greedy run up to the largest budget wanted records a *path*; the split for any smaller budget
+is read off it (the step that crosses the budget is cut to fit). So the across-block search scores
+every candidate with the split the plan will really use, at the cost of one greedy run per block.
+Where the uniform split reconstructs the block better than the path's, the uniform split is used.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -39,25 +45,46 @@ def block_error(
     return total / max(count, 1)
 
 
-def refine_block(
-    block: Block, calls: BlockCalls, budget: float, step: float, thresholds: ThresholdFn,
+@dataclass
+class GreedyPath:
+    """Greedy steps from dense: after step k the block's budget is ``budgets[k]`` with group
+    sparsities ``group_sparsities[k]`` and reconstruction error ``errors[k]`` (index 0: dense)."""
+
+    block: Block
+    budgets: list[float] = field(default_factory=lambda: [0.0])
+    group_sparsities: list[list[float]] = field(default_factory=list)
+    errors: list[float] = field(default_factory=lambda: [0.0])
+
+    def group_split(self, budget: float) -> list[float]:
+        """Group sparsities at ``budget`` (at most the path's last budget), cutting the crossing step."""
+        if budget > self.budgets[-1] + 1e-9:
+            raise ValueError(f"block {self.block.prefix!r}: budget {budget:.4f} lies beyond the greedy path "
+                             f"(computed up to {self.budgets[-1]:.4f})")
+        k = bisect.bisect_left(self.budgets, budget)
+        if k == 0:
+            return list(self.group_sparsities[0])
+        lo, hi = self.budgets[k - 1], self.budgets[min(k, len(self.budgets) - 1)]
+        a, b = self.group_sparsities[k - 1], self.group_sparsities[min(k, len(self.budgets) - 1)]
+        frac = 0.0 if hi <= lo else min(1.0, (budget - lo) / (hi - lo))
+        return [x + frac * (y - x) for x, y in zip(a, b)]
+
+    def steps(self) -> list[dict[str, float]]:
+        """JSON record: the block budget and error after each step."""
+        return [{"budget": round(b, 6), "error": e} for b, e in zip(self.budgets[1:], self.errors[1:])]
+
+
+def greedy_path(
+    block: Block, calls: BlockCalls, max_budget: float, step: float, thresholds: ThresholdFn,
     weight_ids: Mapping[str, int],
-) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Per-linear sparsities for ``block`` at parameter-weighted mean ``budget``; and the greedy steps."""
-    group_s = [0.0] * len(block.groups)
+) -> GreedyPath:
+    """Run the greedy split from dense up to block sparsity ``max_budget`` and record every step."""
     sizes = [block.group_size(g) for g in block.groups]
     total = float(block.size)
-    steps: list[dict[str, float]] = []
-
-    def split(values: list[float]) -> dict[str, float]:
-        return {n: v for g, v in zip(block.groups, values) for n in g}
-
-    def error(values: list[float]) -> float:
-        return block_error(block, calls, split(values), thresholds, weight_ids)
-
-    remaining = budget * total
+    path = GreedyPath(block, group_sparsities=[[0.0] * len(sizes)])
     current = 0.0
-    while remaining > 1e-9 * total:
+    while path.budgets[-1] < max_budget - 1e-9:
+        group_s = path.group_sparsities[-1]
+        remaining = (max_budget - path.budgets[-1]) * total
         best: tuple[float, int, float, float] | None = None
         for i, size in enumerate(sizes):
             room = MAX_LINEAR_SPARSITY - group_s[i]
@@ -66,22 +93,57 @@ def refine_block(
             d = min(step, room, remaining / size)
             trial = list(group_s)
             trial[i] += d
-            err = error(trial)
+            err = block_error(block, calls, _split(block, trial), thresholds, weight_ids)
             cost = (err - current) / (d * size)
             if best is None or cost < best[0]:
                 best = (cost, i, d, err)
         if best is None:
             raise ValueError(
-                f"block {block.prefix!r} cannot reach sparsity {budget:.3f}: every linear is at the "
+                f"block {block.prefix!r} cannot reach sparsity {max_budget:.3f}: every linear is at the "
                 f"{MAX_LINEAR_SPARSITY} cap; lower SparsityConfig.max_block_sparsity"
             )
         _, i, d, current = best
-        group_s[i] += d
-        remaining -= d * sizes[i]
-        steps.append({"group": float(i), "sparsity": group_s[i], "error": current})
-    refined = split(group_s)
-    uniform = {n: budget for n in block.linears}
-    if budget > 0 and error([budget] * len(sizes)) < current:
-        log.info("block %s: greedy split is worse than uniform on calibration tokens; keeping uniform", block.prefix)
-        return uniform, steps
-    return refined, steps
+        new = list(group_s)
+        new[i] += d
+        path.group_sparsities.append(new)
+        path.budgets.append(sum(s * n for s, n in zip(new, sizes)) / total)
+        path.errors.append(current)
+    return path
+
+
+def _split(block: Block, group_values: list[float]) -> dict[str, float]:
+    return {n: v for g, v in zip(block.groups, group_values) for n in g}
+
+
+class BlockSplitter:
+    """Budget -> per-linear sparsities of one block: the greedy path's split, or the uniform split
+    where that reconstructs the block better (memoised per budget)."""
+
+    def __init__(self, block: Block, calls: BlockCalls, max_budget: float, step: float,
+                 thresholds: ThresholdFn, weight_ids: Mapping[str, int]) -> None:
+        self.block, self.calls, self.thresholds, self.weight_ids = block, calls, thresholds, weight_ids
+        self.path = greedy_path(block, calls, max_budget, step, thresholds, weight_ids)
+        self.cache: dict[float, dict[str, float]] = {}
+
+    def error(self, sparsities: Mapping[str, float]) -> float:
+        return block_error(self.block, self.calls, sparsities, self.thresholds, self.weight_ids)
+
+    def __call__(self, budget: float) -> dict[str, float]:
+        key = round(float(budget), 6)
+        if key not in self.cache:
+            refined = _split(self.block, self.path.group_split(key))
+            uniform = {n: key for n in self.block.linears}
+            if key > 0 and len(self.block.groups) > 1 and self.error(uniform) < self.error(refined):
+                log.debug("block %s at %.3f: uniform split beats the greedy path", self.block.prefix, key)
+                refined = uniform
+            self.cache[key] = refined
+        return self.cache[key]
+
+
+def refine_block(
+    block: Block, calls: BlockCalls, budget: float, step: float, thresholds: ThresholdFn,
+    weight_ids: Mapping[str, int],
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Per-linear sparsities for ``block`` at parameter-weighted mean ``budget``; and the greedy steps."""
+    splitter = BlockSplitter(block, calls, budget, step, thresholds, weight_ids)
+    return splitter(budget), splitter.path.steps()

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="plan file to write (safetensors + JSON metadata)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="target fraction of input channels pruned (default 0.5)")
     parser.add_argument("--method", choices=METHODS, default="wisparse", help="allocation method (default wisparse)")
+    parser.add_argument("--uniform", action="store_true", help="no allocation: every linear gets the target sparsity")
     add_text_arguments(parser, tokens=8192, length=512, part="calibration")
     parser.add_argument("--validation-tokens", type=int, default=None, help="wisparse: held-out tokens scoring the search")
     parser.add_argument("--population", type=int, default=None, help="wisparse: search population")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     knobs = {k: getattr(args, k) for k in ("validation_tokens", "population", "generations") if getattr(args, k) is not None}
     try:
-        config = SparsityConfig(sparsity=args.sparsity, method=args.method, seed=args.seed, **knobs)
+        config = SparsityConfig(sparsity=args.sparsity, method=args.method, uniform=args.uniform, seed=args.seed, **knobs)
     except ValueError as e:
         raise SystemExit(f"wisparse: {e}") from None
     model, tokenizer = load_model(args.model, tokenizer=True)
