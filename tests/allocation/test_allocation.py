@@ -151,18 +151,19 @@ def test_greedy_path_serves_every_budget():
     block = layout.blocks[1]
     sizes = [block.group_size(g) for g in block.groups]
     path = greedy_path(block, calls[block.prefix], 0.8, 0.1, thresholds, weight_ids)
-    assert path.budgets[0] == 0 and path.budgets[-1] == pytest.approx(0.8) and path.budgets == sorted(path.budgets)
+    assert path.budgets[0] == 0 and path.budgets[-2] < 0.8 <= path.budgets[-1] and path.budgets == sorted(path.budgets)
     for k in range(1, len(path.budgets)):  # one group moves per step, never down
         moved = [b - a for a, b in zip(path.group_sparsities[k - 1], path.group_sparsities[k])]
         assert sum(m > 0 for m in moved) == 1 and min(moved) >= 0
     for budget in (0.0, 0.13, 0.5, 0.8):
         split = path.group_split(budget)
         assert sum(s * n for s, n in zip(split, sizes)) / block.size == pytest.approx(budget, abs=1e-9)
-    mid = path.budgets[3]
-    to_mid = greedy_path(block, calls[block.prefix], mid, 0.1, thresholds, weight_ids)
-    assert to_mid.group_sparsities[-1] == pytest.approx(path.group_split(mid))
+    lazy = greedy_path(block, calls[block.prefix], 0.25, 0.1, thresholds, weight_ids)
+    assert lazy.budgets[-1] < path.budgets[-1]
+    lazy.extend_to(0.8)  # extending on demand takes the same steps as one long run
+    assert lazy.group_sparsities == path.group_sparsities
     with pytest.raises(ValueError, match="beyond the greedy path"):
-        path.group_split(0.9)
+        path.group_split(path.budgets[-1] + 0.01)
 
 
 @pytest.mark.parametrize("method", ["teal", "wina", "wisparse"])

@@ -119,9 +119,8 @@ def allocate(
     search = config.method == "wisparse" and len(layout.blocks) > 0
     if search:
         check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
-    path_end = config.max_block_sparsity if search else target
-    splitters = {
-        b.prefix: BlockSplitter(b, calls[b.prefix], path_end, config.refinement_step, thresholds, weight_ids)
+    splitters = {  # greedy paths to the target now; the search extends them where it goes
+        b.prefix: BlockSplitter(b, calls[b.prefix], target, config.refinement_step, thresholds, weight_ids)
         for b in tqdm(layout.blocks, desc="within-block greedy paths", unit="block", leave=False)
     }
 

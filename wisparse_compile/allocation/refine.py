@@ -4,9 +4,9 @@ Greedy, as TEAL does: start every group dense, and repeatedly raise the sparsity
 whose step costs the least block-output reconstruction error (against the dense block, on
 calibration tokens) per unit of budget. Linears in one group share one sparsity.
 
-One greedy run up to the largest budget wanted records a *path*; the split for any smaller budget
-is read off it (the step that crosses the budget is cut to fit). So the across-block search scores
-every candidate with the split the plan will really use, at the cost of one greedy run per block.
+The greedy run records a *path*, extended on demand; the split for any budget on it is read off
+it (the step that crosses the budget is cut to fit). So the across-block search scores
+every candidate with the split the plan will really use, at the cost of one greedy run per block (up to the largest budget it tries).
 Where the uniform split reconstructs the block better than the path's, the uniform split is used.
 """
 
@@ -48,12 +48,55 @@ def block_error(
 @dataclass
 class GreedyPath:
     """Greedy steps from dense: after step k the block's budget is ``budgets[k]`` with group
-    sparsities ``group_sparsities[k]`` and reconstruction error ``errors[k]`` (index 0: dense)."""
+    sparsities ``group_sparsities[k]`` and reconstruction error ``errors[k]`` (index 0: dense).
+
+    The greedy process is sequential and deterministic, so the path is extended on demand
+    (``extend_to``): a search pays only for the budgets it visits, with the same result as one run
+    to the largest of them."""
 
     block: Block
+    calls: BlockCalls
+    step: float
+    thresholds: ThresholdFn
+    weight_ids: Mapping[str, int]
     budgets: list[float] = field(default_factory=lambda: [0.0])
     group_sparsities: list[list[float]] = field(default_factory=list)
     errors: list[float] = field(default_factory=lambda: [0.0])
+
+    def __post_init__(self) -> None:
+        self.sizes = [self.block.group_size(g) for g in self.block.groups]
+        if not self.group_sparsities:
+            self.group_sparsities = [[0.0] * len(self.sizes)]
+
+    def extend_to(self, max_budget: float) -> None:
+        """Take whole greedy steps until the block's budget reaches ``max_budget`` (it may pass it:
+        ``group_split`` reads budgets inside a step), so extending in parts equals one long run."""
+        total = float(self.block.size)
+        while self.budgets[-1] < max_budget - 1e-9:
+            group_s = self.group_sparsities[-1]
+            best: tuple[float, int, float, float] | None = None
+            for i, size in enumerate(self.sizes):
+                room = MAX_LINEAR_SPARSITY - group_s[i]
+                if room <= 1e-12:
+                    continue
+                d = min(self.step, room)
+                trial = list(group_s)
+                trial[i] += d
+                err = block_error(self.block, self.calls, _split(self.block, trial), self.thresholds, self.weight_ids)
+                cost = (err - self.errors[-1]) / (d * size)
+                if best is None or cost < best[0]:
+                    best = (cost, i, d, err)
+            if best is None:
+                raise ValueError(
+                    f"block {self.block.prefix!r} cannot reach sparsity {max_budget:.3f}: every linear is at the "
+                    f"{MAX_LINEAR_SPARSITY} cap; lower SparsityConfig.max_block_sparsity"
+                )
+            _, i, d, err = best
+            new = list(group_s)
+            new[i] += d
+            self.group_sparsities.append(new)
+            self.budgets.append(sum(s * n for s, n in zip(new, self.sizes)) / total)
+            self.errors.append(err)
 
     def group_split(self, budget: float) -> list[float]:
         """Group sparsities at ``budget`` (at most the path's last budget), cutting the crossing step."""
@@ -63,8 +106,9 @@ class GreedyPath:
         k = bisect.bisect_left(self.budgets, budget)
         if k == 0:
             return list(self.group_sparsities[0])
-        lo, hi = self.budgets[k - 1], self.budgets[min(k, len(self.budgets) - 1)]
-        a, b = self.group_sparsities[k - 1], self.group_sparsities[min(k, len(self.budgets) - 1)]
+        k = min(k, len(self.budgets) - 1)
+        lo, hi = self.budgets[k - 1], self.budgets[k]
+        a, b = self.group_sparsities[k - 1], self.group_sparsities[k]
         frac = 0.0 if hi <= lo else min(1.0, (budget - lo) / (hi - lo))
         return [x + frac * (y - x) for x, y in zip(a, b)]
 
@@ -77,37 +121,9 @@ def greedy_path(
     block: Block, calls: BlockCalls, max_budget: float, step: float, thresholds: ThresholdFn,
     weight_ids: Mapping[str, int],
 ) -> GreedyPath:
-    """Run the greedy split from dense up to block sparsity ``max_budget`` and record every step."""
-    sizes = [block.group_size(g) for g in block.groups]
-    total = float(block.size)
-    path = GreedyPath(block, group_sparsities=[[0.0] * len(sizes)])
-    current = 0.0
-    while path.budgets[-1] < max_budget - 1e-9:
-        group_s = path.group_sparsities[-1]
-        remaining = (max_budget - path.budgets[-1]) * total
-        best: tuple[float, int, float, float] | None = None
-        for i, size in enumerate(sizes):
-            room = MAX_LINEAR_SPARSITY - group_s[i]
-            if room <= 1e-12:
-                continue
-            d = min(step, room, remaining / size)
-            trial = list(group_s)
-            trial[i] += d
-            err = block_error(block, calls, _split(block, trial), thresholds, weight_ids)
-            cost = (err - current) / (d * size)
-            if best is None or cost < best[0]:
-                best = (cost, i, d, err)
-        if best is None:
-            raise ValueError(
-                f"block {block.prefix!r} cannot reach sparsity {max_budget:.3f}: every linear is at the "
-                f"{MAX_LINEAR_SPARSITY} cap; lower SparsityConfig.max_block_sparsity"
-            )
-        _, i, d, current = best
-        new = list(group_s)
-        new[i] += d
-        path.group_sparsities.append(new)
-        path.budgets.append(sum(s * n for s, n in zip(new, sizes)) / total)
-        path.errors.append(current)
+    """Run the greedy split from dense until block sparsity ``max_budget`` and record every step."""
+    path = GreedyPath(block, calls, step, thresholds, weight_ids)
+    path.extend_to(max_budget)
     return path
 
 
@@ -119,10 +135,10 @@ class BlockSplitter:
     """Budget -> per-linear sparsities of one block: the greedy path's split, or the uniform split
     where that reconstructs the block better (memoised per budget)."""
 
-    def __init__(self, block: Block, calls: BlockCalls, max_budget: float, step: float,
+    def __init__(self, block: Block, calls: BlockCalls, budget: float, step: float,
                  thresholds: ThresholdFn, weight_ids: Mapping[str, int]) -> None:
         self.block, self.calls, self.thresholds, self.weight_ids = block, calls, thresholds, weight_ids
-        self.path = greedy_path(block, calls, max_budget, step, thresholds, weight_ids)
+        self.path = greedy_path(block, calls, budget, step, thresholds, weight_ids)
         self.cache: dict[float, dict[str, float]] = {}
 
     def error(self, sparsities: Mapping[str, float]) -> float:
@@ -131,6 +147,7 @@ class BlockSplitter:
     def __call__(self, budget: float) -> dict[str, float]:
         key = round(float(budget), 6)
         if key not in self.cache:
+            self.path.extend_to(key)
             refined = _split(self.block, self.path.group_split(key))
             uniform = {n: key for n in self.block.linears}
             if key > 0 and len(self.block.groups) > 1 and self.error(uniform) < self.error(refined):
