@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .allocation import allocate, split_batches
+from .allocation import allocate, candidate_masks, split_batches
 from .allocation.blocks import call_model
 from .config import SparsityConfig
 from .histogram import ExpertHistograms, ScoreHistogram
 from .linear_forms import WeightViews
-from .model_structure import linear_name, parameter_names, repeated_block_prefixes
+from .model_structure import find_weight, linear_name, parameter_names, repeated_block_prefixes
 from .plan import SparsityPlan
 
 log = logging.getLogger(__name__)
@@ -200,5 +200,31 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: SparsityConfig |
     finally:
         model.train(was_training)
     plan = build_plan(model, stats, allocation.sparsities, config)
+    if config.masked_recalibration and any(s > 0 for s in allocation.sparsities.values()):
+        plan = _recalibrate_masked(model, plan, calibration, allocation.sparsities, config)
     plan.stats["allocation"] = allocation.record
+    return plan
+
+
+def _recalibrate_masked(
+    model: nn.Module, plan: SparsityPlan, batches: Sequence[Any], sparsities: Mapping[str, float], config: SparsityConfig,
+) -> SparsityPlan:
+    """Thresholds at the same sparsities from scores seen with every planned linear masked by ``plan``.
+
+    Dense-activation thresholds overshoot once every linear is sparse (upstream masking shrinks
+    the activations downstream linears see); a second pass under the plan's own masks sees the
+    sparse model's activations, so the achieved sparsity holds the target. The collector sees each
+    linear's input before that linear's own mask (it is the innermost mode)."""
+    device = model_device(model)
+    masks = {id(find_weight(model, n)[1]): t.to(device) for n, t in plan.channel_thresholds.items()}  # type: ignore[index]
+    dense_stats = plan.stats
+    with candidate_masks(masks):
+        stats = collect_statistics(model, batches, config)
+    if set(stats) != set(plan.names):
+        log.warning("masked recalibration saw %d of %d planned linears; keeping dense-activation thresholds",
+                    len(stats), len(plan.names))
+        return plan
+    plan = build_plan(model, stats, sparsities, config)
+    plan.stats["dense_calibration_sparsity"] = dense_stats["calibration_sparsity"]
+    log.info("recalibrated thresholds on the masked model's activations (%d tokens)", plan.stats["calibration_tokens"])
     return plan
