@@ -113,8 +113,9 @@ class BackendConfig:
         ``max_sparse_rows`` are left dense (unmasked), as deployed decoders often do.
     debug_dir: write, per compiled graph, the FX graph before/after the pass, their diff and a
         table of every linear's decision here (also set by the ``WISPARSE_DEBUG_DIR`` env var).
-    fuse_siblings: fuse sparse linears that read the same input (q/k/v, gate/up) into one
-        sparse GEMV over their concatenated weights (``passes/fuse_siblings.py``); costs one
+    fuse_siblings: fuse sparse linears that read the same input (q/k/v, gate/up; in a
+        mixture-of-experts block the shared expert's projections, its gate and the router) into
+        one sparse GEMV over their concatenated weights (``passes/fuse_siblings.py``); costs one
         extra copy of those weights in memory, so it is off by default.
 
     ``max_sparse_rows`` = 8 is not measured yet: the row count above which dense wins has to be

@@ -114,3 +114,73 @@ def test_static_cache_decode_matches_masked_reference():
     with MaskingHooks(model, plan.channel_thresholds):
         ref = greedy(model)
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+class _SharedInput(torch.nn.Module):
+    """Linears reading one input [tokens, 16]: two directly, two through a reshape that keeps its
+    shape (a block flattens its input and a callee flattens it again); one reads the 3-D original."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 24)
+        self.b = torch.nn.Linear(16, 8, bias=False)
+        self.c = torch.nn.Linear(16, 4, bias=False)
+        self.d = torch.nn.Linear(16, 1, bias=False)
+        self.e = torch.nn.Linear(16, 6, bias=False)
+
+    def forward(self, x):
+        flat = x.view(-1, 16)
+        again = flat.reshape(-1, 16)
+        return self.a(flat), self.b(flat), self.c(again), self.d(again), self.e(x)
+
+
+def _random_plan(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return wsc.SparsityPlan(
+        channel_thresholds={n: torch.rand(m.in_features, generator=g) for n, m in linears.items()},
+        sparsities={n: 0.5 for n in linears}, shapes={n: list(m.weight.shape) for n, m in linears.items()},
+        model_class=type(model).__name__, method="teal",
+    )
+
+
+@pytest.fixture
+def lowered_graphs(monkeypatch):
+    """Lower with AOT eager (no C++ compile) and keep each graph the backend hands on."""
+    from torch._dynamo.backends.debugging import aot_eager
+    import torch._inductor.compile_fx as compile_fx_module
+
+    graphs = []
+
+    def lower(gm, inputs, config_patches=None):
+        graphs.append(gm)
+        return aot_eager(gm, inputs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lower)
+    return graphs
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_shape_keeping_reshape_reads_the_same_input(lowered_graphs, dynamic):
+    torch.manual_seed(0)
+    model = _SharedInput().eval()
+    wsc.attach(model, _random_plan(model))
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        single = torch.compile(model, backend="wisparse", dynamic=dynamic)(x)
+        torch._dynamo.reset()
+        fused = torch.compile(model, backend="wisparse", dynamic=dynamic, options={"fuse_siblings": True})(x)
+    gm = lowered_graphs[-1]
+    assert COMPILED_REPORTS[-1].rewritten == 5
+    ops = torch.ops.wisparse
+    assert _count(gm, ops.sparse_linear_fused.default) == 1  # a, b, c, d
+    assert _count(gm, ops.sparse_linear.default) == 1  # e reads the 3-D input
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.sparse_linear_fused.default]
+    assert len(node.args[1]) == 4 and node.args[0].op == "call_method" and node.args[0].target == "view"
+    assert not any(n.op == "call_method" and n.target == "reshape" for n in gm.graph.nodes)  # left unused: removed
+    for f, s in zip(fused, single):
+        torch.testing.assert_close(f, s, rtol=0, atol=0)

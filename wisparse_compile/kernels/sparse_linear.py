@@ -25,6 +25,11 @@ from .sparse_gemv import sparse_gemv_into
 log = logging.getLogger(__name__)
 
 SPARSE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Devices whose decode-sized calls take the Triton sparse GEMV. Not the CPU: compiled Triton needs
+#: a GPU driver, and under the interpreter (``TRITON_INTERPRET=1``) ``wrap_triton`` hands back the
+#: interpreted kernel, which cannot be traced. A codegen-only test adds "cpu" here to read the code
+#: Inductor generates for the Triton route (tests/kernels/inductor_codegen.py).
+TRITON_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def keep_mask(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -53,8 +58,8 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Ten
 
 
 def uses_sparse_kernel(x: torch.Tensor, max_sparse_rows: int) -> bool:
-    """Whether a call takes the Triton sparse GEMV (decode-sized CUDA calls)."""
-    if x.device.type != "cuda" or x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
+    """Whether a call takes the Triton sparse GEMV (decode-sized calls on ``TRITON_DEVICES``)."""
+    if x.device.type not in TRITON_DEVICES or x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
     return bool(statically_known_true(rows <= max_sparse_rows))

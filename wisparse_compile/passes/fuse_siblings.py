@@ -1,14 +1,21 @@
 """FX pass: sibling sparse linears that read the same input become one ``sparse_linear_fused``.
 
-Matches: ``wisparse::sparse_linear`` nodes (emitted by ``rewrite_sparse_linears``) with the same
-input node ``x`` (q/k/v, gate/up: found by dataflow, not by names), the same ``max_sparse_rows``,
-a weight that is a graph input (directly or as its ``t()`` view) of one dtype and device, and a
-bias that is a graph input or None. Groups of 2+ are cut into chunks of at most
-``MAX_SEGMENTS``.
+Matches: ``wisparse::sparse_linear`` nodes (emitted by ``rewrite_sparse_linears``) that read the
+same input (q/k/v, gate/up; in a mixture-of-experts block, the shared expert's projections, its
+output gate and the router: found by dataflow, not by names), the same ``max_sparse_rows``, a
+weight that is a graph input (directly or as its ``t()`` view) of one dtype and device, and a
+bias that is a graph input or None. "The same input" is one node ``x``, reached directly or
+through ``view``/``reshape`` calls that change neither shape nor dtype (a block that flattens its
+input to ``[tokens, hidden]`` and passes it on, where a callee flattens it again). Groups of 2+
+are cut into chunks of at most ``MAX_SEGMENTS``.
+
+Stacked expert contractions (``sparse_grouped_mm``, ``sparse_bmm``) are never siblings: each
+stacked weight (a fused gate/up stack included) is already one op, and it reads the routed,
+expert-sorted rows, which no other projection reads.
 
 Emits: ``f = wisparse.sparse_linear_fused(x, [w...], [b...], [t...], fused_weight, rows)`` before
 the group's first member, and each member becomes ``split(f, sizes, -1)[i]``. ``fused_weight`` is
-a new graph input appended after the threshold inputs.
+a new graph input appended after the threshold inputs. Views left without users are removed.
 
 Why an extra input (and not re-pointing the parameters into one buffer): Dynamo guards and
 Inductor's generated code assume the strides the parameters had when traced; making them views
@@ -28,10 +35,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels.sparse_gemv import MAX_SEGMENTS
-from .sparse_linear import FUSED, RewriteResult
+from .sparse_linear import FUSED, RewriteResult, _example_value
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,41 @@ def _weight_input(node: Any, index_of: dict[fx.Node, int]) -> int | None:
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.t:
         node = node.args[0]
     return index_of.get(node) if isinstance(node, fx.Node) else None
+
+
+def _identity_view_source(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` views, if ``node`` is a ``view``/``reshape`` keeping its shape and dtype."""
+    is_reshape = (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
+    if not is_reshape or node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source = node.args[0]
+    out, src = _example_value(node), _example_value(source)
+    if not (isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor)):
+        return None
+    if out.dtype != src.dtype or out.dim() != src.dim():
+        return None
+    if not all(statically_known_true(a == b) for a, b in zip(out.shape, src.shape)):
+        return None
+    return source
+
+
+def same_input(x: Any) -> Any:
+    """The node whose value ``x`` is: ``x`` itself, or the source of its shape-keeping views."""
+    while isinstance(x, fx.Node) and (source := _identity_view_source(x)) is not None:
+        x = source
+    return x
+
+
+def _erase_dead_views(node: Any, root: Any) -> None:
+    """Remove ``node`` and the views above it (up to ``root``) once nothing uses them."""
+    while isinstance(node, fx.Node) and node is not root and not node.users:
+        source = _identity_view_source(node)
+        if source is None:
+            return
+        node.graph.erase_node(node)
+        node = source
 
 
 # Keyed by the first weight (weakly, by identity), then by the whole tuple.
@@ -101,7 +144,7 @@ def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], resu
         wi = _weight_input(w, index_of)
         if wi is None or not (b is None or b in index_of):
             continue
-        by_input.setdefault((x, rows), []).append(node)
+        by_input.setdefault((same_input(x), rows), []).append(node)
 
     fusion = FusionResult()
     decisions = {d.node: d for d in result.decisions}
@@ -153,6 +196,7 @@ def _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion,
             outs.append(out)
     group = FusedGroup(weight_inputs=weight_inputs, transposed=transposed, node=fused.name)
     for member, out in zip(chunk, outs):
+        member_x = member.args[0]
         member.replace_all_uses_with(out)
         d = decisions.get(member.name)
         if d is not None:
@@ -161,6 +205,7 @@ def _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion,
             d.node = fused.name
         group.members.append(member.name)
         graph.erase_node(member)
+        _erase_dead_views(member_x, x)
     fusion.groups.append(group)
     fusion.examples.append(example)
 
