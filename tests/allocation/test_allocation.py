@@ -9,7 +9,7 @@ from wisparse_compile.allocation import _Thresholds
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.allocation import split_batches
 from wisparse_compile.allocation.refine import block_error, greedy_path, refine_block
-from wisparse_compile.allocation.search import evolve
+from wisparse_compile.allocation.search import depth_ramps, evolve, project
 from wisparse_compile.model_structure import find_weight
 
 SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128)
@@ -198,6 +198,18 @@ def test_evolve_keeps_budget_and_bounds_and_is_seeded():
     assert all(0.1 - 1e-12 <= s <= 0.8 + 1e-12 for s in r.sparsities)
     assert r.fitness < r.uniform_fitness and r.sparsities[0] == min(r.sparsities)
     assert evolve(fitness, sizes, 0.5, seed=1, **kw).sparsities == r.sparsities
+
+
+def test_depth_ramps_keep_budget_and_bounds():
+    import numpy as np
+
+    sizes = np.array([1.0, 3.0, 2.0, 2.0, 5.0])
+    for ramp, slope in zip(depth_ramps(sizes, 0.6, 0.1, 0.8, (0.4, -0.4, 1.5)), (0.4, -0.4, 1.5)):
+        assert float(np.dot(ramp, sizes) / sizes.sum()) == pytest.approx(0.6, abs=1e-9)
+        assert ramp.min() >= 0.1 - 1e-12 and ramp.max() <= 0.8 + 1e-12
+        assert np.all(np.diff(ramp) * np.sign(slope) >= -1e-12)  # rises (or falls) with depth
+    clipped = project(np.array([0.0, 2.0, 0.5]), np.ones(3), 0.5, 0.0, 0.9)
+    assert clipped.mean() == pytest.approx(0.5) and clipped.max() <= 0.9
 
 
 def test_impossible_budget_is_a_clear_error():

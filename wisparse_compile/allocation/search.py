@@ -2,9 +2,13 @@
 
 Genome: one sparsity per block, within ``[min_block_sparsity, max_block_sparsity]``, whose
 parameter-weighted mean is the global target. Both operators keep that mean exact: mutation moves
-sparsity between two blocks in proportion to their sizes, crossover blends two parents convexly.
-The uniform split is in the first population and elites survive, so the result is never worse
-than uniform on the fitness data. Fitness (lower is better) is supplied by the caller.
+sparsity between a few pairs of blocks in proportion to their sizes (few moves, so a child differs
+from its parent along a direction that can be judged, not by noise in every block), crossover
+blends two parents convexly. The first population holds the uniform split and depth ramps (sparsity
+rising or falling linearly with depth, projected back onto the budget): whether early or late
+blocks tolerate more sparsity is the largest structure a model's allocation usually has. Elites
+survive, so the result is never worse than uniform on the fitness data. Fitness (lower is better)
+is supplied by the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+# depth ramps in the first population: sparsity difference between the last and the first block
+RAMP_SLOPES = (0.2, -0.2, 0.4, -0.4)
 
 
 @dataclass
@@ -54,6 +61,24 @@ def _mutate(genome: np.ndarray, sizes: np.ndarray, scale: float, low: float, hig
     return np.clip(g, low, high)
 
 
+def project(genome: np.ndarray, sizes: np.ndarray, target: float, low: float, high: float) -> np.ndarray:
+    """Shift ``genome`` by one constant, clipped to [low, high], so its size-weighted mean is ``target``."""
+    def mean(c: float) -> float:
+        return float(np.dot(np.clip(genome + c, low, high), sizes) / sizes.sum())
+
+    lo, hi = low - float(genome.max()), high - float(genome.min())
+    for _ in range(100):  # mean(c) is monotone in c: bisection
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean(mid) < target else (lo, mid)
+    return np.clip(genome + 0.5 * (lo + hi), low, high)
+
+
+def depth_ramps(sizes: np.ndarray, target: float, low: float, high: float, slopes: Sequence[float]) -> list[np.ndarray]:
+    """Budget-keeping genomes whose sparsity changes linearly from the first block to the last by ``slope``."""
+    depth = np.linspace(-0.5, 0.5, len(sizes))
+    return [project(target + slope * depth, sizes, target, low, high) for slope in slopes]
+
+
 def evolve(
     fitness: Callable[[Sequence[float]], float], sizes: Sequence[int], target: float, *,
     population: int, generations: int, mutation_scale: float, elite: int,
@@ -63,7 +88,7 @@ def evolve(
     check_budget(target, low, high)
     size_arr = np.asarray(sizes, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    moves = max(1, len(sizes) // 2)
+    moves = max(1, round(len(sizes) ** 0.5 / 2))  # 30 blocks: 3 pairs per mutation
     cache: dict[tuple[float, ...], float] = {}
 
     def score(genome: np.ndarray) -> float:
@@ -78,7 +103,9 @@ def evolve(
         log.info("one block: its sparsity is the target %.3f; no search", target)
         record = {"generation": 0, "best": fit, "mean": fit, "worst": fit, "best_block_sparsities": uniform.tolist()}
         return SearchResult(uniform.tolist(), fit, fit, [record])
-    pop = [uniform] + [_mutate(uniform, size_arr, mutation_scale, low, high, rng, moves) for _ in range(population - 1)]
+    ramps = depth_ramps(size_arr, float(target), low, high, RAMP_SLOPES)[: max(0, population // 2)]
+    pop = [uniform, *ramps]
+    pop += [_mutate(uniform, size_arr, mutation_scale, low, high, rng, moves) for _ in range(population - len(pop))]
     uniform_fitness = score(uniform)
     history: list[dict[str, object]] = []
     for gen in tqdm(range(generations + 1), desc="allocation search", unit="gen", leave=False):
