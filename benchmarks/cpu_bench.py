@@ -159,14 +159,19 @@ class GreedyDecoder:
             out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len))
         self.first_token = out.logits[:, -1:].argmax(-1)
         self.last_tokens: list[int] = []
-        self.snapshot = [
-            (t, t.clone()) for layer in self.cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)
+        self.snapshot = [  # (layer, attribute, value): tensors cloned, plain counters (sliding layers) as is
+            (layer, name, value.clone() if isinstance(value, torch.Tensor) else value)
+            for layer in self.cache.layers for name, value in vars(layer).items()
+            if isinstance(value, (torch.Tensor, int)) and not isinstance(value, bool)
         ]
 
     def restore(self) -> None:
-        """Put the cache back as the prefill left it (in place: compiled graphs keep its addresses)."""
-        for tensor, saved in self.snapshot:
-            tensor.copy_(saved)
+        """Put the cache back as the prefill left it (tensors in place: compiled graphs keep their addresses)."""
+        for layer, name, saved in self.snapshot:
+            if isinstance(saved, torch.Tensor):
+                getattr(layer, name).copy_(saved)
+            else:
+                setattr(layer, name, saved)
 
     @torch.no_grad()
     def tokens_per_s(self, new_tokens: int | None = None) -> float:
