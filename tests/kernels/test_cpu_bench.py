@@ -1,0 +1,30 @@
+"""The CPU decode benchmark's harness on a tiny model: one compile per model, none per plan swap,
+and every run decodes from the same prefilled cache."""
+
+import torch
+
+from benchmarks import cpu_bench
+from tests.conftest import tiny_llama
+
+
+def test_greedy_decoder_runs_repeat_from_the_prefilled_cache():
+    decoder = cpu_bench.GreedyDecoder(tiny_llama(layers=1), "eager", prompt_len=8, new_tokens=5)
+    decoder.tokens_per_s()
+    first = decoder.last_tokens
+    decoder.tokens_per_s()
+    assert decoder.last_tokens == first and len(first) == 5
+    decoder.tokens_per_s(2)
+    assert decoder.last_tokens == first[:2]
+
+
+def test_bench_decode_compiles_once_per_model_and_never_on_a_plan_swap():
+    records = cpu_bench.bench_decode(
+        "tiny", lambda: tiny_llama(layers=1), "fp32", new_tokens=3, rounds=1, calib_tokens=32, warmup_tokens=2
+    )
+    assert [r["sparsity"] for r in records] == list(cpu_bench.DECODE_SPARSITIES)
+    r = records[0]
+    assert r["graphs_compiled_in_warmup"] == {"dense": 1, "0.0": 1, "0.4": 0, "0.5": 0}
+    # at sparsity 0 the sparse model decodes the dense model's tokens (same weights, same prefill)
+    assert r["warmup_tokens"]["0.0"] == r["warmup_tokens"]["dense"]
+    assert {"build_models", "calibrate", "prefill", "warmup_dense", "warmup_0.0", "rounds"} <= r["phase_s"].keys()
+    assert all(x["dense_tokens_per_s"] > 0 and x["sparse_tokens_per_s"] > 0 for x in records)
