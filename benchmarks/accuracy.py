@@ -6,7 +6,8 @@ runs), and measures the achieved sparsity on those same held-out tokens. Results
 per configuration in ``results/accuracy.json`` (a rerun skips what is there); at the end (and after
 each configuration) the markdown table and the plot are rewritten.
 
-    PYTHONPATH=. python benchmarks/accuracy.py            # ~30 min on 2 shared CPU cores
+    PYTHONPATH=. python benchmarks/accuracy.py --threads 1   # ~17 min per sparsity (teal 3, wina 3,
+                                                             # wisparse 11) on 2 shared CPU cores
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--calibration-batches", type=int, default=16)
-    p.add_argument("--calibration-length", type=int, default=512)
+    p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--population", type=int, default=8)
-    p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--validation-tokens", type=int, default=512)
+    p.add_argument("--generations", type=int, default=5)
+    p.add_argument("--validation-tokens", type=int, default=1024)
     p.add_argument("--refinement-tokens", type=int, default=256)
     p.add_argument("--refinement-step", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=HERE / "results")
