@@ -23,25 +23,9 @@ OPS = torch.ops.wisparse
 EXPERT_OPS = {"grouped_mm": OPS.sparse_grouped_mm.default, "batched_mm": OPS.sparse_bmm.default}
 
 
-@pytest.fixture
-def lowered_graphs(monkeypatch):
-    """Lower with AOT eager (no C++ compile) and keep each graph the backend hands on."""
-    from torch._dynamo.backends.debugging import aot_eager
-    import torch._inductor.compile_fx as compile_fx_module
-
-    graphs = []
-
-    def lower(gm, inputs, config_patches=None):
-        graphs.append(gm)
-        return aot_eager(gm, inputs)
-
-    monkeypatch.setattr(compile_fx_module, "compile_fx", lower)
-    return graphs
-
-
 def _planned(name: str):
     model = BY_NAME[name].build(experts_implementation="eager")
-    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, method="wina"))
+    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
     wsc.attach(model, plan)
     return model, plan
 
