@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids``, without autograd."""
+    with torch.no_grad():
+        return model(ids).logits
+
+
 def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio in dB (as torchao reports it)."""
     reference, actual = reference.double(), actual.double()

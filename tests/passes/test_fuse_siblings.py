@@ -5,7 +5,7 @@ import torch
 
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
-from tests.helpers import MaskingHooks
+from tests.helpers import MaskingHooks, logits
 from wisparse_compile.backend import COMPILED_REPORTS
 from wisparse_compile.debug.report import build_report
 from wisparse_compile.passes.fuse_siblings import fused_weight
@@ -18,18 +18,13 @@ def _calibrated(seed=0, sparsity=0.5):
     return model, plan
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def test_fused_graph_equals_masked_reference():
     """Decode size; the prefill route of the fused op is checked in tests/kernels."""
     rows = 1
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, rows), generator=torch.Generator().manual_seed(3))
     fused_model = torch.compile(model, backend="wisparse", options={"fuse_siblings": True})
-    out = _logits(fused_model, ids)
+    out = logits(fused_model, ids)
     result = COMPILED_REPORTS[-1]
     fused = [d for d in result.decisions if d.decision == "fused"]
     # one layer: q/k/v (3) and gate/up (2); o and down read other inputs and stay single
@@ -37,14 +32,14 @@ def test_fused_graph_equals_masked_reference():
     assert result.rewritten == 7
     # (fused == unfused exactly, op by op: tests/kernels/test_sparse_gemv_fused.py)
     with MaskingHooks(model, plan.channel_thresholds):
-        ref = _logits(model, ids)
+        ref = logits(model, ids)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_debug_report_counts_fused(tmp_path):
     model, _ = _calibrated()
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(3))
-    _logits(torch.compile(model, backend="wisparse", options={"fuse_siblings": True, "debug_dir": str(tmp_path)}), ids)
+    logits(torch.compile(model, backend="wisparse", options={"fuse_siblings": True, "debug_dir": str(tmp_path)}), ids)
     reports = list(tmp_path.rglob("*.json"))
     assert reports, list(tmp_path.rglob("*"))
     text = "".join(p.read_text() for p in reports)
@@ -100,14 +95,14 @@ def test_static_cache_decode_matches_masked_reference():
         cache = StaticCache(config=model.config, max_cache_len=8)
         with MaskingHooks(model, plan.channel_thresholds), torch.no_grad():
             out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(4))
-        token, logits = out.logits[:, -1:].argmax(-1), []
+        token, step_logits = out.logits[:, -1:].argmax(-1), []
         with torch.no_grad():
             for i in range(steps):
                 pos = torch.tensor([4 + i])
                 out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None])
-                logits.append(out.logits)
+                step_logits.append(out.logits)
                 token = out.logits[:, -1:].argmax(-1)
-        return torch.cat(logits, 1)
+        return torch.cat(step_logits, 1)
 
     fused = greedy(torch.compile(model, backend="wisparse", options={"fuse_siblings": True}))
     assert sum(d.decision == "fused" for d in COMPILED_REPORTS[-1].decisions) == 5

@@ -4,15 +4,16 @@ Greedy, as TEAL does: start every group dense, and repeatedly raise the sparsity
 whose step costs the least block-output reconstruction error (against the dense block, on
 calibration tokens) per unit of budget. Linears in one group share one sparsity.
 
-The greedy is *lazy*: a group's step cost only grows as the block gets sparser, so a cost
-measured at an earlier step is a lower bound; each step re-measures the group with the lowest
-known cost until the lowest is freshly measured. That takes the greedy step with about half the
-block evaluations of re-measuring every group at every step.
+The greedy is *lazy*: it treats a group's step cost as growing while the block gets sparser (as
+it usually does), so a cost measured at an earlier step is taken as a lower bound; each step
+re-measures the group with the lowest known cost until the lowest is freshly measured. On a tiny
+Llama that took 49-50 block evaluations per path instead of 112.
 
 The greedy run records a *path*, extended on demand; the split for any budget on it is read off
-it (the step that crosses the budget is cut to fit). So the across-block search scores
-every candidate with the split the plan will really use, at the cost of one greedy run per block (up to the largest budget it tries).
-Where the uniform split reconstructs the block better than the path's, the uniform split is used.
+it (the step that crosses the budget is cut to fit). So the across-block search scores every
+candidate with the split the plan will really use, at the cost of one greedy run per block (up to
+the largest budget it tries). Where the uniform split reconstructs the block better than the
+path's, the uniform split is used.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class GreedyPath:
         self.sizes = [self.block.group_size(g) for g in self.block.groups]
         self._costs: dict[int, float] = {}  # last measured step cost per group (lazy greedy)
         self._trial_errors: dict[int, float] = {}
-        self.evaluations = 0
+        self.evaluations = 0  # block evaluations so far
         if not self.group_sparsities:
             self.group_sparsities = [[0.0] * len(self.sizes)]
 
@@ -95,21 +96,23 @@ class GreedyPath:
                     break
                 self._costs[i], self._trial_errors[i] = self._step_cost(group_s, i)
                 fresh.add(i)
-            d = min(self.step, MAX_LINEAR_SPARSITY - group_s[i])
-            new = list(group_s)
-            new[i] += d
+            new = self._raised(group_s, i)
             self.group_sparsities.append(new)
             self.budgets.append(sum(s * n for s, n in zip(new, self.sizes)) / total)
             self.errors.append(self._trial_errors[i])
-            self.evaluations = self.evaluations + len(fresh)
+            self.evaluations += len(fresh)
+
+    def _raised(self, group_s: list[float], i: int) -> list[float]:
+        """Group sparsities after one step of group ``i`` (a whole step, or up to the cap)."""
+        raised = list(group_s)
+        raised[i] = min(group_s[i] + self.step, MAX_LINEAR_SPARSITY)
+        return raised
 
     def _step_cost(self, group_s: list[float], i: int) -> tuple[float, float]:
         """(error increase per unit of budget, block error) of raising group ``i`` by one step."""
-        d = min(self.step, MAX_LINEAR_SPARSITY - group_s[i])
-        trial = list(group_s)
-        trial[i] += d
+        trial = self._raised(group_s, i)
         err = block_error(self.block, self.calls, _split(self.block, trial), self.thresholds, self.weight_ids)
-        return (err - self.errors[-1]) / (d * self.sizes[i]), err
+        return (err - self.errors[-1]) / ((trial[i] - group_s[i]) * self.sizes[i]), err
 
     def group_split(self, budget: float) -> list[float]:
         """Group sparsities at ``budget`` (at most the path's last budget), cutting the crossing step."""

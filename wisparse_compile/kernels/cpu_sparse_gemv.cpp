@@ -88,56 +88,47 @@ inline void split_bf16(const uint16_t* p, __m256& even, __m256& odd) {
   odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-inline void axpy4_split(float* __restrict acc, const uint16_t* __restrict w0, const uint16_t* __restrict w1,
-                        const uint16_t* __restrict w2, const uint16_t* __restrict w3, float c0, float c1,
-                        float c2, float c3, int64_t len) {
+// acc[j:j+16] (stored [evens, odds]) += v * w[j:j+16]
+inline void fma_split(const uint16_t* w, __m256 v, __m256& a, __m256& b) {
+  __m256 e, o;
+  split_bf16(w, e, o);
+  a = _mm256_fmadd_ps(v, e, a);
+  b = _mm256_fmadd_ps(v, o, b);
+}
+
+// The bf16 overloads of axpy4/axpy1 (the templates above serve fp32): split layout, natural tail.
+inline void axpy4(float* __restrict acc, const uint16_t* __restrict w0, const uint16_t* __restrict w1,
+                  const uint16_t* __restrict w2, const uint16_t* __restrict w3, float c0, float c1, float c2,
+                  float c3, int64_t len) {
   const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
   int64_t j = 0;
   for (; j + 16 <= len; j += 16) {
-    __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8), e, o;
-    split_bf16(w0 + j, e, o);
-    a = _mm256_fmadd_ps(v0, e, a);
-    b = _mm256_fmadd_ps(v0, o, b);
-    split_bf16(w1 + j, e, o);
-    a = _mm256_fmadd_ps(v1, e, a);
-    b = _mm256_fmadd_ps(v1, o, b);
-    split_bf16(w2 + j, e, o);
-    a = _mm256_fmadd_ps(v2, e, a);
-    b = _mm256_fmadd_ps(v2, o, b);
-    split_bf16(w3 + j, e, o);
-    a = _mm256_fmadd_ps(v3, e, a);
-    b = _mm256_fmadd_ps(v3, o, b);
+    __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8);
+    fma_split(w0 + j, v0, a, b);
+    fma_split(w1 + j, v1, a, b);
+    fma_split(w2 + j, v2, a, b);
+    fma_split(w3 + j, v3, a, b);
     _mm256_storeu_ps(acc + j, a);
     _mm256_storeu_ps(acc + j + 8, b);
   }
-  for (; j < len; ++j) {  // the tail stays in natural order
+  for (; j < len; ++j) {
     acc[j] += c0 * load_f32(w0, j) + c1 * load_f32(w1, j) + c2 * load_f32(w2, j) + c3 * load_f32(w3, j);
   }
 }
 
-inline void axpy1_split(float* __restrict acc, const uint16_t* __restrict w0, float c0, int64_t len) {
+inline void axpy1(float* __restrict acc, const uint16_t* __restrict w0, float c0, int64_t len) {
   const __m256 v0 = _mm256_set1_ps(c0);
   int64_t j = 0;
   for (; j + 16 <= len; j += 16) {
-    __m256 e, o;
-    split_bf16(w0 + j, e, o);
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(v0, e, _mm256_loadu_ps(acc + j)));
-    _mm256_storeu_ps(acc + j + 8, _mm256_fmadd_ps(v0, o, _mm256_loadu_ps(acc + j + 8)));
+    __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8);
+    fma_split(w0 + j, v0, a, b);
+    _mm256_storeu_ps(acc + j, a);
+    _mm256_storeu_ps(acc + j + 8, b);
   }
   for (; j < len; ++j) acc[j] += c0 * load_f32(w0, j);
 }
 
 constexpr bool kSplitBf16 = true;
-
-inline void axpy4(float* __restrict acc, const uint16_t* __restrict w0, const uint16_t* __restrict w1,
-                  const uint16_t* __restrict w2, const uint16_t* __restrict w3, float c0, float c1, float c2,
-                  float c3, int64_t len) {
-  axpy4_split(acc, w0, w1, w2, w3, c0, c1, c2, c3, len);
-}
-
-inline void axpy1(float* __restrict acc, const uint16_t* __restrict w0, float c0, int64_t len) {
-  axpy1_split(acc, w0, c0, len);
-}
 #else
 constexpr bool kSplitBf16 = false;
 #endif
