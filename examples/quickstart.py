@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import wisparse_compile as wsc
 from wisparse_compile.backend import COMPILED_REPORTS
+from wisparse_compile.eval import overall_sparsity
 
 
 def main() -> None:
@@ -38,7 +39,8 @@ def main() -> None:
         sparse = compiled(ids).logits
     report = COMPILED_REPORTS[-1]
     print(f"compiled graph: {report.summary()}")
-    print(f"achieved sparsity on held-out tokens: {sum(achieved.values()) / len(achieved):.3f}")
+    # parameter-weighted, like the budget: the allocation gives small and large linears different sparsities
+    print(f"achieved sparsity on held-out tokens: {overall_sparsity(achieved, plan.shapes):.3f}")
     with torch.no_grad(), wsc.masked_linears():
         reference = model(ids).logits
     print(f"max |compiled - eager masked reference| = {(sparse - reference).abs().max().item():.2e}")
