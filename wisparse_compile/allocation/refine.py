@@ -6,8 +6,8 @@ calibration tokens) per unit of budget. Linears in one group share one sparsity.
 
 The greedy is *lazy*: it treats a group's step cost as growing while the block gets sparser (as
 it usually does), so a cost measured at an earlier step is taken as a lower bound; each step
-re-measures the group with the lowest known cost until the lowest is freshly measured. On a tiny
-Llama that took 49-50 block evaluations per path instead of 112.
+re-measures the group with the lowest known cost until the lowest is freshly measured. On the tiny
+4-block test model that took 49-50 block evaluations per path instead of 112.
 
 The greedy run records a *path*, extended on demand; the split for any budget on it is read off
 it (the step that crosses the budget is cut to fit). So the across-block search scores every
