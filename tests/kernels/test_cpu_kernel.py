@@ -30,7 +30,7 @@ def kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("n,k", [(70, 45), (33, 130), (1041, 67)])
 def test_kernel_matches_reference(kernel, dtype, m, sparsity, n, k):
@@ -42,6 +42,33 @@ def test_kernel_matches_reference(kernel, dtype, m, sparsity, n, k):
     torch.testing.assert_close(out.float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     if sparsity == 1.0:
         torch.testing.assert_close(out.float(), b.float().expand(m, n).to(dtype).float(), rtol=0, atol=0)
+
+
+_THREADED_CHECK = """
+import torch
+from tests.kernels.test_sparse_linear import _operands
+from wisparse_compile.kernels import sparse_linear_reference
+from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
+assert cpu_kernel_available()
+torch.set_num_threads(3)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    for m, n, k in ((1, 70, 130), (3, 1041, 67), (8, 33, 200)):
+        x, w, b, t = _operands(m, n, k, 0.3, dtype)
+        out = torch.ops.wisparse_cpu.sparse_gemv(x, w.t(), b, t)
+        ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+print("threaded ok")
+"""
+
+
+def test_kernel_split_across_threads_matches_reference(kernel):
+    """WISPARSE_CPU_BYTES_PER_THREAD=1 splits even small calls between threads (one partial each)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "WISPARSE_CPU_BYTES_PER_THREAD": "1"}
+    done = subprocess.run([sys.executable, "-c", _THREADED_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "threaded ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_kernel_threshold_rule_and_per_row_masks(kernel):

@@ -6,18 +6,28 @@
 // pruned channel skips one contiguous row of WT: the kernel reads only the kept rows, which is
 // where the speed-up of a memory-bound GEMV comes from. The union of the rows' masks decides which
 // WT rows are loaded; each token row applies its own mask through a zero coefficient.
-// Kept rows are split between threads; each thread streams whole rows, four at a time, into a
-// full-length fp32 partial output, then partials are summed.
+// Kept rows are streamed four at a time into a full-length fp32 partial output. For bf16, the rows
+// a few groups ahead (about kPrefetchBytes) are software-prefetched into L2: kept rows are
+// scattered, and each one is too short a stream for the hardware prefetcher to ramp up on (fp32
+// rows are twice as long, and there the prefetches measured slower).
+// Threads split the kept rows, each into its own partial, but only where each thread gets at least
+// WISPARSE_CPU_BYTES_PER_THREAD bytes of weights (default 16 MiB): a memory-bound stream that one
+// core already saturates gains nothing from a second thread but pays its start and the partials' sum.
+// Scratch (kept list, coefficients, partials) lives in thread-local buffers that grow once, and one
+// epilogue pass sums the partials, restores column order, adds the bias and casts, so a call
+// allocates only its output.
 //
 // bf16 weights are widened without a shuffle: a 256-bit load of 16 bf16 values gives the 8 even
 // ones as fp32 by a 32-bit left shift and the 8 odd ones by masking the high halves. So the
-// partial output holds each 16-column block as [8 even columns, 8 odd columns] and is put back in
-// order once at the end: one load, one shift, one and, two FMAs per 16 weights (no port-5 widening).
+// partial output holds each 16-column block as [8 even columns, 8 odd columns] and the epilogue puts
+// it back in order: one load, one shift, one and, two FMAs per 16 weights (no port-5 widening).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <c10/util/BFloat16.h>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +40,25 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;
+constexpr int64_t kPrefetchBytes = 32 * 1024;  // how far ahead kept rows are prefetched (measured: 8-128 KiB)
+
+int64_t bytes_per_thread() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("WISPARSE_CPU_BYTES_PER_THREAD");
+    const long long v = env ? std::atoll(env) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : static_cast<int64_t>(16) << 20;
+  }();
+  return value;
+}
+
+template <typename W>
+inline void prefetch_line(const W* p) {
+#if defined(__AVX2__) && defined(__FMA__)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
 
 inline float load_f32(const float* p, int64_t j) { return p[j]; }
 
@@ -52,11 +81,14 @@ inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: widen, shift into the
 template <typename W>
 inline void axpy4(float* __restrict acc, const W* __restrict w0, const W* __restrict w1,
                   const W* __restrict w2, const W* __restrict w3, float c0, float c1, float c2,
-                  float c3, int64_t len) {
+                  float c3, int64_t len, const W* const* ahead) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
   for (; j + 16 <= len; j += 16) {
+    if (ahead && (j * static_cast<int64_t>(sizeof(W))) % 64 == 0) {
+      for (int t = 0; t < 4; ++t) prefetch_line(ahead[t] + j);
+    }
     __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8);
     a = _mm256_fmadd_ps(v0, load8(w0 + j), a);
     b = _mm256_fmadd_ps(v0, load8(w0 + j + 8), b);
@@ -99,10 +131,13 @@ inline void fma_split(const uint16_t* w, __m256 v, __m256& a, __m256& b) {
 // The bf16 overloads of axpy4/axpy1 (the templates above serve fp32): split layout, natural tail.
 inline void axpy4(float* __restrict acc, const uint16_t* __restrict w0, const uint16_t* __restrict w1,
                   const uint16_t* __restrict w2, const uint16_t* __restrict w3, float c0, float c1, float c2,
-                  float c3, int64_t len) {
+                  float c3, int64_t len, const uint16_t* const* ahead) {
   const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
   int64_t j = 0;
   for (; j + 16 <= len; j += 16) {
+    if (ahead && j % 32 == 0) {  // one 64-byte line per row every 32 columns
+      for (int t = 0; t < 4; ++t) prefetch_line(ahead[t] + j);
+    }
     __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8);
     fma_split(w0 + j, v0, a, b);
     fma_split(w1 + j, v1, a, b);
@@ -134,24 +169,92 @@ constexpr bool kSplitBf16 = false;
 #endif
 
 // Streams kept channels [begin, end) into partial [m, n]: whole rows, so each WT row is read
-// once, sequentially (prefetcher-friendly; tiling the columns measured slower).
+// once, sequentially (tiling the columns measured slower), while the group `ahead` rows later is
+// prefetched line by line alongside.
 template <typename W>
 void stream_rows(const W* wt, int64_t n, const int64_t* kept, const float* coef, int64_t m,
                  int64_t begin, int64_t end, float* partial) {
+  const int64_t ahead_rows = 4 * std::max<int64_t>(1, kPrefetchBytes / (4 * n * static_cast<int64_t>(sizeof(W))));
   int64_t q = begin;
   for (; q + 4 <= end; q += 4) {
     const W* w0 = wt + kept[q] * n;
     const W* w1 = wt + kept[q + 1] * n;
     const W* w2 = wt + kept[q + 2] * n;
     const W* w3 = wt + kept[q + 3] * n;
+    const W* ahead[4];
+    const bool prefetch = sizeof(W) == 2 && q + ahead_rows + 4 <= end;  // fp32 rows: measured slower
+    if (prefetch) {
+      for (int t = 0; t < 4; ++t) ahead[t] = wt + kept[q + ahead_rows + t] * n;
+    }
     for (int64_t r = 0; r < m; ++r) {
       axpy4(partial + r * n, w0, w1, w2, w3, coef[q * m + r], coef[(q + 1) * m + r], coef[(q + 2) * m + r],
-            coef[(q + 3) * m + r], n);
+            coef[(q + 3) * m + r], n, prefetch && r == 0 ? ahead : nullptr);
     }
   }
   for (; q < end; ++q) {
     const W* w0 = wt + kept[q] * n;
     for (int64_t r = 0; r < m; ++r) axpy1(partial + r * n, w0, coef[q * m + r], n);
+  }
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return load_f32(&v, 0); }
+inline void from_f32(float v, float* out) { *out = v; }
+inline void from_f32(float v, uint16_t* out) { *out = c10::BFloat16(v).x; }  // round to nearest even
+
+// W: float or uint16_t (bf16 bits) for x, WT and the output alike.
+template <typename W>
+void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* tp, int64_t m, int64_t k,
+                      int64_t n, W* out) {
+  // Scan: kept channels (union over rows) and per-row coefficients (0 where that row prunes).
+  thread_local std::vector<int64_t> kept;
+  thread_local std::vector<float> coef;
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(kept.size()) < k) kept.resize(k);
+  if (static_cast<int64_t>(coef.size()) < k * m) coef.resize(k * m);
+  int64_t nkept = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) any |= std::fabs(to_f32(xp[r * k + i])) > tp[i];
+    if (!any) continue;
+    for (int64_t r = 0; r < m; ++r) {
+      const float v = to_f32(xp[r * k + i]);
+      coef[nkept * m + r] = std::fabs(v) > tp[i] ? v : 0.0f;
+    }
+    kept[nkept++] = i;
+  }
+
+  // One fp32 partial per chunk of kept rows (each chunk at least 16 rows and bytes_per_thread()).
+  const int64_t bytes = nkept * n * static_cast<int64_t>(sizeof(W));
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), nkept / 16, bytes / bytes_per_thread()}));
+  if (static_cast<int64_t>(scratch.size()) < chunks * m * n) scratch.resize(chunks * m * n);
+  float* pp = scratch.data();
+  const int64_t* kp = kept.data();
+  const float* cp = coef.data();
+  auto run_chunk = [&](int64_t c) {
+    float* partial = pp + c * m * n;
+    std::fill(partial, partial + m * n, 0.0f);
+    stream_rows(wt, n, kp, cp, m, nkept * c / chunks, nkept * (c + 1) / chunks, partial);
+  };
+  if (chunks == 1) {
+    run_chunk(0);
+  } else {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) run_chunk(c);
+    });
+  }
+
+  // Epilogue: sum partials, [evens, odds] blocks back to natural order (bf16), bias, cast.
+  const bool split = kSplitBf16 && sizeof(W) == 2;
+  const int64_t blocked = split ? n / 16 * 16 : 0;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t src = r * n + (j < blocked ? (j & ~int64_t{15}) + (j & 1) * 8 + ((j & 15) >> 1) : j);
+      float v = bias ? bias[j] : 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) v += pp[c * m * n + src];
+      from_f32(v, out + r * n + j);
+    }
   }
 }
 
@@ -168,55 +271,24 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10:
   TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv: x has ", x.size(1), " channels, wt has ", k);
   TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv: at most ", kMaxRows, " rows, got ", m);
   TORCH_CHECK(thresholds.numel() == k, "wisparse_cpu::sparse_gemv: thresholds must have ", k, " entries");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->numel() == n, "wisparse_cpu::sparse_gemv: bias must have ", n, " entries");
 
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor tf = thresholds.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  const float* tp = tf.data_ptr<float>();
-
-  // Scan: kept channels (union over rows) and per-row coefficients (0 where that row prunes).
-  std::vector<int64_t> kept;
-  std::vector<float> coef;
-  kept.reserve(k);
-  coef.reserve(k * m);
-  for (int64_t i = 0; i < k; ++i) {
-    bool any = false;
-    for (int64_t r = 0; r < m; ++r) any |= std::fabs(xp[r * k + i]) > tp[i];
-    if (!any) continue;
-    kept.push_back(i);
-    for (int64_t r = 0; r < m; ++r) {
-      const float v = xp[r * k + i];
-      coef.push_back(std::fabs(v) > tp[i] ? v : 0.0f);
-    }
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor tf = thresholds.to(at::kFloat).contiguous();  // no copy when already fp32 and contiguous
+  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
+  if (wt.scalar_type() == at::kFloat) {
+    sparse_gemv_impl(xc.data_ptr<float>(), wt.data_ptr<float>(), bp, tf.data_ptr<float>(), m, k, n,
+                     out.data_ptr<float>());
+  } else {
+    sparse_gemv_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                     reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), bp, tf.data_ptr<float>(), m,
+                     k, n, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   }
-  const int64_t nkept = static_cast<int64_t>(kept.size());
-
-  // One fp32 partial per chunk of kept rows; chunks = threads (each chunk at least 16 rows).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nkept / 16));
-  at::Tensor partials = at::zeros({chunks, m, n}, xf.options());
-  float* pp = partials.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = nkept * c / chunks, end = nkept * (c + 1) / chunks;
-      float* partial = pp + c * m * n;
-      if (wt.scalar_type() == at::kFloat) {
-        stream_rows(wt.data_ptr<float>(), n, kept.data(), coef.data(), m, begin, end, partial);
-      } else {
-        stream_rows(reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), n, kept.data(), coef.data(),
-                    m, begin, end, partial);
-      }
-    }
-  });
-
-  at::Tensor out = partials.select(0, 0);
-  if (chunks > 1) out = partials.sum(0);
-  const int64_t blocked = n / 16 * 16;
-  if (kSplitBf16 && wt.scalar_type() == at::kBFloat16 && blocked > 0) {  // [evens, odds] -> natural order
-    at::Tensor ordered = out.narrow(1, 0, blocked).reshape({m, blocked / 16, 2, 8}).transpose(2, 3).reshape({m, blocked});
-    out = blocked == n ? ordered : at::cat({ordered, out.narrow(1, blocked, n - blocked)}, 1);
-  }
-  if (bias.has_value() && bias->defined()) out = out + bias->to(at::kFloat);
-  return out.to(x.scalar_type());
+  return out;
 }
 
 }  // namespace
