@@ -95,7 +95,7 @@ def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
         variants = {"dense": lambda: F.linear(x, ws[next(turn) % copies])}
         for s, t in thresholds.items():
             variants[s] = lambda t=t: torch.ops.wisparse_cpu.sparse_gemv(x, wts[next(turn) % copies], None, t)
-        inner = -(-int(2e7 // (n * k)) // copies) * copies  # about 20M weights per sample, whole cycles
+        inner = -(-max(1, int(2e7 // (n * k))) // copies) * copies  # about 20M weights per sample, whole cycles
         for fn in variants.values():
             fn()
         samples: dict = {key: [] for key in variants}

@@ -5,6 +5,11 @@ Built on first use (not at import) with ``torch.utils.cpp_extension.load`` from
 ``~/.cache/torch_extensions``): about 45 s the first time, a fraction of a second afterwards.
 If the toolchain is missing or the build fails, ``cpu_kernel_available()`` says False, one warning
 explains why, and callers take the masked dense reference route instead.
+
+Threads: a call splits its kept rows between torch's threads only where each thread streams at
+least ``WISPARSE_CPU_BYTES_PER_THREAD`` bytes of weights (default 16 MiB, read once per process):
+decode GEMVs are memory-bound, and where one core already saturates the memory bandwidth (as on
+the 2-core development machine) a second thread only adds its start-up and a partial sum.
 """
 
 from __future__ import annotations
