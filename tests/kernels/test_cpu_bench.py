@@ -28,3 +28,19 @@ def test_bench_decode_compiles_once_per_model_and_never_on_a_plan_swap():
     assert r["warmup_tokens"]["0.0"] == r["warmup_tokens"]["dense"]
     assert {"build_models", "calibrate", "prefill", "warmup_dense", "warmup_0.0", "rounds"} <= r["phase_s"].keys()
     assert all(x["dense_tokens_per_s"] > 0 and x["sparse_tokens_per_s"] > 0 for x in records)
+
+
+def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):
+    """Each call takes the next weight copy (so weights come from DRAM, not a cache-resident matrix)."""
+    from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
+
+    assert cpu_kernel_available()
+    monkeypatch.setattr(cpu_bench, "SHAPES", {"tiny": [(24, 40)]})
+    monkeypatch.setattr(cpu_bench, "COLD_BYTES", 3 * 24 * 40 * 4)  # three fp32 copies
+    seen = []
+    real_linear = cpu_bench.F.linear
+    monkeypatch.setattr(cpu_bench.F, "linear", lambda x, w: seen.append(w.data_ptr()) or real_linear(x, w))
+    records = cpu_bench.bench_kernels(rounds=2, batches=(1,))
+    assert len(records) == len(cpu_bench.DTYPES) * len(cpu_bench.KERNEL_SPARSITIES)
+    assert len(set(seen[: 2 * 3])) == 3  # fp32: dense calls rotate through all three copies
+    assert all(r["speedup"] > 0 and r["dense_ms"] > 0 for r in records)
