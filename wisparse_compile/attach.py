@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .experts import make_experts_traceable
+from .kernels.cpu_kernel import input_major_gemm_is_slow
 from .model_structure import find_weight, owner_and_attr
 from .plan import PlanError, SparsityPlan
 
@@ -104,24 +105,6 @@ def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
 
 
 _warned_slow_eager_layout = False
-
-
-def input_major_gemm_is_slow(weight: torch.Tensor) -> bool:
-    """Whether matmuls on ``weight`` laid out input-major take PyTorch's slow CPU GEMM path.
-
-    PyTorch's CPU GEMM runs bf16/fp16 through oneDNN only where the CPU has native support
-    (AVX512-BF16/FP16, AMX); elsewhere its fallback is vectorized only when the reduction runs
-    along contiguous memory of the weight, which input-major weights do not have (a 16-token
-    8192x2048 bf16 linear: ~2 s instead of ~0.06 s on a 2-core AVX2 EPYC), eager or compiled
-    (Inductor calls the same GEMM).
-    """
-    if weight.device.type != "cpu":
-        return False
-    if weight.dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if weight.dtype == torch.float16:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
 
 
 def _warn_slow_eager_layout(weight: torch.Tensor) -> None:

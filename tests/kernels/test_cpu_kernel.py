@@ -15,8 +15,7 @@ from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from tests.kernels.test_sparse_linear import _operands
 from wisparse_compile.kernels import cpu_kernel, sparse_linear, sparse_linear_reference
-from wisparse_compile.attach import input_major_gemm_is_slow
-from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available, uses_cpu_kernel
+from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available, input_major_gemm_is_slow, uses_cpu_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 sparse_linear_module = sys.modules["wisparse_compile.kernels.sparse_linear"]  # the name is the op's

@@ -51,15 +51,6 @@ int64_t bytes_per_thread() {
   return value;
 }
 
-template <typename W>
-inline void prefetch_line(const W* p) {
-#if defined(__AVX2__) && defined(__FMA__)
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
-
 inline float load_f32(const float* p, int64_t j) { return p[j]; }
 
 inline float load_f32(const uint16_t* p, int64_t j) {
@@ -78,17 +69,16 @@ inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: widen, shift into the
 #endif
 
 // acc[0:len] += c0*w0 + c1*w1 + c2*w2 + c3*w3 (AVX2 FMA where built for it, scalar tail).
+// Prefetches nothing: only the AVX2 bf16 overload below prefetches (``ahead``); fp32 rows measured
+// slower with it, and a build without AVX2 has no fast path to feed.
 template <typename W>
 inline void axpy4(float* __restrict acc, const W* __restrict w0, const W* __restrict w1,
                   const W* __restrict w2, const W* __restrict w3, float c0, float c1, float c2,
-                  float c3, int64_t len, const W* const* ahead) {
+                  float c3, int64_t len, const W* const* /*ahead*/) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
   for (; j + 16 <= len; j += 16) {
-    if (ahead && (j * static_cast<int64_t>(sizeof(W))) % 64 == 0) {
-      for (int t = 0; t < 4; ++t) prefetch_line(ahead[t] + j);
-    }
     __m256 a = _mm256_loadu_ps(acc + j), b = _mm256_loadu_ps(acc + j + 8);
     a = _mm256_fmadd_ps(v0, load8(w0 + j), a);
     b = _mm256_fmadd_ps(v0, load8(w0 + j + 8), b);
@@ -119,6 +109,8 @@ inline void split_bf16(const uint16_t* p, __m256& even, __m256& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
+
+inline void prefetch_line(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 
 // acc[j:j+16] (stored [evens, odds]) += v * w[j:j+16]
 inline void fma_split(const uint16_t* w, __m256 v, __m256& a, __m256& b) {
@@ -182,7 +174,7 @@ void stream_rows(const W* wt, int64_t n, const int64_t* kept, const float* coef,
     const W* w2 = wt + kept[q + 2] * n;
     const W* w3 = wt + kept[q + 3] * n;
     const W* ahead[4];
-    const bool prefetch = sizeof(W) == 2 && q + ahead_rows + 4 <= end;  // fp32 rows: measured slower
+    const bool prefetch = kSplitBf16 && sizeof(W) == 2 && q + ahead_rows + 4 <= end;  // see axpy4
     if (prefetch) {
       for (int t = 0; t < 4; ++t) ahead[t] = wt + kept[q + ahead_rows + t] * n;
     }

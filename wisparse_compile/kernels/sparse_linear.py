@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..attach import input_major_gemm_is_slow
-from .cpu_kernel import cpu_sparse_gemv, uses_cpu_kernel
+from .cpu_kernel import cpu_sparse_gemv, input_major_gemm_is_slow, uses_cpu_kernel
 from .sparse_gemv import sparse_gemv_into
 
 log = logging.getLogger(__name__)
