@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 #: Dense perplexity of SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32) on the first 512

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernels.sparse_experts import expert_of_rows
+from .mask import expert_of_rows
 
 
 @dataclass(frozen=True)

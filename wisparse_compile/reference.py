@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from .attach import site_of, thresholds_of
 from .calibrate import model_device, run_batch
-from .kernels import expert_keep_mask
+from .mask import apply_keep, expert_keep_mask
 from .linear_forms import LinearForm, WeightViews
 
 
@@ -45,8 +45,7 @@ class masked_linears(TorchFunctionMode):
             self.pruned[site.name] = self.pruned.get(site.name, 0.0) + float((~keep).sum())
             self.seen[site.name] = self.seen.get(site.name, 0.0) + keep.numel()
             if self.apply:
-                masked = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-                args, kwargs = _replace_operand(call.form, args, kwargs, masked)
+                args, kwargs = _replace_operand(call.form, args, kwargs, apply_keep(x, keep))
         result = func(*args, **(kwargs or {}))
         self.views.record(func, args, kwargs, result)
         return result

@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import wisparse_compile as wsc  # noqa: E402
+import wisparse_compile.kernels.sparse_gemv  # noqa: E402,F401  (a JITFunction: before tests.conftest sets TRITON_INTERPRET)
 from tests.conftest import tiny_llama, token_batches  # noqa: E402
 
 
@@ -89,14 +90,14 @@ def summarize(code: str) -> dict[str, object]:
 
 
 def main() -> None:
-    sparse_linear_module = sys.modules["wisparse_compile.kernels.sparse_linear"]
+    triton_route = sys.modules["wisparse_compile.kernels.triton_route"]
     model = tiny_llama(layers=1)
     plan = wsc.calibrate(model, token_batches(1), wsc.SparsityConfig(sparsity=0.5, method="teal"))
     wsc.attach(model, plan)
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(0))  # one decode token
 
     driver.set_active(CodegenOnlyDriver())
-    sparse_linear_module.TRITON_DEVICES = ("cuda", "cpu")
+    triton_route.TRITON_DEVICES = ("cuda", "cpu")
     ttir = _CountRecords()
     logging.getLogger("torch._dynamo").addHandler(ttir)  # where triton_kernel_wrap logs
     report: dict[str, object] = {"planned": len(plan.names)}

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..kernels import expert_keep_mask
+from ..mask import masked_input
 from ..linear_forms import WeightViews
 
 
@@ -31,10 +31,8 @@ class candidate_masks(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         call = self.views.resolve(func, args, kwargs)
         if call is not None and call.form.x_arg < len(args):
-            x = call.x
-            keep = expert_keep_mask(x, self.thresholds[id(call.weight)], call.row_experts)
             args = list(args)
-            args[call.form.x_arg] = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            args[call.form.x_arg] = masked_input(call.x, self.thresholds[id(call.weight)], call.row_experts)
         result = func(*args, **(kwargs or {}))
         self.views.record(func, args, kwargs, result)
         return result

@@ -1,7 +1,8 @@
 """Sparse-linear kernels: the registered ops, their references, and the Triton GEMV."""
 
-from .sparse_experts import expert_keep_mask, expert_of_rows, sparse_bmm, sparse_grouped_mm
-from .sparse_linear import keep_mask, sparse_gemv, sparse_linear, sparse_linear_reference
+from ..mask import expert_keep_mask, expert_of_rows, keep_mask
+from .sparse_experts import sparse_bmm, sparse_grouped_mm
+from .sparse_linear import sparse_gemv, sparse_linear, sparse_linear_reference
 from .sparse_linear_fused import sparse_gemv_fused, sparse_linear_fused
 
 __all__ = [

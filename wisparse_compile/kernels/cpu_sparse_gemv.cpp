@@ -1,6 +1,7 @@
 // wisparse_cpu::sparse_gemv: activation-sparse GEMV for decode-sized calls on CPU.
 //
-// out[r, :] = sum_{i kept for row r} x[r, i] * WT[i, :] + bias,   kept iff |x[r, i]| > t[i] (fp32).
+// out[r, :] = sum_{i kept for row r} x[r, i] * WT[i, :] + bias,   kept iff |x[r, i]| > t[i] (fp32) or x[r, i] is NaN
+// (wisparse_compile/mask.py: NaN reaches the output as in the dense op).
 //
 // WT is the input-major weight [in, out] (W.t() of a weight that attach() re-laid out), so a
 // pruned channel skips one contiguous row of WT: the kernel reads only the kept rows, which is
@@ -191,6 +192,8 @@ void stream_rows(const W* wt, int64_t n, const int64_t* kept, const float* coef,
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return load_f32(&v, 0); }
+// The mask (wisparse_compile/mask.py): kept iff |v| > t, or v is NaN.
+inline bool channel_kept(float v, float t) { return std::fabs(v) > t || std::isnan(v); }
 inline void from_f32(float v, float* out) { *out = v; }
 inline void from_f32(float v, uint16_t* out) { *out = c10::BFloat16(v).x; }  // round to nearest even
 
@@ -207,11 +210,11 @@ void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* 
   int64_t nkept = 0;
   for (int64_t i = 0; i < k; ++i) {
     bool any = false;
-    for (int64_t r = 0; r < m; ++r) any |= std::fabs(to_f32(xp[r * k + i])) > tp[i];
+    for (int64_t r = 0; r < m; ++r) any |= channel_kept(to_f32(xp[r * k + i]), tp[i]);
     if (!any) continue;
     for (int64_t r = 0; r < m; ++r) {
       const float v = to_f32(xp[r * k + i]);
-      coef[nkept * m + r] = std::fabs(v) > tp[i] ? v : 0.0f;
+      coef[nkept * m + r] = channel_kept(v, tp[i]) ? v : 0.0f;
     }
     kept[nkept++] = i;
   }

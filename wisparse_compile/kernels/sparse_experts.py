@@ -1,7 +1,7 @@
 """Sparse contractions of stacked expert weights: ``wisparse::sparse_grouped_mm`` and ``sparse_bmm``.
 
-Semantics: each row of the activation belongs to one expert; channel i of a row routed to expert
-e is kept iff ``|x_i| > thresholds[e, i]`` (fp32), pruned channels count as zero, then the
+Semantics: each row of the activation belongs to one expert and is masked by that expert's
+thresholds ``thresholds[e]`` as ``wisparse_compile.mask`` defines, then the
 original contraction runs unchanged. The expert of a row comes from ``offs`` for grouped mm (rows
 are sorted by expert; ``offs`` are the cumulative row counts) and from the gathered ``expert_ids``
 for bmm on ``W[expert_ids]``.
@@ -15,32 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_linear import keep_mask
-
-
-def expert_of_rows(offs: torch.Tensor, rows: int, num_experts: int) -> torch.Tensor:
-    """Expert index of each of ``rows`` expert-sorted rows, from cumulative offsets ``offs``.
-
-    Rows past ``offs[-1]`` (no expert; grouped mm leaves them out) get the last expert.
-    """
-    index = torch.arange(rows, device=offs.device, dtype=offs.dtype)
-    return torch.searchsorted(offs, index, right=True).clamp_(max=num_experts - 1)
-
-
-def expert_keep_mask(x: torch.Tensor, thresholds: torch.Tensor, row_experts: torch.Tensor | None) -> torch.Tensor:
-    """Kept channels of ``x``: per-channel thresholds (1-D) or each row's expert's thresholds ([E, in]).
-
-    With ``row_experts``, ``x`` holds ``len(row_experts)`` rows of ``in`` channels in any layout
-    whose flattening is row-major ([S, in], [S, in, 1], [S, 1, in]).
-    """
-    if row_experts is None or thresholds.dim() == 1:
-        return keep_mask(x, thresholds)
-    per_row = thresholds[row_experts.to(thresholds.device).long()]
-    return x.abs().float() > per_row.reshape(x.shape).float()
-
-
-def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+from ..mask import expert_of_rows, masked_input
 
 
 def grouped_mm_dense(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, native: bool) -> torch.Tensor:
@@ -65,7 +40,7 @@ def sparse_grouped_mm(
     torch._check(weight.dim() == 3 and thresholds.shape == (weight.shape[0], weight.shape[1]),
                  lambda: f"sparse_grouped_mm: thresholds {tuple(thresholds.shape)} do not fit weight {tuple(weight.shape)}")
     rows = expert_of_rows(offs, x.shape[0], weight.shape[0])
-    return grouped_mm_dense(_masked(x, expert_keep_mask(x, thresholds, rows)), weight, offs, native)
+    return grouped_mm_dense(masked_input(x, thresholds, rows), weight, offs, native)
 
 
 @sparse_grouped_mm.register_fake
@@ -80,9 +55,9 @@ def sparse_bmm(
     """``torch.bmm(a, b)`` where operand ``weight_arg`` is the gathered ``W[expert_ids]`` and the other,
     the activation ([S, in, 1] or [S, 1, in]), is masked row by row by ``thresholds[expert_ids]``."""
     if weight_arg == 0:
-        b = _masked(b, expert_keep_mask(b, thresholds, expert_ids))
+        b = masked_input(b, thresholds, expert_ids)
     else:
-        a = _masked(a, expert_keep_mask(a, thresholds, expert_ids))
+        a = masked_input(a, thresholds, expert_ids)
     return torch.bmm(a, b)
 
 

@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-#: Most weights one fused call may concatenate (q/k/v is 3, gate/up 2).
-MAX_SEGMENTS = 4
+from .triton_route import MAX_SEGMENTS
 
 
 def autotune_configs() -> list[triton.Config]:
@@ -51,9 +50,11 @@ def autotune_configs() -> list[triton.Config]:
 def _segment_keep(x, t_ptr, offs_k, k_ok, seg, g: tl.constexpr, n_ok):
     """Masked x of segment g, and the channels it needs in this block (none if no column of g)."""
     t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
-    keep = tl.abs(x) > t[None, :]
-    in_block = tl.max(((seg == g) & n_ok).to(tl.int32), axis=0) > 0
-    needed = (tl.max(keep.to(tl.int32), axis=0) > 0) & in_block  # union over token rows
+    keep = (tl.abs(x) > t[None, :]) | (x != x)  # NaN is kept (wisparse_compile/mask.py)
+    # 1 if a column of segment g lies in this block. Combined by arithmetic, not `&` with the
+    # reduced scalar: triton >= 3.9's interpreter rejects the mask dtype that `&` produces.
+    in_block = tl.max(((seg == g) & n_ok).to(tl.int32), axis=0)
+    needed = (tl.max(keep.to(tl.int32), axis=0) * in_block) > 0  # union over token rows
     return tl.where(keep, x, 0.0), needed
 
 

@@ -1,7 +1,7 @@
 """The ``wisparse::sparse_linear`` op: its plain-torch reference and its Triton route.
 
-Semantics (every route gives this result): channel i of ``x`` is kept for a token iff
-``|x_i| > t_i`` (compared in fp32), pruned channels count as zero, then ``x @ W^T + b``.
+Semantics (every route gives this result): ``x`` masked as ``wisparse_compile.mask`` defines
+(channel i kept iff ``|x_i| > t_i`` in fp32, or NaN; pruned channels are zero), then ``x @ W^T + b``.
 
 Routes: on CUDA, calls with at most ``max_sparse_rows`` token rows (decode) run the Triton sparse
 GEMV; on CPU they run the C++ kernel (``cpu_kernel.py``) when it builds; everything else (prefill,
@@ -20,30 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..mask import masked_input
 from .cpu_kernel import cpu_sparse_gemv, input_major_gemm_is_slow, uses_cpu_kernel
-from .sparse_gemv import sparse_gemv_into
+from . import triton_route
 
 log = logging.getLogger(__name__)
 
 SPARSE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Devices whose decode-sized calls take the Triton sparse GEMV. Not the CPU: compiled Triton needs
-#: a GPU driver, and under the interpreter (``TRITON_INTERPRET=1``) ``wrap_triton`` hands back the
-#: interpreted kernel, which cannot be traced. A codegen-only test adds "cpu" here to read the code
-#: Inductor generates for the Triton route (tests/kernels/inductor_codegen.py).
-TRITON_DEVICES: tuple[str, ...] = ("cuda",)
-
-
-def keep_mask(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of kept channels: ``|x_i| > t_i`` in fp32."""
-    return x.abs().float() > thresholds.float()
 
 
 def sparse_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor
 ) -> torch.Tensor:
     """Mask then dense: the definition of the op, and its CPU and prefill route."""
-    x = torch.where(keep_mask(x, thresholds), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.linear(x, weight, bias)
+    return F.linear(masked_input(x, thresholds), weight, bias)
 
 
 def masked_dense_linear(
@@ -76,11 +66,13 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Ten
 
 
 def uses_sparse_kernel(x: torch.Tensor, max_sparse_rows: int) -> bool:
-    """Whether a call takes the Triton sparse GEMV (decode-sized calls on ``TRITON_DEVICES``)."""
-    if x.device.type not in TRITON_DEVICES or x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
+    """Whether a call takes the Triton sparse GEMV (decode-sized calls on ``triton_route.TRITON_DEVICES``)."""
+    if x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
-    return bool(statically_known_true(rows <= max_sparse_rows))
+    if not statically_known_true(rows <= max_sparse_rows):
+        return False
+    return triton_route.triton_route_possible(x.device.type)
 
 
 def sparse_gemv(
@@ -91,6 +83,8 @@ def sparse_gemv(
     launcher=lambda kernel: kernel,
 ) -> torch.Tensor:
     """Run the Triton sparse GEMV on any device Triton reaches (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    from .sparse_gemv import sparse_gemv_into  # imports triton
+
     _check_operands(x, weight, thresholds)
     n, k = weight.shape
     x2d = x.reshape(-1, k)
@@ -101,7 +95,7 @@ def sparse_gemv(
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-@torch.library.triton_op("wisparse::sparse_linear", mutates_args=())
+@triton_route.triton_op("wisparse::sparse_linear", mutates_args=())
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

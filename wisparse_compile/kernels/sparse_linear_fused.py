@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from .sparse_gemv import MAX_SEGMENTS, sparse_gemv_into
+from .triton_route import MAX_SEGMENTS, triton_op
 from .sparse_linear import _check_operands, sparse_linear, uses_sparse_kernel
 
 
@@ -45,6 +45,8 @@ def sparse_gemv_fused(
     launcher=lambda kernel: kernel,
 ) -> torch.Tensor:
     """One Triton sparse GEMV over the concatenated weight (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    from .sparse_gemv import sparse_gemv_into  # imports triton
+
     n, k = fused_weight.shape
     x2d = x.reshape(-1, k)
     out = torch.zeros(x2d.shape[0], n, dtype=torch.float32, device=x.device)
@@ -58,7 +60,7 @@ def sparse_gemv_fused(
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-@torch.library.triton_op("wisparse::sparse_linear_fused", mutates_args=())
+@triton_op("wisparse::sparse_linear_fused", mutates_args=())
 def sparse_linear_fused(
     x: torch.Tensor,
     weights: List[torch.Tensor],

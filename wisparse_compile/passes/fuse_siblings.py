@@ -38,7 +38,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels.sparse_gemv import MAX_SEGMENTS
+from ..kernels.triton_route import MAX_SEGMENTS
 from .sparse_linear import FUSED, RewriteResult, _example_value
 
 log = logging.getLogger(__name__)
