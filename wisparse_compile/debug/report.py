@@ -51,9 +51,10 @@ def dotted_source_name(source: str) -> str:
 
     Dynamo spells parameter sources as a Python expression rooted at the frame's locals; dropping
     the root and the ``_modules``/``_parameters`` containers gives the ``named_parameters`` name
-    (relative to the frame after a graph break).
+    (relative to the frame after a graph break). The root may be indexed: where transformers (5.24+)
+    wraps ``forward``, the module is ``L['args'][0]``.
     """
-    text = re.sub(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?", "", source)
+    text = re.sub(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])*\.?", "", source)
     text = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), text)
     parts = [p for p in text.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
     return ".".join(parts)
