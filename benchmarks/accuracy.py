@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.atomic import atomic_write_json, atomic_write_text
+from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.config import METHODS
 from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity

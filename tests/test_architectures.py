@@ -9,8 +9,6 @@ all exercised), and one architecture per linear form not covered elsewhere goes 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -19,6 +17,7 @@ import wisparse_compile as wsc
 from tests.archs import DENSE, LAYERS, MOE_ARCHS, Arch
 from tests.conftest import token_batches
 from tests.helpers import MaskingHooks
+from wisparse_compile.attach import unplanned
 from wisparse_compile.backend import COMPILED_REPORTS
 from wisparse_compile.config import METHODS
 from wisparse_compile.reference import masked_linears
@@ -98,23 +97,11 @@ def test_dense_architecture(arch: Arch, lowering: str):
     assert [reason for _, reason in dense_left] == ["no plan entry"]
 
 
-class _only_experts:
-    """While active, the [out, in] linears in ``linears`` are unplanned (detached from the registry),
-    so a surrounding ``masked_linears`` masks only the stacked experts."""
-
-    def __init__(self, model: torch.nn.Module, linears: dict[str, torch.Tensor]) -> None:
-        self.registry = sys.modules["wisparse_compile.attach"]._SITES  # the package's weight registry
-        params = dict(model.named_parameters())
-        self.weights = [params.get(f"{n}.weight", params.get(n)) for n in linears]
-        self.saved: list = []
-
-    def __enter__(self):
-        self.saved = [(w, self.registry.pop(w)) for w in self.weights if w in self.registry]
-        return self
-
-    def __exit__(self, *exc):
-        for w, site in self.saved:
-            self.registry[w] = site
+def _only_experts(model: torch.nn.Module, linears: dict[str, torch.Tensor]):
+    """While active, the [out, in] linears in ``linears`` are unplanned, so a surrounding
+    ``masked_linears`` masks only the stacked experts."""
+    params = dict(model.named_parameters())
+    return unplanned([params.get(f"{n}.weight", params.get(n)) for n in linears])
 
 
 @pytest.mark.slow

@@ -50,32 +50,92 @@ def test_save_load_roundtrip(plan, tmp_path):
 
 
 def test_failed_save_leaves_no_file(plan, tmp_path, monkeypatch):
-    import wisparse_compile.plan as plan_module
+    """A write that fails after the data is out (here: the final rename) leaves neither the plan
+    nor the temporary file, and an existing plan at the path is left as it was."""
+    import wisparse_compile.files as files_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(plan_module, "save_file", broken)
+    monkeypatch.setattr(files_module.os, "replace", broken)
     with pytest.raises(OSError, match="disk full"):
         plan.save(tmp_path / "plan.wsp")
     assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    plan.save(tmp_path / "plan.wsp")
+    before = (tmp_path / "plan.wsp").read_bytes()
+    monkeypatch.setattr(files_module.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plan.save(tmp_path / "plan.wsp")
+    assert os.listdir(tmp_path) == ["plan.wsp"] and (tmp_path / "plan.wsp").read_bytes() == before
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"])
 def test_corrupted_file_is_a_clear_error(tmp_path, content):
     path = tmp_path / "plan.wsp"
     path.write_bytes(content)
-    with pytest.raises(wsc.PlanError, match="not a readable wisparse plan|corrupted|not a wisparse plan"):
+    with pytest.raises(wsc.PlanError, match="not a readable wisparse plan.*re-create it with wsc.calibrate"):
         wsc.SparsityPlan.load(path)
 
 
-def test_truncated_plan_file_is_a_clear_error(plan, tmp_path):
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.05])
+def test_truncated_plan_file_is_a_clear_error(plan, tmp_path, keep):
+    """Cut in the tensor data, near its end, or inside the header: each names the problem and the fix."""
     path = tmp_path / "plan.wsp"
     plan.save(path)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(wsc.PlanError, match="plan"):
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(wsc.PlanError, match="truncated or corrupted.*re-create it"):
         wsc.SparsityPlan.load(path)
+
+
+def _rewrite_metadata(path, edit):
+    """Re-save a plan file with its JSON metadata changed by ``edit`` (tensors unchanged)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["wisparse_plan"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta)
+    save_file(tensors, path, metadata={"wisparse_plan": json.dumps(meta)})
+
+
+@pytest.mark.parametrize(
+    "version, fix", [(0, "it predates this format.*re-create it"), (None, "it predates this format"), (2, "upgrade wisparse-compile")]
+)
+def test_plan_of_another_format_version(plan, tmp_path, version, fix):
+    path = tmp_path / "plan.wsp"
+    plan.save(path)
+    _rewrite_metadata(path, lambda meta: meta.update(format_version=version) if version is not None else meta.pop("format_version"))
+    with pytest.raises(wsc.PlanError, match=f"format version {version!r}, this wisparse-compile reads version 1: {fix}"):
+        wsc.SparsityPlan.load(path)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda meta: meta.pop("sparsities"), "metadata is malformed.*sparsities"),
+    (lambda meta: meta.update(names=["not.a.linear"]), "metadata and tensors name different linears"),
+    (lambda meta: meta["shapes"].update({next(iter(meta["shapes"])): [3, 3]}), "thresholds for 3 input channels"),
+])
+def test_inconsistent_plan_file(plan, tmp_path, edit, problem):
+    path = tmp_path / "plan.wsp"
+    plan.save(path)
+    _rewrite_metadata(path, edit)
+    with pytest.raises(wsc.PlanError, match=f"{problem}.*re-create it"):
+        wsc.SparsityPlan.load(path)
+
+
+def test_files_that_are_not_plans(tmp_path):
+    """A JSON file, a directory, a missing path: each says what it is."""
+    (tmp_path / "plan.json").write_text('{"sparsity": 0.5}')
+    with pytest.raises(wsc.PlanError, match="not a readable wisparse plan"):
+        wsc.SparsityPlan.load(tmp_path / "plan.json")
+    with pytest.raises(wsc.PlanError, match="is a directory; give the plan file"):
+        wsc.SparsityPlan.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no plan file at"):
+        wsc.SparsityPlan.load(tmp_path / "missing.wsp")
 
 
 def test_safetensors_without_plan_metadata(tmp_path):
@@ -83,7 +143,7 @@ def test_safetensors_without_plan_metadata(tmp_path):
 
     path = tmp_path / "weights.safetensors"
     save_file({"a": torch.zeros(2)}, path)
-    with pytest.raises(wsc.PlanError, match="not a wisparse plan"):
+    with pytest.raises(wsc.PlanError, match="not a wisparse plan.*model weights, perhaps"):
         wsc.SparsityPlan.load(path)
 
 

@@ -3,14 +3,20 @@
 Compiled graphs take parameters as inputs and Dynamo does not guard on their identity, so one
 graph may run for several model instances (or, after a graph break, several layers). Thresholds
 therefore travel with the *weight tensor actually passed*: a process-wide registry maps each
-planned Parameter to the module buffer that holds its thresholds. Buffers follow ``model.to()``.
+planned Parameter to its site record (plan entry, fp32 thresholds, target sparsity).
+
+The thresholds are not module buffers: ``model.to(torch.bfloat16)`` / ``.half()`` would cast
+them (masks would shift; in fp16 large thresholds become inf). They stay fp32, and follow their
+weight to another device once, on first use there (``thresholds_of``), never per call.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
-from dataclasses import dataclass
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,26 +24,29 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .experts import make_experts_traceable
 from .kernels.cpu_kernel import input_major_gemm_is_slow
-from .model_structure import find_weight, owner_and_attr
+from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 
 log = logging.getLogger(__name__)
 
-_BUFFER_SUFFIX = "_wisparse_threshold"
 
-
-@dataclass(frozen=True)
 class _Site:
-    """Where a planned weight's thresholds live: a non-persistent buffer of its owner module."""
+    """A planned weight's record: its plan entry, fp32 thresholds, and whether attach re-laid it."""
 
-    name: str
-    in_dim: int
-    owner: "weakref.ReferenceType[nn.Module]"
-    buffer: str
+    __slots__ = ("name", "in_dim", "sparsity", "relaid", "_thresholds")
 
-    def thresholds(self) -> torch.Tensor | None:
-        owner = self.owner()
-        return None if owner is None else owner._buffers.get(self.buffer)
+    def __init__(self, name: str, in_dim: int, sparsity: float, thresholds: torch.Tensor, relaid: bool) -> None:
+        self.name = name
+        self.in_dim = in_dim
+        self.sparsity = sparsity
+        self.relaid = relaid  # attach re-laid the weight input-major; detach lays it back
+        self._thresholds = thresholds
+
+    def thresholds_on(self, device: torch.device) -> torch.Tensor:
+        """The fp32 thresholds on ``device``: moved there once, then the same tensor every call."""
+        if self._thresholds.device != device:
+            self._thresholds = self._thresholds.to(device)
+        return self._thresholds
 
 
 _SITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -46,8 +55,13 @@ _generation = 0
 
 
 def attach_generation() -> int:
-    """Counter bumped by every attach/detach, so compiled code can re-check plans cheaply."""
+    """Counter bumped whenever any weight's plan changes (attach, detach, ``unplanned``)."""
     return _generation
+
+
+def _bump_generation() -> None:
+    global _generation
+    _generation += 1
 
 
 def any_attached() -> bool:
@@ -56,6 +70,7 @@ def any_attached() -> bool:
 
 
 def site_of(weight: object) -> _Site | None:
+    """The site record of a planned weight, or None (also for non-tensors)."""
     try:
         return _SITES.get(weight)
     except TypeError:
@@ -63,18 +78,89 @@ def site_of(weight: object) -> _Site | None:
 
 
 def thresholds_of(weight: torch.Tensor) -> torch.Tensor | None:
-    """The thresholds of a planned weight (on its device), or None if it has no plan."""
+    """The fp32 thresholds of a planned weight, on its device; None if it has no plan."""
     site = site_of(weight)
-    if site is None:
-        return None
-    t = site.thresholds()
-    if t is not None and t.device != weight.device:
-        t = t.to(weight.device)
-    return t
+    return None if site is None else site.thresholds_on(weight.device)
+
+
+def planned_sparsity(weight: object) -> float | None:
+    """The target sparsity the attached plan gives ``weight``; None if it has no plan."""
+    site = site_of(weight)
+    return None if site is None else site.sparsity
 
 
 def attached_plan(model: nn.Module) -> SparsityPlan | None:
     return _PLANS.get(model)
+
+
+@contextmanager
+def unplanned(weights: Iterable[torch.Tensor]) -> Iterator[None]:
+    """While active, ``weights`` have no plan: compiled graphs and ``masked_linears`` run them dense.
+
+    For references that mask some linears and not others; the plan comes back on exit.
+    """
+    saved = [(w, site) for w in weights if (site := site_of(w)) is not None]
+    for w, _ in saved:
+        del _SITES[w]
+    _bump_generation()
+    try:
+        yield
+    finally:
+        for w, site in saved:
+            _SITES[w] = site
+        _bump_generation()
+
+
+class ThresholdFeed:
+    """The thresholds of the weights at fixed argument positions, for a compiled graph's extra inputs.
+
+    Resolved once per (weight objects, ``attach_generation()``): a steady decode step costs one
+    identity check of the weight arguments, no registry lookups, and gets the same tensor objects
+    step to step (CUDA graphs need stable input addresses). A weight with no plan gets zero
+    thresholds (runs dense) and ``on_unplanned`` is called at that resolution.
+    """
+
+    def __init__(
+        self, positions: Sequence[int], examples: Sequence[torch.Tensor], on_unplanned: Callable[[], None]
+    ) -> None:
+        self._positions = list(positions)
+        self._examples = list(examples)
+        self._on_unplanned = on_unplanned
+        get = operator.itemgetter(*self._positions) if self._positions else (lambda args: ())
+        self._weights_of: Callable[[Sequence[Any]], tuple] = (
+            (lambda args: (get(args),)) if len(self._positions) == 1 else get
+        )
+        self._key: tuple[int, ...] | None = None
+        self._generation = -1
+        self._thresholds: tuple[torch.Tensor, ...] = ()
+        self._refs: list[weakref.ref] = []
+        self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        weights = self._weights_of(args)
+        key = tuple(map(id, weights))
+        if key != self._key or self._generation != _generation:
+            self._resolve(weights, key)
+        return self._thresholds
+
+    def _forget(self, _ref: object = None) -> None:
+        self._key = None  # a keyed weight died: its id may be reused by another tensor
+
+    def _resolve(self, weights: tuple, key: tuple[int, ...]) -> None:
+        thresholds, unplanned_weights = [], 0
+        for j, weight in enumerate(weights):
+            t = thresholds_of(weight)
+            if t is None:
+                unplanned_weights += 1
+                t = self._zeros.get((j, weight.device))
+                if t is None:
+                    t = self._zeros[(j, weight.device)] = torch.zeros_like(self._examples[j], device=weight.device)
+            thresholds.append(t)
+        self._thresholds = tuple(thresholds)
+        self._refs = [weakref.ref(w, self._forget) for w in weights]
+        self._key, self._generation = key, _generation
+        if unplanned_weights:
+            self._on_unplanned()
 
 
 def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
@@ -121,57 +207,75 @@ def _warn_slow_eager_layout(weight: torch.Tensor) -> None:
     )
 
 
+def _is_input_major(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
 def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:
     """Give ``model`` its plan; ``torch.compile(model, backend="wisparse")`` then sparsifies it.
 
     input_major: re-lay each planned [out, in] weight in memory as its transpose (same values and
         shape, strides (1, out)), so the sparse kernel skips a pruned channel by skipping one
-        contiguous row. Done once here, never per call. fp32 matmuls read it as a transposed
-        operand at no cost, but bf16/fp16 ones on a CPU without native bf16/fp16 GEMM (AVX2) fall
-        to a scalar loop for this layout, 20-40x slower (``input_major_gemm_is_slow``; one warning
-        says so). The compiled sparse op avoids that (it widens its dense route to fp32); *eager*
-        forward passes of the model do not, nor do linears the compiler leaves dense (e.g. prefill
-        with ``mask_prefill=False``): run eager work (an uncompiled prefill, calibration,
-        evaluation) before attaching or through the compiled model, or pass input_major=False for
-        eager-only use (the CPU kernel is then not taken).
-    Returns the model. Attaching again replaces the previous plan.
+        contiguous row. Done once here, never per call; ``detach`` lays it back. fp32 matmuls
+        read it as a transposed operand at no cost, but bf16/fp16 ones on a CPU without native
+        bf16/fp16 GEMM (AVX2) fall to a scalar loop for this layout, 20-40x slower
+        (``input_major_gemm_is_slow``; one warning says so). The compiled sparse op avoids that
+        (it widens its dense route to fp32); *eager* forward passes of the model do not, nor do
+        linears the compiler leaves dense (e.g. prefill with ``mask_prefill=False``): run eager
+        work (an uncompiled prefill, calibration, evaluation) before attaching or through the
+        compiled model, or pass input_major=False for eager-only use (the CPU kernel is then not taken).
+    The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
+    Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
+    the previous plan (weights it keeps input-major are not copied again).
     """
-    global _generation
     validate_plan(model, plan)
-    _generation += 1
-    if attached_plan(model) is not None:
-        detach(model)
-    for name in plan.names:
-        param_name, weight = find_weight(model, name)  # type: ignore[misc]
-        owner, attr = owner_and_attr(model, param_name)
-        buffer = attr + _BUFFER_SUFFIX
-        thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
-        owner.register_buffer(buffer, thresholds, persistent=False)
+    weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
+    still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
+    kept_input_major = _unregister(model, keep_layout_of=still_planned)
+    for name, weight in weights:
         in_dim = plan.in_dims[name] % weight.dim()
+        relaid = id(weight) in kept_input_major
         if input_major and weight.dim() == 2 and in_dim == 1 and weight.stride(0) != 1:
             with torch.no_grad():
                 weight.data = weight.data.t().contiguous().t()
+            relaid = True
             _warn_slow_eager_layout(weight)
-        _SITES[weight] = _Site(name, in_dim, weakref.ref(owner), buffer)
+        thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
+        _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid)
     _PLANS[model] = plan
+    _bump_generation()
     make_experts_traceable(model)
     log.info("attached %r to %s (%d linears)", plan, type(model).__name__, len(plan.names))
     return model
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove the plan: thresholds buffers are dropped and the model compiles densely again."""
-    global _generation
+    """Remove the plan: weights attach re-laid go back to row-major, and the model compiles densely."""
+    _unregister(model, keep_layout_of=set())
+    return model
+
+
+def _unregister(model: nn.Module, keep_layout_of: set[int]) -> set[int]:
+    """Drop ``model``'s sites; lay re-laid weights back unless their id is in ``keep_layout_of``.
+
+    Returns the ids of weights left input-major by a previous attach (still to be laid back later).
+    """
     plan = _PLANS.pop(model, None)
     if plan is None:
-        return model
-    _generation += 1
+        return set()
+    kept: set[int] = set()
     for name in plan.names:
         found = find_weight(model, name)
         if found is None:
             continue
-        param_name, weight = found
+        weight = found[1]
         site = _SITES.pop(weight, None)
-        if site is not None and (owner := site.owner()) is not None:
-            owner._buffers.pop(site.buffer, None)
-    return model
+        if site is None or not site.relaid:
+            continue
+        if id(weight) in keep_layout_of:
+            kept.add(id(weight))
+        elif _is_input_major(weight):
+            with torch.no_grad():
+                weight.data = weight.data.contiguous()
+    _bump_generation()
+    return kept

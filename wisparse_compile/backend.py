@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
-from .attach import any_attached, attach_generation, site_of, thresholds_of
+from .attach import ThresholdFeed, any_attached, attach_generation, site_of
 from .config import BackendConfig
 from .debug import record_graph
 from .kernels.cpu_kernel import cpu_compile_patches
@@ -36,27 +36,28 @@ def _inductor_patches(mode: str | None, options: dict[str, Any]) -> dict[str, An
 
 
 def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Callable[..., Any]:
-    """Append, per call, the thresholds of the weights actually passed."""
-    sources = list(result.threshold_sources)
-    dense_fallbacks = [torch.zeros_like(t) for t in result.threshold_examples]
+    """Append, per call, the thresholds of the weights actually passed.
+
+    ``ThresholdFeed`` resolves them once per (weights, plan generation): a steady decode step adds
+    one identity check, and the same threshold tensors every step; a plan swap (attach again)
+    takes effect at the next call without recompiling.
+    """
     warned = False
 
-    def run(*args: Any) -> Any:
+    def warn_unplanned() -> None:
         nonlocal warned
-        extra = []
-        for j, i in enumerate(sources):
-            t = thresholds_of(args[i])
-            if t is None:
-                if not warned:
-                    warned = True
-                    warnings.warn(
-                        "wisparse: a graph compiled for a model with a plan is running with weights "
-                        "that have none; those linears run dense (zero thresholds)",
-                        stacklevel=2,
-                    )
-                t = dense_fallbacks[j].to(args[i].device)
-            extra.append(t)
-        return compiled(*args, *extra)
+        if not warned:
+            warned = True
+            warnings.warn(
+                "wisparse: a graph compiled for a model with a plan is running with weights "
+                "that have none; those linears run dense (zero thresholds)",
+                stacklevel=4,
+            )
+
+    feed = ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned)
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, *feed(args))
 
     return run
 
@@ -69,8 +70,9 @@ def _watch_for_late_plans(compiled: Callable[..., Any], weight_indices: list[int
 
     def run(*args: Any) -> Any:
         nonlocal seen_generation
-        if seen_generation != attach_generation():
-            seen_generation = attach_generation()
+        generation = attach_generation()
+        if seen_generation != generation:
+            seen_generation = generation
             if any_attached() and any(site_of(args[i]) is not None for i in weight_indices):
                 warnings.warn(
                     "wisparse: this graph was compiled before a plan was attached and runs dense; "
@@ -80,6 +82,30 @@ def _watch_for_late_plans(compiled: Callable[..., Any], weight_indices: list[int
         return compiled(*args)
 
     return run
+
+
+def _records_autograd(example_inputs: Sequence[Any]) -> bool:
+    """Whether this graph is compiled for autograd: grad mode on and an input that requires grad.
+
+    Dynamo guards on grad mode, so the same code under ``torch.no_grad()`` compiles separately.
+    """
+    return torch.is_grad_enabled() and any(isinstance(e, torch.Tensor) and e.requires_grad for e in example_inputs)
+
+
+def _compile_dense_for_autograd(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]
+) -> Callable[..., Any]:
+    """A graph that records autograd compiles dense (the sparse ops have no backward), and says so."""
+    from torch._inductor.compile_fx import compile_fx
+
+    warnings.warn(
+        "wisparse: this graph runs with autograd recording (grad enabled and parameters that require "
+        "grad), and the sparse ops have no backward, so its planned linears run DENSE (outputs and "
+        "gradients are the dense model's); for the sparse model run inference under torch.no_grad() "
+        "or torch.inference_mode(), or call model.requires_grad_(False)",
+        stacklevel=2,
+    )
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def wisparse_backend(
@@ -95,6 +121,8 @@ def wisparse_backend(
     patches = _inductor_patches(mode, inductor_options)
     before = gm
     if any_attached() and any(site_of(e) is not None for e in example_inputs):
+        if _records_autograd(example_inputs):
+            return _compile_dense_for_autograd(gm, example_inputs, patches)
         gm = copy_dynamo_graph_module(gm)
     result = rewrite_sparse_linears(gm, example_inputs, config)
     fusion = fuse_sibling_linears(gm, example_inputs, result) if config.fuse_siblings else FusionResult()

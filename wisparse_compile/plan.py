@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .files import atomic_write_bytes
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "wisparse_plan"
@@ -82,7 +83,6 @@ class SparsityPlan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a failed save leaves no partial file at ``path``."""
-        path = os.fspath(path)
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -96,45 +96,51 @@ class SparsityPlan:
             "torch_version": torch.__version__,
         }
         tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in self.channel_thresholds.items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_bytes(path, safetensors_bytes(tensors, metadata={_METADATA_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "SparsityPlan":
+        """Read a plan file; PlanError names what is wrong with a file that is not a usable plan."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise PlanError(f"{path!r} is a directory; give the plan file (written by plan.save or `wisparse-compile calibrate`)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no plan file at {path!r}")
+        remake = "re-create it with wsc.calibrate(...).save(path) or `wisparse-compile calibrate`"
         try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-
             with safe_open(path, framework="pt") as f:
                 raw = (f.metadata() or {}).get(_METADATA_KEY)
+                tensors = {name: f.get_tensor(name) for name in f.keys()} if raw is not None else {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            size = os.path.getsize(path)
             raise PlanError(
-                f"{path!r} is not a readable wisparse plan ({e}); re-create it with wsc.calibrate(...).save()"
+                f"{path!r} ({size} bytes) is not a readable wisparse plan: not a safetensors file, or a "
+                f"truncated or corrupted one ({e}); {remake}"
             ) from e
         if raw is None:
-            raise PlanError(f"{path!r} is a safetensors file but not a wisparse plan (no {_METADATA_KEY!r} metadata)")
+            raise PlanError(
+                f"{path!r} is a safetensors file but not a wisparse plan (no {_METADATA_KEY!r} metadata): "
+                f"model weights, perhaps? Give the plan file; {remake}"
+            )
         try:
             meta = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise PlanError(f"{path!r}: plan metadata is corrupted ({e})") from e
+            raise PlanError(f"{path!r}: plan metadata is corrupted ({e}); {remake}") from e
+        if not isinstance(meta, dict):
+            raise PlanError(f"{path!r}: plan metadata is not a JSON object; {remake}")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise PlanError(f"{path!r}: plan format version {version!r}, this wisparse-compile reads {FORMAT_VERSION}")
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                fix = "upgrade wisparse-compile to read it"
+            else:
+                fix = f"it predates this format; {remake}"
+            raise PlanError(
+                f"{path!r}: plan format version {version!r}, this wisparse-compile reads version {FORMAT_VERSION}: {fix}"
+            )
         try:
             order = meta.get("names", sorted(tensors))
             if set(order) != set(tensors):
-                raise PlanError(f"{path!r}: plan metadata and tensors name different linears")
+                raise PlanError("plan metadata and tensors name different linears")
             return cls(
                 channel_thresholds={name: tensors[name] for name in order},
                 sparsities={k: float(v) for k, v in meta["sparsities"].items()},
@@ -145,8 +151,10 @@ class SparsityPlan:
                 config=meta.get("config", {}),
                 stats=meta.get("stats", {}),
             )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise PlanError(f"{path!r}: plan metadata is malformed ({e!r})") from e
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise PlanError(f"{path!r}: {e}; {remake}") from e
+            raise PlanError(f"{path!r}: plan metadata is malformed ({e!r}); {remake}") from e
 
     def __repr__(self) -> str:
         return (

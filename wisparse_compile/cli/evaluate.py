@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..atomic import atomic_write_json
+from ..files import atomic_write_json
 from .session import add_text_arguments, load_model, text_windows
 
 NAME = "eval"

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from ..attach import _PLANS, site_of
-from ..model_structure import find_weight, linear_name
+from ..attach import planned_sparsity
+from ..model_structure import linear_name
 from ..passes.sparse_linear import DENSE, SPARSE, RewriteResult
 
 # Why a linear was left dense, as a short category (the pass's reason text stays in ``reason``).
@@ -76,19 +76,6 @@ def _module_path_from_meta(node: fx.Node | None) -> str | None:
         return None
     path, _ = list(stack.values())[-1]
     return dotted_source_name(str(path))
-
-
-def planned_sparsity(weight: Any) -> float | None:
-    """The target sparsity of a planned weight, from the plan attached to its model."""
-    site = site_of(weight)
-    if site is None:
-        return None
-    for model, plan in list(_PLANS.items()):
-        if site.name in plan.sparsities:
-            found = find_weight(model, site.name)
-            if found is not None and found[1] is weight:
-                return float(plan.sparsities[site.name])
-    return None
 
 
 @dataclass
