@@ -40,13 +40,14 @@ class _Site:
         self.in_dim = in_dim
         self.sparsity = sparsity
         self.relaid = relaid  # attach re-laid the weight input-major; detach lays it back
-        self._thresholds = thresholds
+        self._thresholds = {thresholds.device: thresholds}  # one fp32 copy per device used
 
     def thresholds_on(self, device: torch.device) -> torch.Tensor:
-        """The fp32 thresholds on ``device``: moved there once, then the same tensor every call."""
-        if self._thresholds.device != device:
-            self._thresholds = self._thresholds.to(device)
-        return self._thresholds
+        """The fp32 thresholds on ``device``: copied there once, then the same tensor every call."""
+        t = self._thresholds.get(device)
+        if t is None:
+            t = self._thresholds[device] = next(iter(self._thresholds.values())).to(device)
+        return t
 
 
 _SITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
