@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 class _Site:
     """A planned weight's record: its plan entry, fp32 thresholds, and whether attach re-laid it."""
 
-    __slots__ = ("name", "in_dim", "sparsity", "relaid", "_thresholds")
+    __slots__ = ("name", "in_dim", "sparsity", "relaid", "model", "_thresholds")
 
-    def __init__(self, name: str, in_dim: int, sparsity: float, thresholds: torch.Tensor, relaid: bool) -> None:
+    def __init__(
+        self, name: str, in_dim: int, sparsity: float, thresholds: torch.Tensor, relaid: bool, model: nn.Module
+    ) -> None:
         self.name = name
         self.in_dim = in_dim
         self.sparsity = sparsity
         self.relaid = relaid  # attach re-laid the weight input-major; detach lays it back
+        self.model = weakref.ref(model)  # the model the plan was attached to
         self._thresholds = {thresholds.device: thresholds}  # one fp32 copy per device used
 
     def thresholds_on(self, device: torch.device) -> torch.Tensor:
@@ -116,50 +119,61 @@ class ThresholdFeed:
     """The thresholds of the weights at fixed argument positions, for a compiled graph's extra inputs.
 
     Resolved once per (weight objects, ``attach_generation()``): a steady decode step costs one
-    identity check of the weight arguments, no registry lookups, and gets the same tensor objects
-    step to step (CUDA graphs need stable input addresses). A weight with no plan gets zero
-    thresholds (runs dense) and ``on_unplanned`` is called at that resolution.
+    identity check of the weight arguments (C-level, no registry lookups) and gets the same tensor
+    objects step to step (CUDA graphs need stable input addresses). The weights of the last
+    resolution are held only while their model lives (a weak reference to it drops them). A weight
+    with no plan gets zero thresholds (runs dense), and ``on_unplanned`` is called; such calls are
+    resolved again each time (the backend warns once about them).
     """
 
     def __init__(
         self, positions: Sequence[int], examples: Sequence[torch.Tensor], on_unplanned: Callable[[], None]
     ) -> None:
-        self._positions = list(positions)
         self._examples = list(examples)
         self._on_unplanned = on_unplanned
-        get = operator.itemgetter(*self._positions) if self._positions else (lambda args: ())
-        self._weights_of: Callable[[Sequence[Any]], tuple] = (
-            (lambda args: (get(args),)) if len(self._positions) == 1 else get
-        )
-        self._key: tuple[int, ...] | None = None
+        get = operator.itemgetter(*positions) if positions else (lambda args: ())
+        self._weights_of: Callable[[Sequence[Any]], tuple] = (lambda args: (get(args),)) if len(positions) == 1 else get
+        self._weights: tuple | None = None  # the weights resolved last, while cacheable
         self._generation = -1
         self._thresholds: tuple[torch.Tensor, ...] = ()
-        self._refs: list[weakref.ref] = []
+        self._model_refs: list[weakref.ref] = []
         self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         weights = self._weights_of(args)
-        key = tuple(map(id, weights))
-        if key != self._key or self._generation != _generation:
-            self._resolve(weights, key)
+        cached = self._weights
+        if cached is None or self._generation != _generation or not all(map(operator.is_, weights, cached)):
+            self._resolve(weights)
         return self._thresholds
 
     def _forget(self, _ref: object = None) -> None:
-        self._key = None  # a keyed weight died: its id may be reused by another tensor
+        self._weights = None  # the model died: let its weights go
 
-    def _resolve(self, weights: tuple, key: tuple[int, ...]) -> None:
-        thresholds, unplanned_weights = [], 0
+    def _resolve(self, weights: tuple) -> None:
+        thresholds: list[torch.Tensor] = []
+        models: dict[int, nn.Module] = {}
+        unplanned_weights, orphaned = 0, False
         for j, weight in enumerate(weights):
-            t = thresholds_of(weight)
+            site = site_of(weight)
+            model = site.model() if site is not None else None
+            if model is not None:
+                models[id(model)] = model
+            elif site is not None:
+                orphaned = True  # its model is gone: nothing would let the weight go
+            if site is not None:
+                thresholds.append(site.thresholds_on(weight.device))
+                continue
+            unplanned_weights += 1
+            t = self._zeros.get((j, weight.device))
             if t is None:
-                unplanned_weights += 1
-                t = self._zeros.get((j, weight.device))
-                if t is None:
-                    t = self._zeros[(j, weight.device)] = torch.zeros_like(self._examples[j], device=weight.device)
+                t = self._zeros[(j, weight.device)] = torch.zeros_like(self._examples[j], device=weight.device)
             thresholds.append(t)
+        # cacheable when every weight is planned on a live model (whose death then lets them go)
+        cacheable = not unplanned_weights and not orphaned
         self._thresholds = tuple(thresholds)
-        self._refs = [weakref.ref(w, self._forget) for w in weights]
-        self._key, self._generation = key, _generation
+        self._generation = _generation
+        self._weights = weights if cacheable else None
+        self._model_refs = [weakref.ref(m, self._forget) for m in models.values()] if cacheable else []
         if unplanned_weights:
             self._on_unplanned()
 
@@ -242,7 +256,7 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
             relaid = True
             _warn_slow_eager_layout(weight)
         thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
-        _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid)
+        _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model)
     _PLANS[model] = plan
     _bump_generation()
     make_experts_traceable(model)

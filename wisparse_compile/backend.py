@@ -57,7 +57,7 @@ def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Cal
     feed = ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned)
 
     def run(*args: Any) -> Any:
-        return compiled(*args, *feed(args))
+        return compiled(*(args + feed(args)))
 
     return run
 

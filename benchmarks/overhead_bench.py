@@ -1,0 +1,253 @@
+"""Per-decode-step Python time the wisparse wrapper adds around the compiled graph (CPU).
+
+    PYTHONPATH=$PWD python benchmarks/overhead_bench.py           # SmolLM2-135M, uniform TEAL 50%
+    PYTHONPATH=$PWD python benchmarks/overhead_bench.py --quick   # a tiny random Llama, seconds
+    PYTHONPATH=$PWD python benchmarks/overhead_bench.py --model smollm2-shape   # no model package needed
+
+The backend hands Dynamo a wrapper (``backend._with_thresholds``) that appends the thresholds of
+the weights actually passed to every call of a compiled graph. This measures what that costs per
+greedy decode step (static cache, eager prefill, compiled one-token steps):
+
+- in situ: the wrapper's time around each call of the compiled graph during real decode steps
+  (time in the wrapper minus time in the compiled graph, less the timing harness's own cost);
+- isolated: the wrapper around a no-op, on the decode step's real arguments, minus calling the
+  no-op directly with those arguments (what Dynamo pays anyway);
+- for comparison, one registry lookup per planned weight per call (the design before the cache).
+
+Targets (issue #17): under 20 us per step and under 2% of a SmolLM2 CPU decode step.
+Writes ``benchmarks/results/overhead_<model>.json`` and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("overhead_bench")
+TARGET_US, TARGET_SHARE = 20.0, 0.02
+
+
+class GraphTiming:
+    """Time spent in one compiled graph's wrapper and in the graph itself, and its last call."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.calls = 0
+        self.outer_ns = 0
+        self.inner_ns = 0
+        self.last_args: tuple = ()
+
+
+def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
+    """Wrap ``backend._with_thresholds`` so each compiled graph records its times; returns undo."""
+    from wisparse_compile import backend
+
+    original = backend._with_thresholds
+
+    def timed_with_thresholds(compiled: Callable[..., Any], result: Any) -> Callable[..., Any]:
+        timing = GraphTiming(result)
+        timings.append(timing)
+        clock = time.perf_counter_ns
+
+        def timed_compiled(*args: Any) -> Any:
+            t0 = clock()
+            out = compiled(*args)
+            timing.inner_ns += clock() - t0
+            return out
+
+        run = original(timed_compiled, result)
+
+        def timed_run(*args: Any) -> Any:
+            t0 = clock()
+            out = run(*args)
+            timing.outer_ns += clock() - t0
+            timing.calls += 1
+            timing.last_args = args
+            return out
+
+        return timed_run
+
+    backend._with_thresholds = timed_with_thresholds
+    return lambda: setattr(backend, "_with_thresholds", original)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def per_call_ns(fn: Callable[[], Any], repeat: int) -> float:
+    """Median over 5 rounds of the mean time of ``fn()``, in ns."""
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter_ns()
+        for _ in range(repeat):
+            fn()
+        rounds.append((time.perf_counter_ns() - t0) / repeat)
+    return statistics.median(rounds)
+
+
+def isolated_figures(timing: GraphTiming, repeat: int) -> dict[str, float]:
+    """Wrapper cost on the step's real arguments, without the compiled graph (us per call)."""
+    from wisparse_compile.attach import thresholds_of
+    from wisparse_compile.backend import _with_thresholds
+
+    args = timing.last_args
+    sources = timing.result.threshold_sources
+
+    def noop(*a: Any) -> None:
+        return None
+
+    wrapped = _with_thresholds(noop, timing.result)
+    # the timing harness around a call (two clock reads, one frame): subtracted from in-situ figures
+    clock = time.perf_counter_ns
+    box = [0]
+
+    def harness() -> None:
+        t0 = clock()
+        noop(*args)
+        box[0] += clock() - t0
+
+    base = per_call_ns(lambda: noop(*args), repeat)
+    return {
+        "wrapper_us_per_call": (per_call_ns(lambda: wrapped(*args), repeat) - base) / 1e3,
+        "harness_us_per_call": (per_call_ns(harness, repeat) - base) / 1e3,
+        "per_call_lookup_us": per_call_ns(lambda: [thresholds_of(args[i]) for i in sources], repeat) / 1e3,
+    }
+
+
+MODELS = {
+    "smollm2": "SmolLM2-135M (fp32)",
+    "smollm2-shape": "random Llama of SmolLM2-135M's shape (fp32)",
+    "tiny": "tiny random Llama (fp32)",
+}
+
+
+def build(model_name: str):
+    """(model, calibration batches, prompt): SmolLM2 on Wikipedia text, or a random Llama (of
+    SmolLM2's shape, for machines without the model package; or tiny) on random tokens."""
+    if model_name == "smollm2":
+        from wisparse_compile.cli.data import load_causal_lm, token_windows, wikipedia_articles
+
+        model, tokenizer = load_causal_lm("smollm2")
+        windows = token_windows(tokenizer, wikipedia_articles()[:6], 256, max_tokens=256 * 9)
+        return model, windows[:8], windows[8][:, :32]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_name == "smollm2-shape":
+        config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                             tie_word_embeddings=True)
+        length, count = 256, 4
+    else:
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+        length, count = 64, 2
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, config.vocab_size, (1, length), generator=g) for _ in range(count)]
+    return LlamaForCausalLM(config).eval(), batches, torch.randint(0, config.vocab_size, (1, 16), generator=g)
+
+
+@torch.no_grad()
+def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, timings: list[GraphTiming]):
+    """Greedy decode with a static cache; per step: (wall ns, wrapper ns in situ)."""
+    from transformers import StaticCache
+
+    compiled = torch.compile(model, backend="wisparse")
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 1)
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt.shape[1]))
+    token = out.logits[:, -1:].argmax(-1)
+    records = []
+    for i in range(steps):
+        pos = torch.tensor([prompt.shape[1] + i])
+        before = sum(t.outer_ns - t.inner_ns for t in timings)
+        t0 = time.perf_counter_ns()
+        out = compiled(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None])
+        token = out.logits[:, -1:].argmax(-1)
+        wall = time.perf_counter_ns() - t0
+        records.append((wall, sum(t.outer_ns - t.inner_ns for t in timings) - before))
+    return records
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--quick", action="store_true", help="same as --model tiny")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=None, help="decode steps (first 3 are warm-up)")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    import wisparse_compile as wsc
+    from wisparse_compile.files import atomic_write_json, atomic_write_text
+
+    name = "tiny" if args.quick else args.model
+    steps = args.steps or (12 if name == "tiny" else 40)
+    warmup = 3
+    model, batches, prompt = build(name)
+    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=args.sparsity, method="teal", uniform=True))
+    wsc.attach(model, plan)
+    torch._dynamo.reset()
+    timings: list[GraphTiming] = []
+    undo = instrument_backend(timings)
+    try:
+        steps_ns = decode_steps(model, prompt, steps + warmup, timings)[warmup:]
+    finally:
+        undo()
+    decode = max(timings, key=lambda t: t.calls)  # the one-token graph: called once per step
+    isolated = isolated_figures(decode, repeat=2000 if name == "tiny" else 500)
+    harness_ns = isolated["harness_us_per_call"] * 1e3
+    step_ms = statistics.median(w for w, _ in steps_ns) / 1e6
+    in_situ_us = max(0.0, statistics.median(o for _, o in steps_ns) - harness_ns) / 1e3
+    record = {
+        "model": MODELS[name],
+        "plan": f"uniform teal {args.sparsity}",
+        "planned_linears": len(plan.names),
+        "threshold_inputs": len(decode.result.threshold_sources),
+        "decode_steps": len(steps_ns),
+        "step_ms": step_ms,
+        "wrapper_us_per_step_in_situ": in_situ_us,
+        "wrapper_us_per_call_isolated": isolated["wrapper_us_per_call"],
+        "per_call_lookup_us_previous_design": isolated["per_call_lookup_us"],
+        "wrapper_share_of_step": in_situ_us / 1e3 / step_ms,
+    }
+    record["meets_targets"] = record["wrapper_us_per_step_in_situ"] < TARGET_US and (
+        name == "tiny" or record["wrapper_share_of_step"] < TARGET_SHARE
+    )
+    result = {
+        "device": f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "records": [record],
+    }
+    out = Path(args.out_dir)
+    atomic_write_json(out / f"overhead_{name}.json", result)
+    r = record
+    table = "\n".join([
+        f"Device: {result['device']}, torch {result['torch']}; {r['model']}, {r['plan']}, "
+        f"{r['threshold_inputs']} threshold inputs, median of {r['decode_steps']} decode steps",
+        "",
+        "| decode step | wrapper per step (in situ) | wrapper per call (isolated) | share of step | "
+        "one lookup per weight per call (before) |",
+        "|---|---|---|---|---|",
+        f"| {r['step_ms']:.2f} ms | {r['wrapper_us_per_step_in_situ']:.1f} us | "
+        f"{r['wrapper_us_per_call_isolated']:.1f} us | {100 * r['wrapper_share_of_step']:.3f}% | "
+        f"{r['per_call_lookup_us_previous_design']:.1f} us |",
+        "",
+    ])
+    atomic_write_text(out / f"overhead_{name}.md", table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
