@@ -51,7 +51,7 @@ def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Cal
             warnings.warn(
                 "wisparse: a graph compiled for a model with a plan is running with weights "
                 "that have none; those linears run dense (zero thresholds)",
-                stacklevel=4,
+                stacklevel=5,  # the caller of run (as before the feed)
             )
 
     feed = ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned)
