@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
@@ -242,12 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "records": [record],
+        # other processes on the machine inflate every figure (and torch's threads, oversubscribed, the step)
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     out = Path(args.out_dir)
     atomic_write_json(out / f"overhead_{name}.json", result)
     r = record
     table = "\n".join([
-        f"Device: {result['device']}, torch {result['torch']}; {r['model']}, {r['plan']}, "
+        f"Device: {result['device']}, load average {result['load_average_1min']}, torch {result['torch']}; "
+        f"{r['model']}, {r['plan']}, "
         f"{r['threshold_inputs']} threshold inputs, medians over {r['decode_steps']} decode steps",
         "",
         "| decode step | wrapper per step (in situ) | raw: wrapper / stand-in | wrapper per call (isolated) | "
