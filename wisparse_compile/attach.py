@@ -146,6 +146,20 @@ class ThresholdFeed:
             self._resolve(weights)
         return self._thresholds
 
+    def bind(self, compiled: Callable[..., Any]) -> Callable[..., Any]:
+        """``compiled`` called with the thresholds appended to its arguments: ``__call__`` inlined
+        into one frame, since this runs before every call of the compiled graph."""
+        weights_of, is_ = self._weights_of, operator.is_
+
+        def run(*args: Any) -> Any:
+            weights = weights_of(args)
+            cached = self._weights
+            if cached is None or self._generation != _generation or not all(map(is_, weights, cached)):
+                self._resolve(weights)
+            return compiled(*(args + self._thresholds))
+
+        return run
+
     def _forget(self, _ref: object = None) -> None:
         self._weights = None  # the model died: let its weights go
 

@@ -51,15 +51,10 @@ def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Cal
             warnings.warn(
                 "wisparse: a graph compiled for a model with a plan is running with weights "
                 "that have none; those linears run dense (zero thresholds)",
-                stacklevel=5,  # the caller of run (as before the feed)
+                stacklevel=4,  # the caller of the bound run (as before the feed)
             )
 
-    feed = ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned)
-
-    def run(*args: Any) -> Any:
-        return compiled(*(args + feed(args)))
-
-    return run
+    return ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned).bind(compiled)
 
 
 def _watch_for_late_plans(compiled: Callable[..., Any], weight_indices: list[int]) -> Callable[..., Any]:
