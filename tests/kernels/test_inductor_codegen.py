@@ -53,6 +53,28 @@ def test_fused_siblings_launch_one_kernel_per_group(codegen):
     assert not fused["opaque_op"] and not fused["cpu_kernel"]
 
 
+@pytest.mark.parametrize("case", ["dynamic", "batch_2_after_1"])
+def test_symbolic_batch_keeps_the_sparse_kernel(codegen, case):
+    """dynamic=True, and a batch that changes between calls (automatic dynamic): the graph with a
+    symbolic batch still launches our kernel for every planned linear (the route is guarded on
+    rows <= max_sparse_rows, not silently lowered to masked dense)."""
+    graph = codegen[case]
+    assert graph["symbolic_rows"]
+    assert graph["launched"] == ["_sparse_gemv_kernel"] * 7
+    assert not graph["opaque_op"] and not graph["cpu_kernel"]
+    assert not codegen["batch_1"]["symbolic_rows"] and codegen["batch_1"]["launched"] == ["_sparse_gemv_kernel"] * 7
+
+
+def test_one_launch_per_linear_and_few_configs(codegen):
+    """No memset or epilogue kernel of ours: the launches are the GEMVs (the tiny weights take one K
+    slice, so the kernel stores bias and cast itself). The configs a GPU would compile for the whole
+    tiny Llama: one per kernel variant here (the old grid compiled 162 per (M, N, K))."""
+    single = codegen["single"]
+    assert len(single["launched"]) == 7
+    assert single["configs_compiled"] <= 4 * single["kernel_variants"]
+    assert single["configs_compiled"] == codegen["fused"]["configs_compiled"] == 4
+
+
 def test_kernel_compiles_to_ttir_for_mutation_analysis(codegen):
     """Inductor compiles the kernel to TTIR to see which arguments it writes; none fell back to
     'assume every input is mutated' (which would cost copies)."""
