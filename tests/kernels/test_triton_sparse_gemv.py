@@ -94,6 +94,18 @@ def test_fused_segments_with_boundaries_inside_blocks(launch, dtype, splits):
     assert_matches(out, _reference(x, ws, bs, ts), dtype)
 
 
+@pytest.mark.parametrize("launch", ["autotuned", "split3"])
+def test_fused_inf_and_nan_stay_in_their_rows_and_segments_as_dense(launch):
+    """An Inf kept by every segment gives each segment's columns the dense op's +-Inf (never
+    Inf * 0 = NaN leaking from one segment's term into another's columns); a NaN row is all NaN."""
+    x, ws, bs, ts = sibling_operands(3, (5, 40, 19), 96, torch.float32)
+    x[1, 3], x[2, 50] = float("nan"), float("inf")
+    out = sparse_gemv_fused(x, fused_weight(ws, (False,) * 3), bs, ts, [5, 40, 19], launch=LAUNCHES[launch])
+    assert_matches(out, _reference(x, ws, bs, ts), torch.float32)
+    dense = torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs)], -1)
+    assert out[1].isnan().all() and torch.equal(out[2].isinf(), dense[2].isinf()) and out[2].isinf().all()
+
+
 def test_union_of_masks_loads_a_row_each_segment_masks_its_own():
     """Channel 0 is kept by sibling 0 only: sibling 1 must not see it even though its row is loaded."""
     x = torch.tensor([[1.0, 2.0]])

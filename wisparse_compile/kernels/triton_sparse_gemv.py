@@ -178,15 +178,18 @@ def _sparse_gemv_kernel(
             w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n64[None, :] * stride_wn,
             mask=needed[:, None] & n_ok[None, :], other=0.0,
         ).to(tl.float32)
+        # Each segment's product over the whole tile, kept only in its own columns: selecting after
+        # the sum (not zeroing w first) keeps an Inf input of one segment from turning the other
+        # segments' columns into Inf * 0 = NaN.
         if NUM_SEGMENTS == 1:
             acc += tl.sum(x0[:, :, None] * w[None, :, :], axis=1)
         else:
-            acc += tl.sum(x0[:, :, None] * tl.where(seg == 0, w, 0.0)[None, :, :], axis=1)
-            acc += tl.sum(x1[:, :, None] * tl.where(seg == 1, w, 0.0)[None, :, :], axis=1)
+            acc += tl.where(seg == 0, tl.sum(x0[:, :, None] * w[None, :, :], axis=1), 0.0)
+            acc += tl.where(seg == 1, tl.sum(x1[:, :, None] * w[None, :, :], axis=1), 0.0)
             if NUM_SEGMENTS > 2:
-                acc += tl.sum(x2[:, :, None] * tl.where(seg == 2, w, 0.0)[None, :, :], axis=1)
+                acc += tl.where(seg == 2, tl.sum(x2[:, :, None] * w[None, :, :], axis=1), 0.0)
             if NUM_SEGMENTS > 3:
-                acc += tl.sum(x3[:, :, None] * tl.where(seg == 3, w, 0.0)[None, :, :], axis=1)
+                acc += tl.where(seg == 3, tl.sum(x3[:, :, None] * w[None, :, :], axis=1), 0.0)
     if BIAS_SEGMENTS != 0:  # the bias enters once, in K slice 0 (a multiply, not a mask: see _segment_keep)
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if BIAS_SEGMENTS & 1:
