@@ -138,11 +138,11 @@ def _segment_bias(b_ptr, offs_n, seg, g: tl.constexpr, seg_start, n_ok):
 @triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
-    M, N, K, SEG_END_0, SEG_END_1, SEG_END_2, K_PER_SPLIT,
+    M, N, K, SEG_END_0, SEG_END_1, SEG_END_2,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_os, stride_om, stride_on,
-    NUM_SEGMENTS: tl.constexpr, BIAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, NUM_SEGMENTS: tl.constexpr, BIAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -157,8 +157,10 @@ def _sparse_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    # A constexpr trip count (triton 3.6's interpreter takes no runtime loop bound); the last
+    # slice's steps past K load nothing (no channel there is kept).
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
         x = tl.load(
             x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
@@ -286,12 +288,12 @@ def sparse_gemv_triton(
     block_m = _block_m(m, max_rows)
     args = (
         x2d, weight, *ts, *bs, out,
-        m, n, k, *ends, k_per_split,
+        m, n, k, *ends,
         x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    constants = {"NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments, "BLOCK_M": block_m}
+    constants = {"K_PER_SPLIT": k_per_split, "NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments, "BLOCK_M": block_m}
     if launch is not None:
         grid = (triton.cdiv(n, launch.block_n), split_k)
         launcher(_sparse_gemv_kernel)[grid](
