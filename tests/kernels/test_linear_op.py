@@ -204,7 +204,7 @@ def test_sync_detector_catches_a_sync():
 def test_plan_swap_compiles_nothing_and_uses_the_new_thresholds():
     """Thresholds are graph inputs: attaching another plan to a compiled model re-runs the same graph
     (no recompile, so a CUDA graph needs no re-record) with the new plan's thresholds (none stale)."""
-    from wisparse_compile.backend import COMPILED_REPORTS
+    from torch._dynamo.utils import counters
 
     model = tiny_llama(layers=1)
     batches = token_batches(1)
@@ -214,11 +214,12 @@ def test_plan_swap_compiles_nothing_and_uses_the_new_thresholds():
     compiled = torch.compile(model, backend="wisparse")
     with torch.no_grad():
         compiled(ids)
-        graphs = len(COMPILED_REPORTS)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1  # the counter sees compiles
         for plan in (plans[1], plans[0], plans[1]):
             wsc.attach(model, plan)
             out = compiled(ids).logits
             with MaskingHooks(model, plan.channel_thresholds):
                 ref = model(ids).logits
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert len(COMPILED_REPORTS) == graphs
+    assert counters["stats"]["unique_graphs"] == graphs
