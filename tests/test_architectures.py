@@ -9,7 +9,6 @@ all exercised), and one architecture per linear form not covered elsewhere goes 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
@@ -191,6 +190,8 @@ def test_moe_class_that_rejects_an_experts_switch_attaches(caplog):
     code and says why; the compiled model sparsifies the linears it sees as linears and leaves the
     experts it cannot (named in the report, with the reason) dense, equal to the masked reference
     with those experts unplanned."""
+    import dataclasses
+
     from torch._dynamo.backends.debugging import aot_eager
     import torch._inductor.compile_fx as compile_fx_module
 
