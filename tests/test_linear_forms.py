@@ -11,7 +11,7 @@ from torch import fx
 from torch.overrides import TorchFunctionMode
 
 from wisparse_compile.linear_forms import WeightViews
-from wisparse_compile.passes.sparse_linear import weight_root
+from wisparse_compile.passes.graph_utils import weight_root
 
 W_OUT_IN = torch.nn.Parameter(torch.randn(6, 4))  # [out, in]
 W_IN_OUT = torch.nn.Parameter(torch.randn(4, 6))  # [in, out]
