@@ -61,17 +61,12 @@ def test_prepared_weight_is_built_once_and_rebuilt_on_change():
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_reduce_overhead_and_fullgraph_match(fuse):
-    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs).
-
-    The backend takes mode or options, so the fused case spells reduce-overhead as its options.
-    """
+    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs);
+    the typed backend takes the mode together with the fusion option."""
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
-    if fuse:
-        options = {**torch._inductor.list_mode_options("reduce-overhead"), "fuse_siblings": True}
-        compiled = torch.compile(model.model, backend="wisparse", options=options, fullgraph=True)
-    else:
-        compiled = torch.compile(model.model, backend="wisparse", mode="reduce-overhead", fullgraph=True)
+    backend = wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=fuse)
+    compiled = torch.compile(model.model, backend=backend, fullgraph=True)
     with torch.no_grad():
         out = compiled(ids).last_hidden_state
         out2 = compiled(ids).last_hidden_state
