@@ -1,11 +1,15 @@
-"""Linears under autocast stay dense: the sparse op has no autocast rule (precision would change)."""
+"""Linears and stacked experts under autocast stay dense: the sparse ops have no autocast rule
+(precision would change)."""
 
 import pytest
 import torch
 from torch import nn
 
 import wisparse_compile as wsc
+from tests.archs import BY_NAME
+from tests.conftest import token_batches
 from wisparse_compile.backend import COMPILED_REPORTS
+from wisparse_compile.passes.decisions import DenseReason
 
 
 class _Block(nn.Module):
@@ -46,7 +50,7 @@ def test_autocast_leaves_linears_dense(where):
             out, ref = compiled(x, inner_autocast=True), model(x, inner_autocast=True)
     report = COMPILED_REPORTS[-1]
     assert report.rewritten == 0
-    assert any("autocast" in d.reason for d in report.decisions)
+    assert any(d.reason_kind is DenseReason.AUTOCAST for d in report.decisions)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # dense, as eager autocast computes it
 
@@ -55,10 +59,6 @@ def test_autocast_leaves_linears_dense(where):
 def test_autocast_leaves_moe_experts_dense(lowered_graphs, implementation):
     """Stacked experts follow the same rule as plain linears: under autocast they stay dense, with
     the autocast reason, and the output is what eager autocast computes."""
-    from tests.archs import BY_NAME
-    from tests.conftest import token_batches
-    from wisparse_compile.passes.decisions import DenseReason
-
     model = BY_NAME["qwen3_moe"].build(experts_implementation="eager")
     plan = wsc.calibrate(model, token_batches(1, batch=2, length=16),
                          wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
