@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from wisparse_compile.observer import LinearObserver
-from wisparse_compile.passes.sparse_linear import weight_root
+from wisparse_compile.passes.graph_utils import weight_root
 
 W_OUT_IN = torch.nn.Parameter(torch.randn(6, 4))  # [out, in]
 W_IN_OUT = torch.nn.Parameter(torch.randn(4, 6))  # [in, out]
