@@ -43,7 +43,7 @@ def test_tiny_llama_report_lists_every_linear(tmp_path):
     rows = {r.module: r for r in report.rows}
     assert set(rows) == {*plan.names, "lm_head"}
     for name in plan.names:
-        assert (rows[name].outcome, rows[name].reason, rows[name].route) == ("sparse", "", Route.SPARSE_KERNEL)
+        assert (rows[name].outcome, rows[name].reason, rows[name].route) == ("sparse", "", Route.CPU_KERNEL)
         assert rows[name].planned_sparsity == pytest.approx(plan.sparsities[name])
         assert rows[name].weight_shape == list(plan.shapes[name]) and rows[name].dtype == "float32"
     head = rows["lm_head"]
@@ -117,11 +117,11 @@ def test_new_nodes_keep_source_location():
 
 
 @pytest.mark.parametrize(("rows", "dynamic", "route"), [
-    (2, False, Route.SPARSE_KERNEL), (16, False, Route.MASKED_DENSE), (16, True, Route.PER_CALL),
+    (2, False, Route.CPU_KERNEL), (16, False, Route.MASKED_DENSE), (2, True, Route.CPU_KERNEL), (16, True, Route.MASKED_DENSE),
 ])
-def test_route_follows_what_the_row_count_tells(rows, dynamic, route):
-    """Decode-sized calls take the sparse kernel, larger ones masked dense; a symbolic row count
-    leaves the choice to each call."""
+def test_route_names_what_the_op_lowers_to(rows, dynamic, route):
+    """Decode-sized CPU calls take the C++ kernel, larger ones masked dense; a symbolic row count
+    gets the route of its hint (the op guards on it, so the graph serves only that side)."""
     reports = []
 
     def backend(gm, example_inputs):

@@ -12,9 +12,11 @@ from .cpu_sparse_gemv import cpu_compile_patches, cpu_kernel_available, input_ma
 from .expert_ops import sparse_bmm, sparse_grouped_mm
 from .fused_linear_op import sparse_gemv_fused, sparse_linear_fused
 from .linear_op import route_of, sparse_gemv, sparse_linear, sparse_linear_reference
+from .routing import decode_sized
+from .triton_route import MAX_SEGMENTS
 
 __all__ = [
-    "cpu_compile_patches", "cpu_kernel_available", "expert_keep_mask", "expert_of_rows", "input_major_gemm_is_slow",
+    "MAX_SEGMENTS", "cpu_compile_patches", "cpu_kernel_available", "decode_sized", "expert_keep_mask", "expert_of_rows", "input_major_gemm_is_slow",
     "keep_mask", "route_of", "sparse_bmm", "sparse_gemv", "sparse_gemv_fused", "sparse_grouped_mm", "sparse_linear",
     "sparse_linear_fused", "sparse_linear_reference",
 ]

@@ -35,12 +35,13 @@ class DenseReason(str, enum.Enum):
 
 
 class Route(str, enum.Enum):
-    """The route the emitted op takes, as far as the graph's shapes tell at compile time."""
+    """The route the emitted op was lowered to: the op's own choice (``kernels.route_of``), made at
+    trace time; with a symbolic row count that choice is a guard of the compiled graph."""
 
     DENSE = "dense"  # not rewritten: the original op
-    SPARSE_KERNEL = "sparse kernel"  # decode-sized: the device's sparse kernel (masked dense where it has none)
-    MASKED_DENSE = "masked dense"  # statically larger than max_sparse_rows: mask, then the dense op
-    PER_CALL = "per call"  # row count not static: the op picks sparse or masked dense on each call
+    TRITON = "sparse: Triton GEMV"  # decode-sized on a Triton device
+    CPU_KERNEL = "sparse: C++ GEMV"  # decode-sized on the CPU, the C++ kernel built
+    MASKED_DENSE = "masked dense"  # prefill-sized, or no sparse kernel for this device/dtype/layout: mask, then the dense op
 
 
 @dataclass

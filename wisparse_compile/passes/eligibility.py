@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-
 from ..attach import site_of
 from ..config import BackendConfig
+from ..kernels import decode_sized, route_of, routing
 from .decisions import DenseReason, Route
 
 
@@ -60,15 +59,17 @@ def check_eligibility(
         return Eligibility(name, DenseReason.DTYPE_MISMATCH, f"input dtype {_dtype_name(x)} differs from weight dtype")
     if under_autocast:
         return Eligibility(name, DenseReason.AUTOCAST, "inside an autocast region (the sparse ops have no autocast rule)")
-    if not config.mask_prefill and not statically_known_true(rows <= config.max_sparse_rows):
+    if not config.mask_prefill and not decode_sized(x, config.max_sparse_rows):
         return Eligibility(name, DenseReason.PREFILL, "prefill left dense (mask_prefill=False)")
     return Eligibility(name)
 
 
-def expected_route(rows: Any, config: BackendConfig) -> Route:
-    """The route a sparse op with ``rows`` token rows takes, as far as the shapes tell now."""
-    if statically_known_true(rows <= config.max_sparse_rows):
-        return Route.SPARSE_KERNEL
-    if statically_known_true(rows > config.max_sparse_rows):
+_ROUTES = {routing.TRITON: Route.TRITON, routing.CPU_KERNEL: Route.CPU_KERNEL, routing.MASKED_DENSE: Route.MASKED_DENSE}
+
+
+def expected_route(x: Any, weight: Any, config: BackendConfig) -> Route:
+    """The route ``sparse_linear(x, weight, ...)`` is lowered to: the op's own decision, with the same
+    guard on a symbolic row count (``kernels.route_of``), so the report names what really runs."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return Route.MASKED_DENSE
-    return Route.PER_CALL
+    return _ROUTES[route_of(x, weight, config.max_sparse_rows)]

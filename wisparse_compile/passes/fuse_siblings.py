@@ -40,7 +40,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels.triton_route import MAX_SEGMENTS
+from ..kernels import MAX_SEGMENTS
 from .decisions import LinearDecision, Outcome, RewriteResult
 from .graph_utils import SOURCE_META, GraphInputs, copy_source_meta, example_value
 

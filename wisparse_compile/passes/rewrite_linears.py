@@ -64,7 +64,10 @@ class LinearMatch:
         return token_rows(x) if isinstance(x, torch.Tensor) else 0
 
     def route(self, config: BackendConfig) -> Route:
-        return expected_route(self.rows, config)
+        weight = example_value(self.weight) if self.weight is not None else None
+        if isinstance(weight, torch.Tensor) and self.in_dim == 0:
+            weight = weight.t()  # the op takes the [out, in] view (see emit)
+        return expected_route(example_value(self.x), weight, config)
 
     def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node, config: BackendConfig) -> fx.Node:
         """``sparse_linear`` before ``node`` (the caller replaces ``node`` by it)."""
