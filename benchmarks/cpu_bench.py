@@ -42,7 +42,7 @@ import wisparse_compile as wsc
 from wisparse_compile.calibrate import build_plan, collect_statistics
 from wisparse_compile.cli.data import load_causal_lm
 from wisparse_compile.cli.decoding import GreedyDecoder
-from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
+from wisparse_compile.kernels import cpu_kernel_available
 
 log = logging.getLogger(__name__)
 

@@ -167,10 +167,11 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter); not speed figures")
-    parser.add_argument("--dtypes", default="bfloat16,float16")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--dtypes", default=None, help="default bfloat16,float16 (smoke: float32,bfloat16)")
+    parser.add_argument("--batches", default=None, help=f"default {','.join(map(str, BATCHES))} (smoke: 1,2)")
+    parser.add_argument("--sparsities", default=None, help=f"default {','.join(map(str, SPARSITIES))} (smoke: 0,0.5)")
     parser.add_argument("--models", default=",".join(SHAPES), help="which shape sets: " + ", ".join(SHAPES))
+    parser.add_argument("--shapes", default=None, help="explicit [out]x[in] shapes instead of --models, e.g. 4096x14336,14336x4096")
     parser.add_argument("--peak-gbps", type=float, default=None)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -181,12 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
         log.warning(SMOKE_WARNING)
         shapes = SMOKE_SHAPES
-        dtypes, batches, sparsities = [torch.float32, torch.bfloat16], [1, 2], [0.0, 0.5]
+        defaults = ("float32,bfloat16", "1,2", "0,0.5")
     else:
         shapes = {m: SHAPES[m] for m in args.models.split(",")}
-        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-        batches = [int(b) for b in args.batches.split(",")]
-        sparsities = [float(s) for s in args.sparsities.split(",")]
+        defaults = ("bfloat16,float16", ",".join(map(str, BATCHES)), ",".join(map(str, SPARSITIES)))
+    if args.shapes:
+        shapes = {"given": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]}
+    dtypes = [getattr(torch, d) for d in (args.dtypes or defaults[0]).split(",")]
+    batches = [int(b) for b in (args.batches or defaults[1]).split(",")]
+    sparsities = [float(s) for s in (args.sparsities or defaults[2]).split(",")]
     from tqdm import tqdm
 
     device = "cpu" if smoke else "cuda"

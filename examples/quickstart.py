@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sparse decode: {tokenizer.decode(decoders['sparse'].last_tokens)!r}")
     print(f"(tokens/s: median of {args.rounds} interleaved rounds of {args.new_tokens} tokens, batch 1, "
           f"{torch.get_num_threads()} threads; total {time.perf_counter() - started:.0f} s)")
+    if args.method != "wisparse":
+        print(f"The demo allocates with {args.method}'s greedy within-block split to stay within a few minutes; "
+              "--method wisparse adds the evolutionary search across blocks (several minutes more on 2 cores).")
 
 
 if __name__ == "__main__":

@@ -82,4 +82,25 @@ MOE_ARCHS = [
     Arch("gpt_oss", "GptOssConfig", "GptOssForCausalLM", dict(COMMON, **MOE, num_local_experts=4, head_dim=16), moe=True),
 ]
 
-BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS}
+
+MAMBA = dict(mamba_d_state=8)
+# Hybrid decoders whose layer list mixes block classes (``model.layers`` holds attention and
+# state-space layers of different classes): the layer list must be found whatever the mix.
+HYBRID_ARCHS = [
+    # JambaMambaDecoderLayer + JambaAttentionDecoderLayer (with a 4-expert MoE feed-forward)
+    Arch("jamba", "JambaConfig", "JambaForCausalLM",
+         dict(COMMON, **MAMBA, **MOE, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+              expert_layer_period=2, expert_layer_offset=1, num_experts=4, mamba_d_conv=4, mamba_expand=2,
+              mamba_dt_rank=8)),
+    # Zamba2MambaDecoderLayer + Zamba2HybridLayer (a shared transformer block, LoRA adapters, mamba2);
+    # its class does not support set_experts_implementation and its conv1d weights are 3-D
+    Arch("zamba2", "Zamba2Config", "Zamba2ForCausalLM",
+         dict(COMMON, **MAMBA, num_hidden_layers=2, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1,
+              layers_block_type=["mamba", "hybrid"], use_mem_eff_path=False, num_mem_blocks=1)),
+]
+# A mixture-of-experts class that rejects set_experts_implementation (its experts code is its own).
+JETMOE = Arch("jetmoe", "JetMoeConfig", "JetMoeForCausalLM",
+              dict(hidden_size=64, num_hidden_layers=1, num_key_value_heads=2, kv_channels=16, intermediate_size=128,
+                   vocab_size=256, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128), moe=True)
+
+BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS + HYBRID_ARCHS + [JETMOE]}

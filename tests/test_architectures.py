@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import wisparse_compile as wsc
-from tests.archs import DENSE, LAYERS, MOE_ARCHS, Arch
+from tests.archs import DENSE, HYBRID_ARCHS, JETMOE, LAYERS, MOE_ARCHS, Arch
 from tests.conftest import token_batches
 from tests.helpers import MaskingHooks
 from wisparse_compile.attach import unplanned
@@ -144,3 +144,71 @@ def test_moe_architecture_experts_sparse(arch: Arch, lowering: str, caplog):
         ("batched_mm", torch.float32): ["bmm"],
         ("grouped_mm", torch.bfloat16): ["grouped_mm (native)"],
     }
+
+
+def _layer_classes(model: torch.nn.Module) -> set[str]:
+    return {type(layer).__name__ for layer in model.model.layers}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", HYBRID_ARCHS, ids=lambda a: a.name)
+def test_hybrid_decoder_layers_are_planned_without_configuration(arch: Arch, lowering: str):
+    """A layer list that mixes block classes (attention and state-space layers) is the decoder's:
+    calibration plans every linear inside it with no ``include`` pattern (the same set a user's
+    regex over ``model.layers`` gives), the allocation splits per layer whatever its class, and the
+    compiled model matches the eager masked reference."""
+    model = arch.build()
+    assert len(_layer_classes(model)) == 2, _layer_classes(model)
+    batches = token_batches(2, batch=2, length=16)
+    # the search and greedy split over mixed layers (one re-run per layer, with its own signature)
+    search = dict(population=3, generations=1, refinement_step=0.25)  # small: a mamba layer re-runs slowly
+    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wisparse", **search))
+    by_regex = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, include=r"^model\.layers\.", uniform=True))
+    assert sorted(plan.names) == sorted(by_regex.names)
+    for layer in ("model.layers.0.", "model.layers.1."):  # one layer of each class
+        assert any(n.startswith(layer) for n in plan.names), (layer, plan.names)
+        assert layer in plan.stats["allocation"]["block_sparsities"]
+    wsc.attach(model, plan)
+    _compile_and_check(arch, model, plan)
+
+
+@pytest.mark.slow
+def test_moe_class_that_rejects_an_experts_switch_attaches(caplog):
+    """JetMoe's class does not support ``set_experts_implementation``: attach works, keeps its experts
+    code and says why; the compiled model sparsifies the linears it sees as linears and leaves the
+    experts it cannot (named in the report, with the reason) dense, equal to the masked reference
+    with those experts unplanned."""
+    import dataclasses
+
+    from torch._dynamo.backends.debugging import aot_eager
+    import torch._inductor.compile_fx as compile_fx_module
+
+    model = JETMOE.build()
+    assert model.config._experts_implementation == "eager"
+    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    params = dict(model.named_parameters())
+    stacked = [n for n in plan.names if params.get(n, params.get(f"{n}.weight")).dim() == 3]
+    assert len(stacked) == 4, plan.names  # attention experts (in, out) and MLP experts (in, out)
+    with caplog.at_level("WARNING", logger="wisparse_compile.experts"):
+        wsc.attach(model, plan)
+    assert model.config._experts_implementation == "eager"
+    assert any("keeps its own experts code" in r.getMessage() and "does not support" in r.getMessage()
+               for r in caplog.records)
+    first = len(COMPILED_REPORTS)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches=None: aot_eager(gm, inputs))
+        out = torch.compile(model, backend="wisparse")(IDS).logits
+        dense = model(IDS).logits
+        others = [n for n in plan.names if n not in stacked]
+        unplanned_experts = dataclasses.replace(
+            plan, **{f: {n: getattr(plan, f)[n] for n in others}
+                     for f in ("channel_thresholds", "sparsities", "shapes", "in_dims")})
+        wsc.attach(model, unplanned_experts)
+        with masked_linears():
+            ref = model(IDS).logits
+    decisions = [d for r in COMPILED_REPORTS[first:] for d in r.decisions]
+    sparse = {d.name for d in decisions if d.decision == "sparse"}
+    assert sparse and sparse <= set(others)
+    assert any(d.decision == "dense" and d.reason and d.reason != "no plan entry" for d in decisions)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert (out - dense).abs().max() > 0

@@ -21,6 +21,56 @@ def _calibrated(seed=0, sparsity=0.5, method="wina"):
     return model, plan
 
 
+class _Net(torch.nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def _net_with_random_plan(seed: int) -> tuple[_Net, wsc.SparsityPlan]:
+    torch.manual_seed(seed)
+    net = _Net().eval()
+    plan = _random_plan(net, seed)
+    wsc.attach(net, plan)
+    return net, plan
+
+
+def _random_plan(model: torch.nn.Module, seed: int = 0) -> wsc.SparsityPlan:
+    """Random thresholds for the linears of the model's layers (no calibration: cheap)."""
+    g = torch.Generator().manual_seed(seed)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+    return wsc.SparsityPlan(
+        channel_thresholds={n: torch.rand(m.in_features, generator=g) for n, m in linears.items()},
+        sparsities=dict.fromkeys(linears, 0.5), shapes={n: list(m.weight.shape) for n, m in linears.items()},
+        model_class=type(model).__name__, method="teal",
+    )
+
+
+@pytest.fixture
+def inductor_calls(monkeypatch):
+    """Lower with AOT eager (no C++ compile) and keep the config patches each call hands Inductor."""
+    from torch._dynamo.backends.debugging import aot_eager
+    import torch._inductor.compile_fx as compile_fx_module
+
+    calls = []
+
+    def lower(gm, inputs, config_patches=None):
+        calls.append((gm, dict(config_patches or {})))
+        return aot_eager(gm, inputs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lower)
+    return calls
+
+
+def _sparse_rows_args(gm):
+    return {n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear.default}
+
+
 def test_backend_is_an_entry_point():
     names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
     assert "wisparse" in names
@@ -95,7 +145,7 @@ def test_no_plan_compiles_like_inductor():
     ids = torch.randint(0, 256, (1, 8))
     out = logits(torch.compile(model, backend="wisparse"), ids)
     report = COMPILED_REPORTS[-1]
-    assert report.rewritten == 0 and report.threshold_sources == []
+    assert report.rewritten == 0 and {d.reason for d in report.decisions} == {"no plan entry"}
     torch._dynamo.reset()
     ref = logits(torch.compile(model, backend="inductor"), ids)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -147,17 +197,60 @@ def test_unmasked_prefill_option():
     assert COMPILED_REPORTS[-1].rewritten == 14
 
 
-def test_mode_and_inductor_options_pass_through():
-    model, _ = _calibrated()
-    ids = torch.randint(0, 256, (1, 4))
-    logits(torch.compile(model, backend="wisparse", mode="reduce-overhead"), ids)
-    assert COMPILED_REPORTS[-1].rewritten == 14
+def test_mode_and_options_reach_inductor(inductor_calls):
+    """backend="wisparse" takes mode= or options= (torch.compile refuses both); our keys stay ours,
+    the rest, and the mode's options, reach Inductor's config patches."""
+    model, _ = _net_with_random_plan(0)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.compile(model, backend="wisparse", mode="reduce-overhead")(x)
+    gm, patches = inductor_calls[-1]
+    assert patches["triton.cudagraphs"] is True and COMPILED_REPORTS[-1].rewritten == 2
     torch._dynamo.reset()
-    logits(torch.compile(model, backend="wisparse", options={"max_sparse_rows": 4, "epilogue_fusion": True}), ids)
-    assert COMPILED_REPORTS[-1].rewritten == 14
-    with pytest.raises(Exception, match="unknown wisparse backend option"):
+    with torch.no_grad():
+        torch.compile(model, backend="wisparse", options={"max_sparse_rows": 4, "epilogue_fusion": False})(x)
+    gm, patches = inductor_calls[-1]
+    assert patches["epilogue_fusion"] is False and "triton.cudagraphs" not in patches
+    assert "max_sparse_rows" not in patches and _sparse_rows_args(gm) == {4}
+    with pytest.raises(RuntimeError, match="Either mode or options"):
+        torch.compile(model, backend="wisparse", mode="reduce-overhead", options={"fuse_siblings": True})
+    with pytest.raises(Exception, match="unknown wisparse backend option"), torch.no_grad():
         torch._dynamo.reset()
-        logits(torch.compile(model, backend="wisparse", options={"wisparse.bogus": 1}), ids)
+        torch.compile(model, backend="wisparse", options={"wisparse.bogus": 1})(x)
+
+
+def test_typed_backend_combines_mode_and_options(inductor_calls):
+    model = tiny_llama()
+    plan = _random_plan(model)
+    wsc.attach(model, plan)
+    ids = torch.randint(0, 256, (1, 1))
+    backend = wsc.sparse_backend(
+        mode="max-autotune-no-cudagraphs", fuse_siblings=True, max_sparse_rows=2, inductor_options={"epilogue_fusion": False}
+    )
+    out = logits(torch.compile(model, backend=backend), ids)
+    gm, patches = inductor_calls[-1]
+    assert patches["max_autotune"] is True and patches["coordinate_descent_tuning"] is True
+    assert patches["epilogue_fusion"] is False
+    report = wsc.last_compile_report()
+    assert report is COMPILED_REPORTS[-1] and report.rewritten == 14
+    assert sum(d.decision == "fused" for d in report.decisions) == 10  # q/k/v and gate/up of two layers
+    assert {n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_fused.default} == {2}
+    with MaskingHooks(model, plan.channel_thresholds):
+        torch.testing.assert_close(out, logits(model, ids), rtol=1e-4, atol=1e-4)
+    # torch.compile's own mode= applies over a typed backend that has none
+    torch._dynamo.reset()
+    logits(torch.compile(model, backend=wsc.sparse_backend(fuse_siblings=True), mode="reduce-overhead"), ids)
+    assert inductor_calls[-1][1]["triton.cudagraphs"] is True
+    assert sum(d.decision == "fused" for d in wsc.last_compile_report().decisions) == 10
+
+
+def test_typed_backend_rejects_bad_options():
+    with pytest.raises(ValueError, match="unknown Inductor mode 'fastest'"):
+        wsc.sparse_backend(mode="fastest")
+    with pytest.raises(ValueError, match="wisparse options, not Inductor's"):
+        wsc.sparse_backend(inductor_options={"fuse_siblings": True})
+    with pytest.raises(ValueError, match="contradicts the backend's mode"):
+        wsc.BackendConfig(mode="max-autotune").with_compile_args("reduce-overhead", None)
 
 
 def test_detach_returns_to_dense():
@@ -216,3 +309,84 @@ def test_attach_warns_once_when_eager_reduced_precision_matmuls_get_slow(monkeyp
         for _ in range(2):
             wsc.attach(tiny_llama().to(torch.bfloat16), plan)
     assert caplog.text.count("EAGER matmuls") == 1, caplog.text
+
+
+def _tensors_in(obj, seen=None) -> list:
+    """Every tensor reachable from ``obj`` through containers, dataclasses and object attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, int, float, bool, type(None))):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    children = list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple, set)) else (
+        list(vars(obj).values()) if hasattr(obj, "__dict__") else [])
+    return [t for child in children for t in _tensors_in(child, seen)]
+
+
+def test_many_compiles_keep_a_bounded_tensor_free_history(inductor_calls, monkeypatch):
+    """A process compiling model after model (a server) keeps the last reports only, and a report
+    keeps no thresholds alive."""
+    import gc
+    import weakref
+
+    from wisparse_compile import backend as backend_module
+    from wisparse_compile.debug import CompileHistory
+
+    assert COMPILED_REPORTS.maxlen == 64  # the process-wide history is bounded
+    history = CompileHistory(maxlen=4)
+    monkeypatch.setattr(backend_module, "COMPILED_REPORTS", history)
+    dropped_thresholds = []
+    for i in range(7):
+        net, plan = _net_with_random_plan(i)
+        with torch.no_grad():
+            torch.compile(net, backend="wisparse")(torch.randn(1, 16))
+        assert wsc.last_compile_report() is history[-1] and history[-1].rewritten == 2
+        dropped_thresholds.append(weakref.ref(net.layers[0].weight_wisparse_threshold))
+        assert not _tensors_in(history[-1])
+        del net, plan
+        inductor_calls.clear()  # (the fixture's own record of each graph holds its example inputs)
+        torch._dynamo.reset()
+    gc.collect()
+    assert len(history) == 7 and len(list(history)) == 4
+    assert history[3:] == list(history) and history[-4] is history[3]
+    with pytest.raises(IndexError, match="only the last 4 are kept"):
+        history[2]
+    assert all(ref() is None for ref in dropped_thresholds), "a compile report keeps thresholds alive"
+
+
+def test_two_threads_compile_and_run_two_plans():
+    """Two threads compile and run two instances of one model class with two plans: one compiled
+    graph may serve both (parameters are inputs), each call reads its own weights' thresholds."""
+    import threading
+
+    nets = [_net_with_random_plan(seed) for seed in (0, 1)]
+    inputs = [torch.randn(2, 16, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    outputs: dict[int, list] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            compiled = torch.compile(nets[i][0], backend="wisparse")
+            start.wait()
+            with torch.no_grad():
+                for _ in range(3):
+                    outputs[i].append(compiled(inputs[i]))
+        except BaseException as e:  # reported below, with the thread's traceback
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for i, (net, plan) in enumerate(nets):
+        with torch.no_grad(), MaskingHooks(net, plan.channel_thresholds):
+            ref = net(inputs[i])
+        with torch.no_grad(), MaskingHooks(net, nets[1 - i][1].channel_thresholds):
+            other = net(inputs[i])  # the same net under the other plan: what a mix-up would give
+        assert (ref - other).abs().max() > 1e-3
+        for out in outputs[i]:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

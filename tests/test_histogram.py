@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from wisparse_compile.histogram import ScoreHistogram
+from wisparse_compile.histogram import ExpertHistograms, ScoreHistogram
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.5, 0.75, 0.95])
@@ -30,9 +30,28 @@ def test_zeros_and_edges():
         ScoreHistogram().threshold(0.5)
 
 
-def test_merge_equals_single_update():
-    a, b, c = ScoreHistogram(), ScoreHistogram(), ScoreHistogram()
-    x = torch.rand(1000)
-    a.update(x[:400]); b.update(x[400:]); c.update(x)
-    a.merge(b)
-    assert torch.equal(a.counts, c.counts) and a.total == c.total
+def test_chunked_updates_equal_one_update():
+    """Calibration feeds a linear's scores call by call: the counts must not depend on the chunking."""
+    chunked, whole = ScoreHistogram(), ScoreHistogram()
+    x = torch.rand(1000) * torch.exp(torch.randn(1000))
+    x[::7] = 0.0
+    for chunk in x.split(137):
+        chunked.update(chunk)
+    whole.update(x)
+    assert torch.equal(chunked.counts, whole.counts) and float(chunked.zeros) == float(whole.zeros) == 143
+    assert chunked.total == whole.total == 1000
+    assert chunked.threshold(0.5) == whole.threshold(0.5)
+
+
+def test_expert_histograms_threshold_each_expert_and_pool_the_unseen():
+    """Each expert's threshold comes from its own rows; an expert no row reached takes the pooled one."""
+    h = ExpertHistograms(3)
+    rows = torch.cat([torch.rand(200, 4), 100 * torch.rand(200, 4)])  # expert 0 small, expert 1 large scores
+    experts = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long)])
+    h.update(rows, experts)
+    tau = h.threshold(0.5)
+    assert tau.shape == (3,) and h.total == 1600
+    assert tau[0] == pytest.approx(torch.quantile(rows[:200], 0.5).item(), rel=0.03)
+    assert tau[1] == pytest.approx(torch.quantile(rows[200:], 0.5).item(), rel=0.03)
+    assert tau[2] == pytest.approx(h.pooled.threshold(0.5))
+    assert h.fraction_at_or_below(tau) == pytest.approx((400 + 400 + 0) / 1600, abs=0.01)

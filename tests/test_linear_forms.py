@@ -1,4 +1,4 @@
-"""Linear recognition by dataflow: eager (WeightViews) and FX (weight_root) agree on in_dim."""
+"""Linear recognition by dataflow: eager (LinearCallResolver) and FX (weight_root) agree on in_dim."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.overrides import TorchFunctionMode
 
-from wisparse_compile.linear_forms import WeightViews
-from wisparse_compile.passes.sparse_linear import weight_root
+from wisparse_compile.observer import LinearObserver
+from wisparse_compile.passes.graph_utils import weight_root
 
 W_OUT_IN = torch.nn.Parameter(torch.randn(6, 4))  # [out, in]
 W_IN_OUT = torch.nn.Parameter(torch.randn(4, 6))  # [in, out]
@@ -25,22 +24,23 @@ CASES = {  # name: (call, weight, expected in_dim)
     "matmul_transpose": (lambda: X @ W_OUT_IN.transpose(0, 1), W_OUT_IN, 1),
     "matmul_permute_twice": (lambda: X @ W_IN_OUT.permute(1, 0).T, W_IN_OUT, 0),
     "linear_of_view": (lambda: F.linear(X, W_IN_OUT.t()), W_IN_OUT, 0),
+    # operands by keyword
+    "linear_keywords": (lambda: F.linear(input=X, weight=W_OUT_IN), W_OUT_IN, 1),
+    "linear_weight_keyword": (lambda: F.linear(X, weight=W_OUT_IN.T.T), W_OUT_IN, 1),
+    "addmm_keywords": (lambda: torch.addmm(torch.zeros(6), mat1=X, mat2=W_IN_OUT), W_IN_OUT, 0),
+    "matmul_keywords": (lambda: torch.matmul(input=X, other=W_OUT_IN.T), W_OUT_IN, 1),
 }
 
 
-class _Record(TorchFunctionMode):
-    def __init__(self, watched):
-        super().__init__()
-        self.views = WeightViews(lambda t: any(t is w for w in watched))
+class _Record(LinearObserver):
+    def __init__(self, watched, replace=None):
+        super().__init__(lambda t: any(t is w for w in watched))
         self.calls = []
+        self.replace = replace
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        call = self.views.resolve(func, args, kwargs)
-        if call is not None:
-            self.calls.append(call)
-        result = func(*args, **(kwargs or {}))
-        self.views.record(func, args, kwargs, result)
-        return result
+    def on_linear(self, call):
+        self.calls.append(call)
+        return None if self.replace is None else self.replace(call.x)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -50,6 +50,17 @@ def test_eager_resolves_weight_and_input_dim(case):
         call()
     assert len(rec.calls) == 1
     assert rec.calls[0].weight is weight and rec.calls[0].in_dim == in_dim and rec.calls[0].x is X
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replaced_input_reaches_the_call(case):
+    """Whatever slot the input came in (positional or keyword), the observer's replacement is what
+    the call computes with: here zeros, so the linear's output is its bias (zero) only."""
+    call, weight, _ = CASES[case]
+    with _Record([W_OUT_IN, W_IN_OUT], replace=torch.zeros_like) as rec:
+        out = call()
+    assert len(rec.calls) == 1 and torch.count_nonzero(out) == 0
+    assert torch.count_nonzero(call()) > 0  # outside the observer the call is unchanged
 
 
 def test_activation_matmul_is_not_a_linear():

@@ -3,6 +3,8 @@
     plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wina"))
     wsc.attach(model, plan)
     fast = torch.compile(model, backend="wisparse")
+    # or typed, with an Inductor mode: backend=wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=True)
+    print(wsc.last_compile_report().summary())
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import wisparse_backend
+from .backend import last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, SparsityConfig
 from .plan import PlanError, SparsityPlan
@@ -25,8 +27,10 @@ __all__ = [
     "attached_plan",
     "calibrate",
     "detach",
+    "last_compile_report",
     "masked_linears",
     "measure_sparsity",
+    "sparse_backend",
     "wisparse_backend",
 ]
 __version__ = "0.1.0"

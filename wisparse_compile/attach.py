@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .experts import make_experts_traceable
-from .kernels.cpu_kernel import input_major_gemm_is_slow
+from .kernels import input_major_gemm_is_slow
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 

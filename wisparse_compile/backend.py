@@ -1,11 +1,13 @@
 """The ``wisparse`` torch.compile backend: rewrite planned linears, then lower through Inductor.
 
-``torch.compile(model, backend="wisparse")`` finds this function through the
-``torch_dynamo_backends`` entry point (no import needed once the package is installed).
+``torch.compile(model, backend="wisparse")`` finds ``wisparse_backend`` through the
+``torch_dynamo_backends`` entry point (no import needed once the package is installed);
+``torch.compile(model, backend=wsc.sparse_backend(...))`` gives the same backend typed options.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any, Callable, Sequence
@@ -17,22 +19,24 @@ from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
 from .attach import ThresholdFeed, any_attached, attach_generation, site_of
 from .config import BackendConfig
 from .debug import record_graph
-from .kernels.cpu_kernel import cpu_compile_patches
+from .debug.history import CompileHistory
+from .kernels import cpu_compile_patches
+from .passes.decisions import CompileReport, DenseReason, RewriteResult
 from .passes.fuse_siblings import FusionResult, fuse_sibling_linears, with_fused_weights
-from .passes.sparse_linear import RewriteResult, copy_dynamo_graph_module, rewrite_sparse_linears
+from .passes.graph_utils import copy_dynamo_graph_module
+from .passes.sparsify import rewrite_sparse_linears
 
 log = logging.getLogger(__name__)
 
-#: Reports of the graphs compiled in this process, newest last (for tests and debugging).
-COMPILED_REPORTS: list[RewriteResult] = []
+#: Reports of the graphs compiled in this process (the last 64; ``len()`` counts all), newest last.
+COMPILED_REPORTS = CompileHistory()
 
 
-def _inductor_patches(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    if mode is not None and options:
-        raise ValueError("torch.compile: give either mode or options to the wisparse backend, not both")
-    if mode is None or mode == "default":
-        return dict(options)
-    return dict(torch._inductor.list_mode_options(mode))
+def last_compile_report() -> CompileReport:
+    """The report of the graph the wisparse backend compiled last in this process."""
+    if not len(COMPILED_REPORTS):
+        raise LookupError("the wisparse backend has compiled nothing yet: run the torch.compile'd model first")
+    return COMPILED_REPORTS[-1]
 
 
 def _with_thresholds(compiled: Callable[..., Any], result: RewriteResult) -> Callable[..., Any]:
@@ -103,17 +107,60 @@ def _compile_dense_for_autograd(
     return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
+@dataclasses.dataclass(frozen=True)
+class WisparseBackend:
+    """The wisparse backend with its options: ``torch.compile(model, backend=WisparseBackend(config))``.
+
+    ``wsc.sparse_backend(...)`` builds one from keywords. ``mode``/``options`` that torch.compile
+    passes as well are applied over ``config`` (``BackendConfig.with_compile_args``).
+    """
+
+    config: BackendConfig = dataclasses.field(default_factory=BackendConfig)
+
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Callable[..., Any]:
+        config = self.config.with_compile_args(mode, options) if (mode or options) else self.config
+        return _compile(gm, example_inputs, config)
+
+
+def sparse_backend(
+    *,
+    mode: str | None = None,
+    fuse_siblings: bool = BackendConfig.fuse_siblings,
+    max_sparse_rows: int = BackendConfig.max_sparse_rows,
+    mask_prefill: bool = BackendConfig.mask_prefill,
+    debug_dir: str | None = BackendConfig.debug_dir,
+    inductor_options: dict[str, Any] | None = None,
+) -> WisparseBackend:
+    """The wisparse backend, typed: ``torch.compile(model, backend=wsc.sparse_backend(mode="reduce-overhead"))``.
+
+    Unlike ``backend="wisparse", options=...`` it takes an Inductor ``mode`` together with the
+    backend's options and Inductor's (``inductor_options``, applied over the mode's); the fields
+    are ``BackendConfig``'s.
+    """
+    return WisparseBackend(BackendConfig(
+        max_sparse_rows=max_sparse_rows, mask_prefill=mask_prefill, debug_dir=debug_dir,
+        fuse_siblings=fuse_siblings, mode=mode, inductor_options=dict(inductor_options or {}),
+    ))
+
+
 def wisparse_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     mode: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """Dynamo backend: sparsify the planned linears of ``gm``, compile with Inductor."""
+    """Dynamo backend ``"wisparse"``: ``options`` holds the backend's keys and Inductor's."""
+    return WisparseBackend()(gm, example_inputs, mode=mode, options=options)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendConfig) -> Callable[..., Any]:
+    """Sparsify the planned linears of ``gm`` (and fuse siblings if asked), compile with Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
-    config, inductor_options = BackendConfig.split_options(options)
-    patches = _inductor_patches(mode, inductor_options)
+    patches = config.inductor_patches()
     before = gm
     if any_attached() and any(site_of(e) is not None for e in example_inputs):
         if _records_autograd(example_inputs):
@@ -121,15 +168,16 @@ def wisparse_backend(
         gm = copy_dynamo_graph_module(gm)
     result = rewrite_sparse_linears(gm, example_inputs, config)
     fusion = fuse_sibling_linears(gm, example_inputs, result) if config.fuse_siblings else FusionResult()
-    COMPILED_REPORTS.append(result)
-    record_graph(before, gm, example_inputs, result, config.debug_dir)
-    log.info("wisparse: %s", result.summary())
-    if not result.rewritten:
-        planned = [d for d in result.decisions if d.name is not None and not d.reason.startswith("prefill left dense")]
+    report = result.report
+    COMPILED_REPORTS.append(report)
+    record_graph(before, gm, example_inputs, report, config.debug_dir)
+    log.info("wisparse: %s", report.summary())
+    if not report.rewritten:
+        planned = [d for d in report.decisions if d.name is not None and d.reason_kind is not DenseReason.PREFILL]
         if planned:
             warnings.warn(
                 f"wisparse: none of the {len(planned)} planned linears of this graph can run sparse, "
-                f"so it compiles dense: {result.summary()}",
+                f"so it compiles dense: {report.summary()}",
                 stacklevel=2,
             )
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)

@@ -1,6 +1,6 @@
 """calibrate: run the model on sample batches, turn score statistics into a SparsityPlan.
 
-Linears are observed through a ``TorchFunctionMode``: it sees the same torch-level calls that
+Linears are observed through a ``LinearObserver`` (a ``TorchFunctionMode``): it sees the same torch-level calls that
 Dynamo puts in the graph (see ``linear_forms``), for any architecture and without hooks on module
 types. For each planned linear we keep a log-histogram of its channel scores (``|x_i|``, or
 ``|x_i| * ||W[:, i]||_2`` for weight-aware methods) and its column norms.
@@ -15,15 +15,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .allocation import allocate, candidate_masks, split_batches
-from .allocation.blocks import call_model
 from .config import SparsityConfig
 from .histogram import ExpertHistograms, ScoreHistogram
-from .linear_forms import WeightViews
-from .model_structure import find_weight, linear_name, parameter_names, repeated_block_prefixes
+from .model_io import model_device, run_batch
+from .model_structure import decoder_layer_prefixes, find_weight, linear_name, parameter_names
+from .observer import LinearCall, LinearObserver
 from .plan import SparsityPlan
 
 log = logging.getLogger(__name__)
@@ -65,43 +64,35 @@ def channel_scores(x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
     return scores * norms if norms is not None else scores
 
 
-class _ScoreCollector(TorchFunctionMode):
+class _ScoreCollector(LinearObserver):
     """Feeds the input of every call to a watched weight into that linear's histogram."""
 
     def __init__(self, watched: dict[int, str], config: SparsityConfig) -> None:
-        super().__init__()
+        super().__init__(lambda t: id(t) in watched and isinstance(t, nn.Parameter))
         self.watched = watched
         self.config = config
         self.stats: dict[str, LinearStats] = {}
-        self.views = WeightViews(lambda t: id(t) in watched and isinstance(t, nn.Parameter))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        call = self.views.resolve(func, args, kwargs)
-        if call is not None:
-            self._observe(self.watched[id(call.weight)], call.x, call.weight, call.in_dim, call.row_experts)
-        result = func(*args, **(kwargs or {}))
-        self.views.record(func, args, kwargs, result)
-        return result
-
-    def _observe(
-        self, name: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int, row_experts: torch.Tensor | None = None
-    ) -> None:
+    def on_linear(self, call: LinearCall) -> None:
+        name, x, weight = self.watched[id(call.weight)], call.x, call.weight
         stats = self.stats.get(name)
         if stats is None:
             bins = self.config.histogram_bins_per_octave
             stats = self.stats[name] = LinearStats(
-                name=name, shape=list(weight.shape), in_dim=in_dim,
-                column_norms=column_norms(weight, in_dim),
+                name=name, shape=list(weight.shape), in_dim=call.in_dim,
+                column_norms=column_norms(weight, call.in_dim),
                 histogram=ExpertHistograms(weight.shape[0], bins, x.device) if weight.dim() == 3
                 else ScoreHistogram(bins, device=x.device),
             )
         norms = stats.column_norms if self.config.weight_aware else None
         if isinstance(stats.histogram, ExpertHistograms):  # each row scored against its expert
-            rows = x.reshape(row_experts.numel(), -1)
-            stats.histogram.update(channel_scores(rows, None if norms is None else norms[row_experts]), row_experts)
+            experts = call.row_experts
+            rows = x.reshape(experts.numel(), -1)
+            stats.histogram.update(channel_scores(rows, None if norms is None else norms[experts]), experts)
         else:
             stats.histogram.update(channel_scores(x, norms))
         stats.tokens += x.numel() // max(1, stats.column_norms.shape[-1])
+        return None
 
 
 def _planned_parameters(model: nn.Module, config: SparsityConfig) -> dict[int, str]:
@@ -110,26 +101,13 @@ def _planned_parameters(model: nn.Module, config: SparsityConfig) -> dict[int, s
     if config.include is not None:
         pattern = re.compile(config.include)
         return {pid: linear_name(n) for pid, n in names.items() if pattern.search(linear_name(n))}
-    prefixes = repeated_block_prefixes(model)
+    prefixes = decoder_layer_prefixes(model)
     if not prefixes:
         raise ValueError(
-            f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of one block class); "
+            f"{type(model).__name__} has no layer list (an nn.ModuleList of blocks holding parameters); "
             "say which linears to plan with SparsityConfig(include=<regex on names>)"
         )
     return {pid: linear_name(n) for pid, n in names.items() if n.startswith(tuple(prefixes))}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def run_batch(model: nn.Module, batch: Any, device: torch.device) -> int:
-    """Call the model on one batch (a dict of tensors, or an input_ids tensor); return its token count."""
-    call_model(model, batch, device)
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
 def collect_statistics(model: nn.Module, batches: Iterable[Any], config: SparsityConfig) -> dict[str, LinearStats]:

@@ -102,10 +102,12 @@ class SparsityConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """Options of the ``wisparse`` torch.compile backend.
+    """Options of the ``wisparse`` torch.compile backend, Inductor's included.
 
-    Pass them as ``torch.compile(model, backend="wisparse", options={"mask_prefill": False})``;
-    every other option key goes to Inductor unchanged.
+    Typed: ``torch.compile(model, backend=wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=True))``.
+    By name: ``torch.compile(model, backend="wisparse", options={"mask_prefill": False})``, where
+    every option key that is not a field here goes to Inductor unchanged (torch.compile takes
+    ``mode`` or ``options``, not both; the typed form takes both).
 
     max_sparse_rows: calls with at most this many token rows (decode: batch 1..8) take the
         sparse GEMV kernel; larger calls (prefill) mask the input and run the dense GEMM.
@@ -117,6 +119,8 @@ class BackendConfig:
         mixture-of-experts block the shared expert's projections, its gate and the router) into
         one sparse GEMV over their concatenated weights (``passes/fuse_siblings.py``); costs one
         extra copy of those weights in memory, so it is off by default.
+    mode: an Inductor mode of ``torch.compile`` ("reduce-overhead", "max-autotune", ...).
+    inductor_options: Inductor config patches, applied over the mode's.
 
     ``max_sparse_rows`` = 8 is not measured yet: the row count above which dense wins has to be
     measured on a GPU (``benchmarks/kernel_bench.py``).
@@ -126,23 +130,47 @@ class BackendConfig:
     mask_prefill: bool = True
     debug_dir: str | None = None
     fuse_siblings: bool = False
+    mode: str | None = None
+    inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_sparse_rows < 1:
             raise ValueError("max_sparse_rows must be at least 1")
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
 
-    @classmethod
-    def split_options(cls, options: dict[str, Any] | None) -> tuple["BackendConfig", dict[str, Any]]:
-        """Separate our keys (``key`` or ``wisparse.key``) from Inductor's."""
+            if self.mode not in list_mode_options():
+                raise ValueError(f"unknown Inductor mode {self.mode!r}; known: {sorted(list_mode_options())}")
+        ours = sorted(set(self.inductor_options) & _BACKEND_FIELDS)
+        if ours:
+            raise ValueError(f"{ours} are wisparse options, not Inductor's: give them as BackendConfig fields")
+        object.__setattr__(self, "inductor_options", dict(self.inductor_options))
+
+    def with_compile_args(self, mode: str | None, options: dict[str, Any] | None) -> "BackendConfig":
+        """This config with ``torch.compile``'s ``mode`` and ``options`` applied: option keys that
+        name a field (``key`` or ``wisparse.key``) set it, the others are Inductor's."""
         ours: dict[str, Any] = {}
-        inductor: dict[str, Any] = {}
-        names = {f.name for f in dataclasses.fields(cls)}
+        inductor: dict[str, Any] = dict(self.inductor_options)
         for key, value in (options or {}).items():
             short = key.removeprefix("wisparse.")
-            if short in names:
+            if short in _BACKEND_FIELDS:
                 ours[short] = value
             elif key.startswith("wisparse."):
-                raise ValueError(f"unknown wisparse backend option {key!r}; known: {sorted(names)}")
+                raise ValueError(f"unknown wisparse backend option {key!r}; known: {sorted(_BACKEND_FIELDS)}")
             else:
                 inductor[key] = value
-        return cls(**ours), inductor
+        if mode is not None and self.mode is not None and mode != self.mode:
+            raise ValueError(f"torch.compile(mode={mode!r}) contradicts the backend's mode={self.mode!r}: give one")
+        return dataclasses.replace(self, **ours, mode=mode or self.mode, inductor_options=inductor)
+
+    def inductor_patches(self) -> dict[str, Any]:
+        """The config patches Inductor compiles with: the mode's options, then ``inductor_options``."""
+        from torch._inductor import list_mode_options
+
+        patches = dict(list_mode_options(self.mode)) if self.mode not in (None, "default") else {}
+        patches.update(self.inductor_options)
+        return patches
+
+
+#: The options that are the backend's own (the rest of ``options`` is Inductor's).
+_BACKEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BackendConfig)) - {"mode", "inductor_options"}

@@ -1,7 +1,7 @@
 """Log-scale histograms of channel scores: any sparsity becomes a threshold without another pass.
 
 An exact quantile over every (token, channel) score is slow (minutes for a small LLM); a fixed
-log2-binned histogram is cheap to update on the device, mergeable, and precise to about 1%
+log2-binned histogram is cheap to update on the device, in any number of chunks, and precise to about 1%
 in the threshold, which moves the achieved sparsity by far less than a point.
 """
 
@@ -34,13 +34,6 @@ class ScoreHistogram:
         self.zeros += (scores == 0).sum()
         logs = torch.log2(scores[scores > 0]).clamp_(_LOG2_LOW, _LOG2_HIGH - 1e-6)
         self.counts += torch.histc(logs, bins=self.num_bins, min=_LOG2_LOW, max=_LOG2_HIGH).double()
-
-    def merge(self, other: "ScoreHistogram") -> None:
-        if other.num_bins != self.num_bins:
-            raise ValueError("cannot merge histograms of different resolution")
-        self.counts += other.counts.to(self.counts.device)
-        self.zeros += other.zeros.to(self.zeros.device)
-        self.total += other.total
 
     def threshold(self, sparsity: float) -> float:
         """tau such that a fraction ``sparsity`` of the scores is <= tau (pruned by ``score > tau``)."""
@@ -99,11 +92,6 @@ class ExpertHistograms:
         row_experts = row_experts.to(scores.device)
         for e in torch.unique(row_experts).tolist():
             self.experts[e].update(scores[row_experts == e])
-
-    def merge(self, other: "ExpertHistograms") -> None:
-        for mine, theirs in zip(self.experts, other.experts):
-            mine.merge(theirs)
-        self.pooled.merge(other.pooled)
 
     def threshold(self, sparsity: float) -> torch.Tensor:
         fallback = self.pooled.threshold(sparsity)

@@ -1,9 +1,10 @@
 """The forms in which a linear (an activation contracted with a weight) appears.
 
-One table serves both the eager side (calibration and the masked reference see calls through a
-``TorchFunctionMode``) and the compiler side (the FX pass sees ``call_function`` nodes of the
-Dynamo graph): both observe the same torch-level calls, so a linear that calibration planned is
-one the pass can rewrite.
+One table serves both the eager side (``observer.LinearObserver``: calibration, the masked
+reference and the allocation see calls through a ``TorchFunctionMode``) and the compiler side (the
+FX pass sees ``call_function`` nodes of the Dynamo graph): both observe the same torch-level calls,
+so a linear that calibration planned is one the pass can rewrite. A leaf module: it imports
+nothing from the package.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
-
-from .mask import expert_of_rows
 
 
 @dataclass(frozen=True)
@@ -60,8 +58,15 @@ FORMS: tuple[LinearForm, ...] = (LINEAR, ADDMM, MATMUL)
 # expert), and ``bmm`` with the gathered ``W[expert_ids]`` first (``[S, out, in] @ x[S, in, 1]``)
 # or second (``x[S, 1, in] @ [S, in, out]``).
 GROUPED_MM = LinearForm("grouped_mm", (), x_arg=0, weight_arg=1, bias_arg=None, weight_in_dim=1)
-BMM_WEIGHT_FIRST = LinearForm("bmm", (torch.bmm,), x_arg=1, weight_arg=0, bias_arg=None, weight_in_dim=2)
-BMM_WEIGHT_SECOND = LinearForm("bmm", (torch.bmm,), x_arg=0, weight_arg=1, bias_arg=None, weight_in_dim=1)
+BMM_WEIGHT_FIRST = LinearForm(
+    "bmm", (torch.bmm,), x_arg=1, weight_arg=0, bias_arg=None, weight_in_dim=2, arg_names=("mat2", "input", "bias"),
+)
+BMM_WEIGHT_SECOND = LinearForm(
+    "bmm", (torch.bmm,), x_arg=0, weight_arg=1, bias_arg=None, weight_in_dim=1, arg_names=("input", "mat2", "bias"),
+)
+# Keyword names of a grouped mm's x and weight: transformers' fallback op, F.grouped_mm, torch._grouped_mm.
+GROUPED_MM_X_NAMES = ("input", "mat_a", "self")
+GROUPED_MM_WEIGHT_NAMES = ("weight", "mat_b", "mat2")
 _BY_TARGET: dict[Any, LinearForm] = {t: f for f in FORMS for t in f.targets}
 
 
@@ -144,106 +149,4 @@ def view_kind(func: Any) -> str | None:
     try:
         return _VIEW_FUNCS.get(func)
     except TypeError:
-        return None
-
-
-@dataclass(frozen=True)
-class LinearCall:
-    """One resolved linear call: its form, input, root weight parameter, bias and input-channel dim.
-
-    row_experts: for stacked expert weights [E, ...], the expert of each row of ``x`` (its rows
-        being ``x.numel() // in_features``); None for plain linears.
-    """
-
-    form: LinearForm
-    x: Any
-    weight: torch.Tensor
-    bias: Any
-    in_dim: int
-    row_experts: torch.Tensor | None = None
-
-
-class WeightViews:
-    """Eager dataflow for ``TorchFunctionMode`` observers: follows watched weights through views.
-
-    ``watched(tensor)`` says whether a tensor is a weight of interest. ``record`` notes the
-    result of a permuting view of a watched weight (or of such a view), and of indexing a stacked
-    [E, ...] weight by expert (``W[e]``: one expert; ``W[expert_ids]``: gathered per row);
-    ``resolve`` turns a call into a ``LinearCall`` when its weight operand leads back to a
-    watched weight.
-    """
-
-    def __init__(self, watched: Callable[[Any], bool]) -> None:
-        self.watched = watched
-        # view -> (root, source dims, experts: None | int | 1-D index tensor)
-        self._views: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def _root(self, t: Any) -> tuple[torch.Tensor, tuple[int, ...], Any] | None:
-        if not isinstance(t, torch.Tensor):
-            return None
-        if self.watched(t):
-            return t, tuple(range(t.dim())), None
-        return self._views.get(t)
-
-    def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, result: Any) -> None:
-        if not args or not isinstance(result, torch.Tensor):
-            return
-        if func is torch.Tensor.__getitem__ and len(args) == 2:
-            self._record_expert_index(args[0], args[1], result)
-            return
-        kind = view_kind(func)
-        if kind is None:
-            return
-        root = self._root(args[0])
-        if root is None:
-            return
-        extra = tuple(args[1:]) + tuple((kwargs or {}).values())
-        dims = view_dims(kind, args[0].dim(), extra)
-        if dims is not None:
-            weight, source, experts = root
-            self._views[result] = (weight, tuple(source[d] for d in dims), experts)
-
-    def _record_expert_index(self, w: Any, index: Any, result: torch.Tensor) -> None:
-        root = self._root(w)
-        if root is None or root[0].dim() != 3 or root[2] is not None or root[1][0] != 0:
-            return
-        weight, source, _ = root
-        if isinstance(index, int) or (
-            isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point()
-        ):
-            self._views[result] = (weight, source[1:], int(index))
-        elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype in (torch.int32, torch.int64):
-            self._views[result] = (weight, source, index)
-
-    def resolve(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> LinearCall | None:
-        form = form_of(func)
-        if form is None:
-            return self._expert_call(func, args, kwargs)
-        x, w, b = call_operands(form, args, kwargs)
-        root = self._root(w)
-        if root is None or not isinstance(x, torch.Tensor) or w.dim() != 2:
-            return None
-        weight, source, experts = root
-        if weight.dim() == 3 and not isinstance(experts, int):
-            return None
-        row_experts = None
-        if isinstance(experts, int):  # one expert's [out, in] slice: every row is that expert's
-            row_experts = torch.full((x.numel() // max(1, x.shape[-1]),), experts, dtype=torch.long, device=x.device)
-        return LinearCall(form, x, weight, b, source[form.weight_in_dim], row_experts)
-
-    def _expert_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> LinearCall | None:
-        """Grouped mm of a whole stacked weight, or bmm of a gathered ``W[expert_ids]``."""
-        if is_grouped_mm(func) and len(args) >= 2:
-            x, offs, root = args[0], offs_operand(args, kwargs), self._root(args[1])
-            if root is None or root[2] is not None or root[1][0] != 0 or not isinstance(offs, torch.Tensor):
-                return None
-            weight, source, _ = root
-            rows = expert_of_rows(offs, x.shape[0], weight.shape[0])
-            return LinearCall(GROUPED_MM, x, weight, None, source[GROUPED_MM.weight_in_dim], rows)
-        if func in (torch.bmm, torch.Tensor.bmm) and len(args) == 2:
-            for form in (BMM_WEIGHT_FIRST, BMM_WEIGHT_SECOND):
-                root = self._root(args[form.weight_arg])
-                if root is not None and isinstance(root[2], torch.Tensor) and root[1][0] == 0:
-                    weight, source, experts = root
-                    return LinearCall(form, args[form.x_arg], weight, None, source[form.weight_in_dim], experts)
         return None

@@ -1,7 +1,8 @@
-"""Generic facts about a model's structure: its repeated blocks and parameter names.
+"""Generic facts about a model's structure: its decoder layers and parameter names.
 
-No architecture names: the decoder blocks are found as the largest ``nn.ModuleList`` whose
-children all share one class, which is how every Hugging Face causal LM stacks its layers.
+No architecture names: the decoder layers are found as the ``nn.ModuleList`` holding the most
+parameters, which is how every Hugging Face causal LM stacks its layers, whatever the classes in
+it: a hybrid's list mixes attention layers with state-space (Jamba, Zamba2) or other layers.
 """
 
 from __future__ import annotations
@@ -10,25 +11,24 @@ import torch
 from torch import nn
 
 
-def repeated_block_prefixes(model: nn.Module) -> list[str]:
-    """Name prefixes (``"model.layers.0."``, ...) of the model's repeated blocks.
+def decoder_layer_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes (``"model.layers.0."``, ...) of the model's decoder layers.
 
-    Picks the ModuleList of same-class children holding the most parameters; returns [] when the
-    model has none (then calibration needs an explicit ``include`` pattern).
+    Picks the ModuleList holding the most parameters (shared ones counted once), whatever the
+    classes of its children; returns [] when the model has none with parameters (then calibration
+    needs an explicit ``include`` pattern).
     """
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
             continue
         size = sum(p.numel() for p in module.parameters())
         if size and (best is None or size > best[0]):
             best = (size, name, module)
     if best is None:
         return []
-    _, name, blocks = best
-    return [f"{name}.{i}." if name else f"{i}." for i in range(len(blocks))]
+    _, name, layers = best
+    return [f"{name}.{i}." if name else f"{i}." for i in range(len(layers))]
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:

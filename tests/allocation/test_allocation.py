@@ -8,7 +8,7 @@ from tests.conftest import tiny_llama, token_batches
 from wisparse_compile.allocation import _Thresholds
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.allocation import split_batches
-from wisparse_compile.allocation.refine import block_error, greedy_path, refine_block
+from wisparse_compile.allocation.refine import BlockSplitter, block_error, greedy_path
 from wisparse_compile.allocation.search import depth_ramps, evolve, project
 from wisparse_compile.model_structure import find_weight
 
@@ -133,7 +133,7 @@ def test_refinement_lowers_block_error_and_keeps_block_budget():
     groups = [len(g) for g in layout.blocks[0].groups]
     assert sorted(groups) == [1, 1, 2, 3]  # attention inputs, o, gated-MLP inputs, down: found by shared tensors
     for block in layout.blocks:
-        refined, _ = refine_block(block, calls[block.prefix], 0.5, 0.1, thresholds, weight_ids)
+        refined = BlockSplitter(block, calls[block.prefix], 0.5, 0.1, thresholds, weight_ids)(0.5)
         mean = sum(refined[n] * block.sizes[n] for n in block.linears) / block.size
         assert mean == pytest.approx(0.5, abs=1e-6)
         for group in block.groups:

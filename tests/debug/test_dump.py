@@ -12,8 +12,10 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.debug.models import Net, planned_net
-from wisparse_compile.debug import GraphReport, dotted_source_name, reason_kind
-from wisparse_compile.passes.sparse_linear import copy_dynamo_graph_module, rewrite_sparse_linears
+from wisparse_compile.debug import GraphReport, dotted_source_name
+from wisparse_compile.passes.decisions import DenseReason, Route
+from wisparse_compile.passes.graph_utils import copy_dynamo_graph_module
+from wisparse_compile.passes.sparsify import rewrite_sparse_linears
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,11 +43,12 @@ def test_tiny_llama_report_lists_every_linear(tmp_path):
     rows = {r.module: r for r in report.rows}
     assert set(rows) == {*plan.names, "lm_head"}
     for name in plan.names:
-        assert (rows[name].outcome, rows[name].reason) == ("sparse", "")
+        assert (rows[name].outcome, rows[name].reason, rows[name].route) == ("sparse", "", Route.CPU_KERNEL)
         assert rows[name].planned_sparsity == pytest.approx(plan.sparsities[name])
         assert rows[name].weight_shape == list(plan.shapes[name]) and rows[name].dtype == "float32"
     head = rows["lm_head"]
-    assert (head.outcome, head.reason_kind, head.planned_sparsity) == ("dense", "no plan entry", None)
+    assert (head.outcome, head.reason_kind, head.planned_sparsity) == ("dense", DenseReason.NO_PLAN, None)
+    assert head.route == Route.DENSE
     assert report.counts == {"found": 8, "rewritten": 7, "fused": 0, "dense": 1}
     diff = (folder / "diff.patch").read_text()
     assert diff.count("\n+") > 0 and diff.count("torch.ops.wisparse.sparse_linear.default(") == 7
@@ -88,11 +91,11 @@ def test_unsupported_dtype_is_reported(tmp_path):
     (folder,) = _graphs(tmp_path)
     rows = {r.module: r for r in _report(folder).rows}
     mixed = rows["blocks.1.down"]
-    assert (mixed.outcome, mixed.reason_kind, mixed.dtype) == ("dense", "dtype", "bfloat16")
+    assert (mixed.outcome, mixed.reason_kind, mixed.dtype) == ("dense", DenseReason.DTYPE_MISMATCH, "bfloat16")
     assert mixed.planned_sparsity == pytest.approx(wsc.attached_plan(net).sparsities["blocks.1.down"])
     assert "differs from weight dtype" in mixed.reason
     assert rows["blocks.1.up"].outcome == "sparse"
-    assert "dtype: input dtype float32 differs" in (folder / "linears.txt").read_text()
+    assert "dtype mismatch: input dtype float32 differs" in (folder / "linears.txt").read_text()
 
 
 def test_new_nodes_keep_source_location():
@@ -113,14 +116,35 @@ def test_new_nodes_keep_source_location():
         assert any("blocks" in str(path) for path, _ in node.meta["nn_module_stack"].values())
 
 
-def test_dotted_source_names_and_reason_kinds():
+@pytest.mark.parametrize(("rows", "dynamic", "route"), [
+    (2, False, Route.CPU_KERNEL), (16, False, Route.MASKED_DENSE), (2, True, Route.CPU_KERNEL), (16, True, Route.MASKED_DENSE),
+])
+def test_route_names_what_the_op_lowers_to(rows, dynamic, route):
+    """Decode-sized CPU calls take the C++ kernel, larger ones masked dense; a symbolic row count
+    gets the route of its hint (the op guards on it, so the graph serves only that side)."""
+    reports = []
+
+    def backend(gm, example_inputs):
+        gm = copy_dynamo_graph_module(gm)
+        result = rewrite_sparse_linears(gm, example_inputs, wsc.BackendConfig(max_sparse_rows=4))
+        reports.append(result.report)
+        return lambda *args: gm.forward(*args, *result.threshold_examples)
+
+    x = torch.randn(rows, 16)
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        torch.compile(planned_net(), backend=backend)(x)
+    routes = {d.name: d.route for d in reports[-1].decisions}
+    assert routes == {**dict.fromkeys(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], route), None: Route.DENSE}
+
+
+def test_dotted_source_names():
     src = "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']._parameters['weight']"
     assert dotted_source_name(src) == "model.layers.0.mlp.weight"
     assert dotted_source_name("L['self'].model.layers[3].proj.weight") == "model.layers.3.proj.weight"
-    assert reason_kind("no plan entry") == "no plan entry"
-    assert reason_kind("unsupported input dtype int64") == "dtype"
-    assert reason_kind("prefill left dense (mask_prefill=False)") == "prefill size"
-    assert reason_kind("weight is not a graph input") == "shape not supported"
+    # a forward wrapped as forward(*args) (transformers 5.2x): the module is the first positional
+    assert dotted_source_name("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
 
 
 def test_torch_logs_and_trace_artifacts(tmp_path):

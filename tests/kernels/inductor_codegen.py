@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import wisparse_compile as wsc  # noqa: E402
-import wisparse_compile.kernels.sparse_gemv  # noqa: E402,F401  (a JITFunction: before tests.conftest sets TRITON_INTERPRET)
+import wisparse_compile.kernels.triton_sparse_gemv  # noqa: E402,F401  (a JITFunction: before tests.conftest sets TRITON_INTERPRET)
 from tests.conftest import tiny_llama, token_batches  # noqa: E402
 
 
@@ -81,11 +81,16 @@ def wrapper_code(fn: Callable[[], object]) -> str:
 def summarize(code: str) -> dict[str, object]:
     defined = re.findall(r"^(\w+) = async_compile\.triton\('(\w+)'", code, flags=re.MULTILINE)
     names = {var: kernel for var, kernel in defined}
+    # A user kernel's definition lists its autotune configs; a GPU compiles each once per key.
+    configs = [len(re.findall(r"\{'BLOCK_N'", block)) for block in re.findall(r"configs=\[(.*?)\],\n", code)]
     return {
         "defined": sorted(set(names.values())),
         "launched": [names.get(var, var) for var in re.findall(r"(\w+)\.run\(", code)],
         "opaque_op": "torch.ops.wisparse." in code,
         "cpu_kernel": "wisparse_cpu" in code,
+        "kernel_variants": len(defined),
+        "configs_compiled": sum(configs),
+        "symbolic_rows": bool(re.search(r"\.run\([^\n]*\b[k]?s\d+\b", code)),
     }
 
 
@@ -106,6 +111,18 @@ def main() -> None:
         compiled = torch.compile(model, backend="wisparse", options=options)
         with torch.no_grad():
             report[name] = summarize(wrapper_code(lambda: compiled(ids)))
+    # A symbolic batch: dynamic=True on a decode step of 3 tokens rows, and a batch that changes
+    # between calls (1, then 2: automatic dynamic recompiles with a symbolic batch).
+    batch = lambda b: torch.randint(0, 256, (b, 1), generator=torch.Generator().manual_seed(b))  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="wisparse", dynamic=True)
+    with torch.no_grad():
+        report["dynamic"] = summarize(wrapper_code(lambda: compiled(batch(3))))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="wisparse")
+    with torch.no_grad():
+        report["batch_1"] = summarize(wrapper_code(lambda: compiled(batch(1))))
+        report["batch_2_after_1"] = summarize(wrapper_code(lambda: compiled(batch(2))))
     report["ttir_failures"] = sum("identify_accessed_tensors" in m for m in ttir.messages)
     print(json.dumps(report))
 

@@ -32,7 +32,7 @@ def test_bench_decode_compiles_once_per_model_and_never_on_a_plan_swap():
 
 def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):
     """Each call takes the next weight copy (so weights come from DRAM, not a cache-resident matrix)."""
-    from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
+    from wisparse_compile.kernels import cpu_kernel_available
 
     assert cpu_kernel_available()
     monkeypatch.setattr(cpu_bench, "SHAPES", {"tiny": [(24, 40)]})

@@ -53,7 +53,46 @@ def test_fused_siblings_launch_one_kernel_per_group(codegen):
     assert not fused["opaque_op"] and not fused["cpu_kernel"]
 
 
+@pytest.mark.parametrize("case", ["dynamic", "batch_2_after_1"])
+def test_symbolic_batch_keeps_the_sparse_kernel(codegen, case):
+    """dynamic=True, and a batch that changes between calls (automatic dynamic): the graph with a
+    symbolic batch still launches our kernel for every planned linear (the route is guarded on
+    rows <= max_sparse_rows, not silently lowered to masked dense)."""
+    graph = codegen[case]
+    assert graph["symbolic_rows"]
+    assert graph["launched"] == ["_sparse_gemv_kernel"] * 7
+    assert not graph["opaque_op"] and not graph["cpu_kernel"]
+    assert not codegen["batch_1"]["symbolic_rows"] and codegen["batch_1"]["launched"] == ["_sparse_gemv_kernel"] * 7
+
+
+def test_one_launch_per_linear_and_few_configs(codegen):
+    """No memset or epilogue kernel of ours: the launches are the GEMVs (the tiny weights take one K
+    slice, so the kernel stores bias and cast itself). The configs a GPU would compile for the whole
+    tiny Llama: one per kernel variant here (the old grid compiled 162 per (M, N, K))."""
+    single = codegen["single"]
+    assert len(single["launched"]) == 7
+    assert single["configs_compiled"] <= 4 * single["kernel_variants"]
+    assert single["configs_compiled"] == codegen["fused"]["configs_compiled"] == 4
+
+
 def test_kernel_compiles_to_ttir_for_mutation_analysis(codegen):
     """Inductor compiles the kernel to TTIR to see which arguments it writes; none fell back to
     'assume every input is mutated' (which would cost copies)."""
     assert codegen["ttir_failures"] == 0
+
+
+def test_every_kernel_variant_compiles_to_ttir():
+    """Biased, fused (3 and 4 segments) and multi-row variants type-check for a CUDA target (the
+    interpreter would not catch a constexpr branch that does not compile), with 64-bit offsets,
+    one store and no atomics."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend to generate code for")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.ttir_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    variants = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(variants) == 4
+    for v in variants:
+        assert v["ok"] and v["int64_offsets"] and v["stores"] == 1 and v["atomics"] == 0, v

@@ -7,7 +7,6 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
 from wisparse_compile.backend import COMPILED_REPORTS
-from wisparse_compile.debug.report import build_report
 from wisparse_compile.passes.fuse_siblings import fused_weight
 
 
@@ -62,17 +61,12 @@ def test_prepared_weight_is_built_once_and_rebuilt_on_change():
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_reduce_overhead_and_fullgraph_match(fuse):
-    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs).
-
-    The backend takes mode or options, so the fused case spells reduce-overhead as its options.
-    """
+    """The single and fused ops compile under reduce-overhead + fullgraph (CPU: no CUDA graphs);
+    the typed backend takes the mode together with the fusion option."""
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
-    if fuse:
-        options = {**torch._inductor.list_mode_options("reduce-overhead"), "fuse_siblings": True}
-        compiled = torch.compile(model.model, backend="wisparse", options=options, fullgraph=True)
-    else:
-        compiled = torch.compile(model.model, backend="wisparse", mode="reduce-overhead", fullgraph=True)
+    backend = wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=fuse)
+    compiled = torch.compile(model.model, backend=backend, fullgraph=True)
     with torch.no_grad():
         out = compiled(ids).last_hidden_state
         out2 = compiled(ids).last_hidden_state
@@ -163,3 +157,54 @@ def test_shape_keeping_reshape_reads_the_same_input(lowered_graphs, dynamic):
     assert not any(n.op == "call_method" and n.target == "reshape" for n in gm.graph.nodes)  # left unused: removed
     for f, s in zip(fused, single):
         torch.testing.assert_close(f, s, rtol=0, atol=0)
+
+
+class _Conv1D(torch.nn.Module):
+    """A linear stored ``[in, out]`` (1-D-convolution style): ``addmm`` with a bias, ``x @ W`` without."""
+
+    def __init__(self, nx: int, nf: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = torch.nn.Parameter(torch.randn(nf)) if bias else None
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+
+
+class _TransposedSiblings(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = _Conv1D(16, 8), _Conv1D(16, 8), _Conv1D(16, 4, bias=False)
+
+    def forward(self, x):
+        x = x.view(-1, 16)
+        return self.q(x) * self.k(x), self.v(x)
+
+
+def test_transposed_siblings_fuse_into_a_valid_graph(lowered_graphs):
+    """Siblings written ``x @ W`` (weights [in, out]) enter the pass as ``t()`` views placed before
+    each member; the fused call, placed at the first member, must not read a later member's view."""
+    torch.manual_seed(0)
+    model = _TransposedSiblings().eval()
+    names = ["q", "k", "v"]
+    g = torch.Generator().manual_seed(1)
+    wsc.attach(model, wsc.SparsityPlan(
+        channel_thresholds={n: torch.rand(16, generator=g) for n in names}, sparsities=dict.fromkeys(names, 0.5),
+        shapes={n: [16, getattr(model, n).weight.shape[1]] for n in names}, in_dims=dict.fromkeys(names, 0),
+        model_class=type(model).__name__, method="teal",
+    ))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse", options={"fuse_siblings": True})(x)
+        with wsc.masked_linears():
+            ref = model(x)
+        dense = model(x)
+    gm = lowered_graphs[-1]
+    gm.graph.lint()
+    (fused,) = [n for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_fused.default]
+    assert [w.target for w in fused.args[1]] == [torch.t] * 3
+    assert _count(gm, torch.ops.wisparse.sparse_linear.default) == 0
+    assert sorted(d.form for d in COMPILED_REPORTS[-1].decisions if d.decision == "fused") == ["addmm", "addmm", "matmul"]
+    for o, r, d in zip(out, ref, dense):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        assert (o - d).abs().max() > 1e-3  # the mask changed something

@@ -25,8 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
+from ..model_io import batch_tokens, call_model
 from ..model_structure import find_weight
-from .blocks import Layout, call_model, discover_layout, first_tensor
+from .blocks import Layout, discover_layout, first_tensor
 from .masking import candidate_masks
 from .refine import BlockSplitter
 from .search import check_budget, evolve
@@ -42,12 +43,6 @@ class Allocation:
 
     sparsities: dict[str, float]
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def batch_tokens(batch: Any) -> int:
-    """Token count of a batch (input_ids tensor, or a dict holding one); 0 when unknown."""
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
 def split_batches(batches: Iterable[Any], config: SparsityConfig) -> tuple[list[Any], list[Any]]:

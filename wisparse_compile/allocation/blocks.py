@@ -1,14 +1,17 @@
-"""The allocation's view of a model: repeated blocks, and groups of linears that share an input.
+"""The allocation's view of a model: its blocks, and groups of linears that share an input.
 
-Both are found generically. Blocks are ``model_structure.repeated_block_prefixes``. Linears share
-an input when the *same tensor object* feeds several of them in one forward (attention's
-projections of one normed hidden state, a gated MLP's two input projections); a weak reference
-per observed input tells a reused object from a new one that got a recycled ``id``.
+Both are found generically. Blocks are the decoder's layers (``model_structure.decoder_layer_prefixes``),
+whatever their classes: a hybrid's attention and state-space layers are blocks alike, each re-run
+with its own captured calls. Linears share an input when the *same data* feeds several of them in
+one forward (attention's projections of one normed hidden state, a gated MLP's two input
+projections), whether each receives the tensor itself or its own view of it (``x.view(-1, d)``
+per call), and whatever form the call takes (``x @ W.T`` included: ``observer.LinearObserver``
+resolves it); a weak reference per observed input tells a reused tensor from a new one that got a
+recycled ``id``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -16,17 +19,17 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..linear_forms import call_operands, form_of
-from ..model_structure import find_weight, repeated_block_prefixes
+from ..model_io import call_model
+from ..model_structure import decoder_layer_prefixes, find_weight
+from ..observer import LinearCall, LinearObserver
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Block:
-    """One repeated block: its module, its planned linears grouped by shared input."""
+    """One decoder layer: its module, its planned linears grouped by shared input."""
 
     prefix: str
     module: nn.Module
@@ -53,28 +56,34 @@ class Layout:
     outside: list[str] = field(default_factory=list)
 
 
-class _InputSharing(TorchFunctionMode):
-    """Records, per watched linear, the first linear whose call received the same input object."""
+def _data_key(x: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """(tensor owning the memory, which view of it): equal for ``x`` and for a view of the same data."""
+    base = x._base if x._base is not None else x
+    return base, (x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+class _InputSharing(LinearObserver):
+    """Records, per watched linear, the first linear whose call received the same input data."""
 
     def __init__(self, watched: Mapping[int, str]) -> None:
-        super().__init__()
+        super().__init__(lambda t: id(t) in watched)
         self.watched = watched
-        self.inputs: dict[int, tuple[weakref.ReferenceType, str]] = {}
+        self.inputs: dict[tuple[int, tuple[Any, ...]], tuple[weakref.ReferenceType, str]] = {}
         self.leader: dict[str, str] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        form = form_of(func)
-        if form is not None:
-            x, weight, _ = call_operands(form, args, kwargs)
-            name = self.watched.get(id(weight))
-            if name is not None and isinstance(x, torch.Tensor) and name not in self.leader:
-                seen = self.inputs.get(id(x))
-                if seen is not None and seen[0]() is x:
-                    self.leader[name] = self.leader.get(seen[1], seen[1])
-                else:
-                    self.inputs[id(x)] = (weakref.ref(x), name)
-                    self.leader[name] = name
-        return func(*args, **(kwargs or {}))
+    def on_linear(self, call: LinearCall) -> None:
+        name = self.watched[id(call.weight)]
+        if name in self.leader:
+            return None
+        base, view = _data_key(call.x)
+        key = (id(base), view)
+        seen = self.inputs.get(key)
+        if seen is not None and seen[0]() is base:
+            self.leader[name] = self.leader.get(seen[1], seen[1])
+        else:
+            self.inputs[key] = (weakref.ref(base), name)
+            self.leader[name] = name
+        return None
 
 
 @dataclass
@@ -91,28 +100,7 @@ def first_tensor(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"a repeated block returned {type(output).__name__}; expected a tensor or a tuple starting with one")
-
-
-def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``use_cache=False`` where the model takes it: captured block calls must not carry a KV cache."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
-def call_model(model: nn.Module, batch: Any, device: torch.device) -> Any:
-    """Run one calibration batch (dict of tensors or input_ids) and return the model's output."""
-    extra = model_call_kwargs(model)
-    if isinstance(batch, Mapping):
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return model(**{**extra, **inputs})
-    if isinstance(batch, torch.Tensor):
-        ids = batch.to(device)
-        return model(ids.unsqueeze(0) if ids.dim() == 1 else ids, **extra)
-    raise TypeError(f"a calibration batch must be a dict of tensors or an input_ids tensor, got {type(batch).__name__}")
+    raise TypeError(f"a decoder layer returned {type(output).__name__}; expected a tensor or a tuple starting with one")
 
 
 def _plain(value: Any) -> Any:
@@ -135,7 +123,7 @@ def discover_layout(
     names = list(names)
     weights = {name: find_weight(model, name) for name in names}
     watched = {id(found[1]): name for name, found in weights.items() if found is not None}
-    prefixes = repeated_block_prefixes(model)
+    prefixes = decoder_layer_prefixes(model)
     captured: dict[str, BlockCalls] = {p: BlockCalls() for p in prefixes}
     handles = []
     for prefix in prefixes:
@@ -175,5 +163,5 @@ def discover_layout(
         placed.update(members)
     outside = [n for n in names if n not in placed]
     if outside:
-        log.info("%d planned linears lie outside the repeated blocks; they keep the target sparsity", len(outside))
+        log.info("%d planned linears lie outside the decoder layers; they keep the target sparsity", len(outside))
     return Layout(blocks, outside), {b.prefix: captured[b.prefix] for b in blocks}

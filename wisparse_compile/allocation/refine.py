@@ -171,12 +171,3 @@ class BlockSplitter:
                 refined = uniform
             self.cache[key] = refined
         return self.cache[key]
-
-
-def refine_block(
-    block: Block, calls: BlockCalls, budget: float, step: float, thresholds: ThresholdFn,
-    weight_ids: Mapping[str, int],
-) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Per-linear sparsities for ``block`` at parameter-weighted mean ``budget``; and the greedy steps."""
-    splitter = BlockSplitter(block, calls, budget, step, thresholds, weight_ids)
-    return splitter(budget), splitter.path.steps()

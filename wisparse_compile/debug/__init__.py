@@ -1,9 +1,11 @@
 """Graph-diff debugging: what the wisparse pass changed in each compiled graph, and why."""
 
 from .dump import DEBUG_DIR_ENV, debug_dir, record_graph, unified_diff
-from .report import GraphReport, LinearRow, build_report, dotted_source_name, format_table, reason_kind
+from .history import CompileHistory
+from .report import GraphReport, LinearRow, build_report, dotted_source_name, format_table
 
 __all__ = [
+    "CompileHistory",
     "DEBUG_DIR_ENV",
     "GraphReport",
     "LinearRow",
@@ -11,7 +13,6 @@ __all__ = [
     "debug_dir",
     "dotted_source_name",
     "format_table",
-    "reason_kind",
     "record_graph",
     "unified_diff",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from torch import fx
 
-from ..passes.sparse_linear import RewriteResult
+from ..passes.decisions import CompileReport
 from .report import GraphReport, build_report, format_table
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def record_graph(
     before: fx.GraphModule,
     after: fx.GraphModule,
     example_inputs: Sequence[Any],
-    result: RewriteResult,
+    result: CompileReport,
     directory: str | None = None,
 ) -> GraphReport | None:
     """Emit the before/after code, diff and linear table of one graph to every enabled outlet.

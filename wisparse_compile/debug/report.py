@@ -1,6 +1,6 @@
 """The linear table of one compiled graph: every linear the pass found, named, and what it became.
 
-Built from the pass's ``RewriteResult`` plus the graph and example inputs the backend saw, so the
+Built from the passes' ``CompileReport`` plus the graph and example inputs the backend saw, so the
 pass itself stays free of reporting code. Planned linears are named by their plan key; the rest by
 their weight placeholder's Dynamo source, turned into a dotted ``named_parameters`` path.
 """
@@ -17,31 +17,7 @@ from torch import fx
 
 from ..attach import planned_sparsity
 from ..model_structure import linear_name
-from ..passes.sparse_linear import DENSE, SPARSE, RewriteResult
-
-# Why a linear was left dense, as a short category (the pass's reason text stays in ``reason``).
-NO_PLAN = "no plan entry"
-DTYPE = "dtype"
-PREFILL = "prefill size"
-UNSUPPORTED = "shape not supported"
-OTHER = "other"
-
-
-def reason_kind(reason: str) -> str:
-    """Category of a dense reason; the pass writes free text, reports group by this."""
-    text = reason.lower()
-    if not text:
-        return ""
-    if "no plan" in text:
-        return NO_PLAN
-    if "dtype" in text:
-        return DTYPE
-    if "prefill" in text:
-        return PREFILL
-    if "graph input" in text or "shape" in text:
-        return UNSUPPORTED
-    return OTHER
-
+from ..passes.decisions import CompileReport, Outcome, Route
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 
@@ -88,9 +64,10 @@ class LinearRow:
     weight_shape: list[int] | None
     dtype: str | None
     planned_sparsity: float | None
-    outcome: str  # "sparse", "fused" or "dense"
+    outcome: str  # an ``Outcome``: "sparse", "fused" or "dense"
     reason: str = ""
-    reason_kind: str = ""
+    reason_kind: str = ""  # a ``DenseReason`` when dense, else ""
+    route: str = ""  # a ``Route``: how the op runs ("" in reports written before routes were recorded)
 
 
 @dataclass
@@ -105,9 +82,9 @@ class GraphReport:
         outcomes = [r.outcome for r in self.rows]
         return {
             "found": len(outcomes),
-            "rewritten": outcomes.count(SPARSE),
-            "fused": outcomes.count("fused"),
-            "dense": outcomes.count(DENSE),
+            "rewritten": outcomes.count(Outcome.SPARSE),
+            "fused": outcomes.count(Outcome.FUSED),
+            "dense": outcomes.count(Outcome.DENSE),
         }
 
     def to_json(self) -> str:
@@ -120,7 +97,7 @@ class GraphReport:
 
 
 def build_report(
-    graph: str, before: fx.GraphModule, example_inputs: Sequence[Any], result: RewriteResult
+    graph: str, before: fx.GraphModule, example_inputs: Sequence[Any], result: CompileReport
 ) -> GraphReport:
     """Name every decision of ``result``; ``before`` is the graph as Dynamo gave it."""
     placeholders = [n for n in before.graph.nodes if n.op == "placeholder"]
@@ -141,9 +118,10 @@ def build_report(
                 weight_shape=list(d.weight_shape) if d.weight_shape is not None else None,
                 dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else d.dtype,
                 planned_sparsity=planned_sparsity(weight) if weight is not None else None,
-                outcome=d.decision,
+                outcome=Outcome(d.decision).value,
                 reason=d.reason,
-                reason_kind=reason_kind(d.reason) if d.decision == DENSE else "",
+                reason_kind=d.reason_kind.value if d.reason_kind is not None else "",
+                route=d.route.value,
             )
         )
     return report
@@ -151,14 +129,15 @@ def build_report(
 
 def format_table(report: GraphReport, colour: bool = False) -> str:
     """Readable fixed-width table of ``report`` (ANSI colours when ``colour``)."""
-    header = ("module", "shape", "dtype", "planned", "became", "why dense")
+    header = ("module", "shape", "dtype", "planned", "became", "route", "why dense")
     lines = [
         (
             r.module,
             "x".join(map(str, r.weight_shape)) if r.weight_shape else "?",
             r.dtype or "?",
             f"{r.planned_sparsity:.2f}" if r.planned_sparsity is not None else "-",
-            "sparse_linear" if r.outcome == SPARSE else r.outcome,
+            "sparse_linear" if r.outcome == Outcome.SPARSE else r.outcome,
+            r.route if r.route != Route.DENSE else "",
             f"{r.reason_kind}: {r.reason}" if r.reason_kind and r.reason_kind != r.reason else r.reason,
         )
         for r in report.rows
@@ -169,7 +148,7 @@ def format_table(report: GraphReport, colour: bool = False) -> str:
     for row, line in zip(report.rows, lines):
         text = "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
         if colour:
-            code = "32" if row.outcome == SPARSE else "36" if row.outcome == "fused" else "33"
+            code = "32" if row.outcome == Outcome.SPARSE else "36" if row.outcome == Outcome.FUSED else "33"
             text = f"\033[{code}m{text}\033[0m"
         out.append(text)
     c = report.counts

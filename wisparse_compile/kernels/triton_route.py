@@ -2,7 +2,7 @@
 
 Triton ships wheels for Linux x86_64/aarch64 only, and the CPU wheel of torch does not pull it
 in. Importing the package, calibrating and the CPU route never need it; only the Triton sparse
-GEMV (``sparse_gemv.py``, imported on first use) does. Where a call would have taken that route
+GEMV (``triton_sparse_gemv.py``, imported on first use) does. Where a call would have taken that route
 and Triton is missing, it runs the masked dense op instead and one warning says why.
 """
 

@@ -1,4 +1,4 @@
-"""FX pass: sibling sparse linears that read the same input become one ``sparse_linear_fused``.
+"""The sibling-fusion pass: sparse linears that read one input become one ``sparse_linear_fused``.
 
 Matches: ``wisparse::sparse_linear`` nodes (emitted by ``rewrite_sparse_linears``) that read the
 same input (q/k/v, gate/up; in a mixture-of-experts block, the shared expert's projections, its
@@ -14,8 +14,10 @@ stacked weight (a fused gate/up stack included) is already one op, and it reads 
 expert-sorted rows, which no other projection reads.
 
 Emits: ``f = wisparse.sparse_linear_fused(x, [w...], [b...], [t...], fused_weight, rows)`` before
-the group's first member, and each member becomes ``split(f, sizes, -1)[i]``. ``fused_weight`` is
-a new graph input appended after the threshold inputs. Views left without users are removed.
+the group's first member (a weight stored ``[in, out]`` enters as a ``t()`` view made right there,
+since a later member's own view comes after that point), and each member becomes
+``split(f, sizes, -1)[i]``. ``fused_weight`` is a new graph input appended after the threshold
+inputs. Views left without users are removed.
 
 Why an extra input (and not re-pointing the parameters into one buffer): Dynamo guards and
 Inductor's generated code assume the strides the parameters had when traced; making them views
@@ -38,8 +40,9 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels.triton_route import MAX_SEGMENTS
-from .sparse_linear import FUSED, RewriteResult, _example_value
+from ..kernels import MAX_SEGMENTS
+from .decisions import LinearDecision, Outcome, RewriteResult
+from .graph_utils import SOURCE_META, GraphInputs, copy_source_meta, example_value
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def _identity_view_source(node: fx.Node) -> fx.Node | None:
     if not is_reshape or node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     source = node.args[0]
-    out, src = _example_value(node), _example_value(source)
+    out, src = example_value(node), example_value(source)
     if not (isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor)):
         return None
     if out.dtype != src.dtype or out.dim() != src.dim():
@@ -133,32 +136,31 @@ def fused_weight(weights: Sequence[torch.Tensor], transposed: Sequence[bool]) ->
 def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], result: RewriteResult) -> FusionResult:
     """Fuse sibling ``sparse_linear`` nodes of ``gm`` in place; see the module docstring."""
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    index_of = {n: i for i, n in enumerate(placeholders)}
+    inputs = GraphInputs(graph, example_inputs)
     op = torch.ops.wisparse.sparse_linear.default
     by_input: dict[tuple[fx.Node, int], list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not op:
             continue
         x, w, b, _t, rows = node.args
-        wi = _weight_input(w, index_of)
-        if wi is None or not (b is None or b in index_of):
+        wi = _weight_input(w, inputs.index_of)
+        if wi is None or not (b is None or b in inputs.index_of):
             continue
         by_input.setdefault((same_input(x), rows), []).append(node)
 
     fusion = FusionResult()
-    decisions = {d.node: d for d in result.decisions}
+    decisions = {d.node: d for d in result.report.decisions}
     for (x, rows), nodes in by_input.items():
         # Same dtype and device only: one kernel, one buffer.
         kinds: dict[tuple[Any, Any], list[fx.Node]] = {}
         for n in nodes:
-            w = example_inputs[_weight_input(n.args[1], index_of)]
+            w = inputs.example(inputs.placeholders[_weight_input(n.args[1], inputs.index_of)])
             kinds.setdefault((w.dtype, w.device), []).append(n)
         for members in kinds.values():
             for start in range(0, len(members), MAX_SEGMENTS):
                 chunk = members[start : start + MAX_SEGMENTS]
                 if len(chunk) >= 2:
-                    _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion, decisions)
+                    fusion.groups.append(_fuse(graph, chunk, x, rows, inputs, fusion.examples, decisions))
     if fusion.groups:
         graph.lint()
         gm.recompile()
@@ -166,48 +168,59 @@ def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], resu
     return fusion
 
 
-def _fuse(graph, chunk, x, rows, example_inputs, index_of, placeholders, fusion, decisions) -> None:
-    weight_inputs = tuple(_weight_input(n.args[1], index_of) for n in chunk)
+def _weight_operand_here(graph: fx.Graph, operand: fx.Node) -> fx.Node:
+    """``operand`` (a weight placeholder or its ``t()``), usable at the graph's insertion point.
+
+    A member's ``t()`` view sits just before that member, which may come after the fused call:
+    a transposed weight gets a new ``t()`` here (the member's own goes with the member).
+    """
+    if operand.op == "placeholder":
+        return operand
+    view = graph.call_function(torch.t, (operand.args[0],))
+    view.meta["example_value"] = example_value(operand)
+    return view
+
+
+def _fuse(
+    graph: fx.Graph, chunk: list[fx.Node], x: fx.Node, rows: int, inputs: GraphInputs,
+    examples: list[torch.Tensor], decisions: dict[str, LinearDecision],
+) -> FusedGroup:
+    """One ``sparse_linear_fused`` before ``chunk[0]`` in place of the members of ``chunk``."""
+    weight_inputs = tuple(_weight_input(n.args[1], inputs.index_of) for n in chunk)
     transposed = tuple(n.args[1].op == "call_function" for n in chunk)
-    example = fused_weight([example_inputs[i] for i in weight_inputs], transposed)
-    with graph.inserting_after(placeholders[-1]):
-        fw_node = graph.placeholder(f"wisparse_fused_weight_{len(fusion.groups)}")
-    placeholders.append(fw_node)
-    fw_node.meta["example_value"] = example
-    fw_node._dynamo_source = None
-    # Static like a parameter: CUDA graphs must not copy it on every replay.
-    fw_node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-    splits = [example_inputs[i].shape[1 if tr else 0] for i, tr in zip(weight_inputs, transposed)]
+    weights = [inputs.examples[i] for i in weight_inputs]
+    example = fused_weight(weights, transposed)
+    fw_node = inputs.append_static(f"wisparse_fused_weight_{len(examples)}", example)
+    examples.append(example)
+    splits = [w.shape[1 if tr else 0] for w, tr in zip(weights, transposed)]
     with graph.inserting_before(chunk[0]):
+        operands = [_weight_operand_here(graph, n.args[1]) for n in chunk]
         fused = graph.call_function(
             torch.ops.wisparse.sparse_linear_fused.default,
-            (x, [n.args[1] for n in chunk], [n.args[2] for n in chunk], [n.args[3] for n in chunk], fw_node, rows),
+            (x, operands, [n.args[2] for n in chunk], [n.args[3] for n in chunk], fw_node, rows),
         )
+        copy_source_meta(chunk[0], fused, ("stack_trace", "nn_module_stack"))
         parts = graph.call_function(torch.split, (fused, splits), {"dim": -1})
-        for key in ("stack_trace", "nn_module_stack"):
-            if key in chunk[0].meta:
-                fused.meta[key] = chunk[0].meta[key]
         outs = []
         for i, member in enumerate(chunk):
             out = graph.call_function(operator.getitem, (parts, i))
-            for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-                if key in member.meta:
-                    out.meta[key] = member.meta[key]
+            copy_source_meta(member, out, (*SOURCE_META, "example_value", "val"))
             outs.append(out)
     group = FusedGroup(weight_inputs=weight_inputs, transposed=transposed, node=fused.name)
     for member, out in zip(chunk, outs):
-        member_x = member.args[0]
+        member_x, member_w = member.args[0], member.args[1]
         member.replace_all_uses_with(out)
         d = decisions.get(member.name)
         if d is not None:
-            d.decision = FUSED
+            d.decision = Outcome.FUSED
             d.reason = f"one of {len(chunk)} siblings in {fused.name}"
             d.node = fused.name
         group.members.append(member.name)
         graph.erase_node(member)
+        if member_w.op != "placeholder" and not member_w.users:
+            graph.erase_node(member_w)
         _erase_dead_views(member_x, x)
-    fusion.groups.append(group)
-    fusion.examples.append(example)
+    return group
 
 
 def with_fused_weights(compiled: Callable[..., Any], fusion: FusionResult) -> Callable[..., Any]:

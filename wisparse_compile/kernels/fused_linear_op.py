@@ -7,9 +7,10 @@
 ``fused_weight`` is the siblings' weights concatenated along the output dim and laid out
 input-major (``[sum(out_i), in]`` with strides ``(1, sum(out_i))``), prepared once by the backend
 (``passes/fuse_siblings.py``), never per call. Routes: decode-sized CUDA calls run ONE Triton
-sparse GEMV over ``fused_weight`` (a weight row is loaded if any sibling keeps that channel);
-everything else runs the per-sibling ``sparse_linear`` routes on the original weights (CPU C++
-kernel, masked dense reference) and concatenates.
+sparse GEMV over ``fused_weight`` (a weight row is loaded if any sibling keeps that channel; each
+sibling's bias is added inside the kernel, so no bias is concatenated per call); everything else
+runs the per-sibling ``sparse_linear`` routes on the original weights (CPU C++ kernel, masked
+dense reference) and concatenates.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import List, Optional
 
 import torch
 
+from .linear_op import check_operands, sparse_linear, uses_sparse_kernel
 from .triton_route import MAX_SEGMENTS, triton_op
-from .sparse_linear import _check_operands, sparse_linear, uses_sparse_kernel
 
 
 def _check_fused(x: torch.Tensor, weights: List[torch.Tensor], thresholds: List[torch.Tensor], fused_weight: torch.Tensor) -> None:
@@ -28,7 +29,7 @@ def _check_fused(x: torch.Tensor, weights: List[torch.Tensor], thresholds: List[
         lambda: f"sparse_linear_fused: need 1..{MAX_SEGMENTS} weights with one threshold tensor each",
     )
     for w, t in zip(weights, thresholds):
-        _check_operands(x, w, t)
+        check_operands(x, w, t)
     n = sum(w.shape[0] for w in weights)
     torch._check(
         tuple(fused_weight.shape) == (n, x.shape[-1]),
@@ -43,21 +44,15 @@ def sparse_gemv_fused(
     thresholds: List[torch.Tensor],
     splits: List[int],
     launcher=lambda kernel: kernel,
+    max_rows: int = 8,
+    launch=None,
 ) -> torch.Tensor:
     """One Triton sparse GEMV over the concatenated weight (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    from .sparse_gemv import sparse_gemv_into  # imports triton
+    from .triton_sparse_gemv import sparse_gemv_triton  # imports triton
 
     n, k = fused_weight.shape
-    x2d = x.reshape(-1, k)
-    out = torch.zeros(x2d.shape[0], n, dtype=torch.float32, device=x.device)
-    sparse_gemv_into(x2d, fused_weight, thresholds, out, launcher, splits=splits)
-    if any(b is not None for b in biases):
-        bias = torch.cat([
-            b.float() if b is not None else torch.zeros(s, dtype=torch.float32, device=x.device)
-            for b, s in zip(biases, splits)
-        ])
-        out = out + bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    out = sparse_gemv_triton(x.reshape(-1, k), fused_weight, thresholds, biases, splits, launcher, max_rows, launch)
+    return out.reshape(*x.shape[:-1], n)
 
 
 @triton_op("wisparse::sparse_linear_fused", mutates_args=())
@@ -73,7 +68,9 @@ def sparse_linear_fused(
     _check_fused(x, weights, thresholds, fused_weight)
     if uses_sparse_kernel(x, max_sparse_rows):
         splits = [w.shape[0] for w in weights]
-        return sparse_gemv_fused(x, fused_weight, biases, thresholds, splits, launcher=torch.library.wrap_triton)
+        return sparse_gemv_fused(
+            x, fused_weight, biases, thresholds, splits, torch.library.wrap_triton, max_sparse_rows
+        )
     return torch.cat(
         [sparse_linear(x, w, b, t, max_sparse_rows) for w, b, t in zip(weights, biases, thresholds)], dim=-1
     )

@@ -1,4 +1,5 @@
-"""The C++ CPU sparse GEMV against the reference, its routing in compiled models, and its fallback."""
+"""The C++ CPU sparse GEMV against the reference, its routing in compiled models, its build cache
+key, and its fallback where no compiler exists."""
 
 import logging
 import sys
@@ -13,12 +14,18 @@ from torch.overrides import TorchFunctionMode
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
-from tests.kernels.test_sparse_linear import _operands
-from wisparse_compile.kernels import cpu_kernel, sparse_linear, sparse_linear_reference
-from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available, input_major_gemm_is_slow, uses_cpu_kernel
+from tests.kernels.operands import linear_operands as _operands
+from wisparse_compile.kernels import cpu_sparse_gemv as cpu_kernel
+from wisparse_compile.kernels import sparse_linear, sparse_linear_reference
+from wisparse_compile.kernels.cpu_sparse_gemv import (
+    cpu_kernel_available,
+    extension_name,
+    input_major_gemm_is_slow,
+    uses_cpu_kernel,
+)
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-sparse_linear_module = sys.modules["wisparse_compile.kernels.sparse_linear"]  # the name is the op's
+linear_op = sys.modules["wisparse_compile.kernels.linear_op"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +52,9 @@ def test_kernel_matches_reference(kernel, dtype, m, sparsity, n, k):
 
 _THREADED_CHECK = """
 import torch
-from tests.kernels.test_sparse_linear import _operands
+from tests.kernels.operands import linear_operands as _operands
 from wisparse_compile.kernels import sparse_linear_reference
-from wisparse_compile.kernels.cpu_kernel import cpu_kernel_available
+from wisparse_compile.kernels.cpu_sparse_gemv import cpu_kernel_available
 assert cpu_kernel_available()
 torch.set_num_threads(3)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
@@ -151,7 +158,7 @@ def test_reduced_precision_prefill_widens_to_fp32_on_input_major_weights(input_m
     slower); row-major weights, and CPUs with native bf16 GEMM, keep bf16. Same result either way."""
     x, w, b, t = _operands(16, 96, 80, 0.5, torch.bfloat16, input_major=input_major)
     with _LinearOperandDtypes() as seen:
-        out = sparse_linear_module.masked_dense_linear(x, w, b, t)
+        out = linear_op.masked_dense_linear(x, w, b, t)
     widened = input_major and input_major_gemm_is_slow(w)
     assert seen.dtypes == [torch.float32 if widened else torch.bfloat16]
     ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)
@@ -160,3 +167,76 @@ def test_reduced_precision_prefill_widens_to_fp32_on_input_major_weights(input_m
     compiled = torch.compile(lambda *a: sparse_linear(*a, max_sparse_rows=8))
     torch.testing.assert_close(compiled(x, w, b, t).float(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(sparse_linear(x, w, b, t).float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_nan_and_inf_rows_match_the_dense_op(kernel, dtype):
+    """NaN is kept (a NaN row is all NaN, as in the dense linear) and Inf gives the dense op's
+    Inf/NaN pattern, also where another row prunes that channel; other rows stay finite."""
+    x, w, b, t = _operands(4, 40, 67, 0.5, dtype)
+    x[1, 7], x[2, 30], x[3, 0] = float("nan"), float("inf"), float("-inf")
+    t[7] = 1e9
+    out = kernel(x, w.t(), b, t).float()
+    dense = F.linear(x.float(), w.float(), b.float())
+    assert out[1].isnan().all() and dense[1].isnan().all()
+    for row in (2, 3):
+        assert torch.equal(out[row].isinf(), dense[row].isinf()) and torch.equal(out[row].isnan(), dense[row].isnan())
+    assert out[0].isfinite().all()
+    ref = sparse_linear_reference(x.float(), w.float(), b.float(), t).to(dtype).float()
+    torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype], equal_nan=True)
+
+
+def test_extension_name_is_keyed_on_flags_features_and_source(tmp_path):
+    """A build cache on shared storage never hands a CPU a binary built for other features or flags."""
+    base = extension_name(("-O3", "-march=native"), "avx avx2 fma")
+    assert base == extension_name(("-O3", "-march=native"), "avx avx2 fma")
+    assert base != extension_name(("-O3", "-march=native"), "avx avx2 avx512f fma")
+    assert base != extension_name(("-O2", "-march=native"), "avx avx2 fma")
+    edited = tmp_path / "edited.cpp"
+    edited.write_bytes(open(cpu_kernel._SOURCE, "rb").read() + b"// edited\n")
+    assert base != extension_name(("-O3", "-march=native"), "avx avx2 fma", source=str(edited))
+    assert extension_name().startswith("wisparse_cpu_sparse_gemv_")
+    assert cpu_kernel.cpu_features()  # this machine's features are read
+
+
+_NO_COMPILER_CHECK = """
+import warnings
+import torch
+from tests.kernels.operands import linear_operands
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import wisparse_compile  # noqa: F401
+    from wisparse_compile.kernels import cpu_kernel_available, sparse_linear_reference
+    for seed in range(3):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w, b, t = linear_operands(2, 24, 40, 0.5, dtype, seed=seed)
+            out = torch.ops.wisparse.sparse_linear(x, w, b, t, 8)
+            assert torch.equal(out, sparse_linear_reference(x, w, b, t)), "not the reference route"
+    assert not cpu_kernel_available()
+messages = [str(w.message) for w in caught if "C++ CPU sparse kernel is unavailable" in str(w.message)]
+assert len(messages) == 1, messages
+print("fallback ok:", messages[0])
+"""
+
+
+def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
+    """CXX names a missing binary, PATH has no c++/g++ (only ninja), a fresh TORCH_EXTENSIONS_DIR: one
+    warning, every decode call equals the reference exactly."""
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    import shutil
+
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    if shutil.which("ninja"):  # keep ninja, so that the missing compiler is what fails
+        (empty_bin / "ninja").symlink_to(shutil.which("ninja"))
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "TORCH_EXTENSIONS_DIR")}
+    env.update(CXX=str(tmp_path / "no-such-compiler"), PATH=str(empty_bin), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", _NO_COMPILER_CHECK], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
+    assert "Install a C++ compiler" in done.stdout

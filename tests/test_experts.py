@@ -1,0 +1,55 @@
+"""make_experts_traceable: switches "eager" experts where the class allows it, and otherwise leaves
+the model as it is and says why (attach must not fail inside transformers)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from torch import nn
+
+from tests.archs import BY_NAME
+from wisparse_compile.experts import has_stacked_experts, make_experts_traceable
+
+
+def test_switches_eager_experts(caplog):
+    model = BY_NAME["qwen3_moe"].build(experts_implementation="eager")
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.experts"):
+        assert make_experts_traceable(model) is True
+    assert model.config._experts_implementation == "grouped_mm"
+    assert any("switched it to 'grouped_mm'" in r.getMessage() for r in caplog.records)
+
+
+def test_class_that_rejects_the_switch_is_left_as_it_is(monkeypatch, caplog):
+    """A class whose code does not support set_experts_implementation (transformers would raise
+    "does not support setting experts implementation"): no error, no switch, a warning with the reason."""
+    model = BY_NAME["qwen3_moe"].build(experts_implementation="eager")
+    monkeypatch.setattr(type(model), "_can_set_experts_implementation", classmethod(lambda cls: False))
+    with pytest.raises(ValueError, match="does not support setting experts implementation"):
+        model.set_experts_implementation("grouped_mm")  # what attach used to hit
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.experts"):
+        assert make_experts_traceable(model) is False
+    assert model.config._experts_implementation == "eager"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("keeps its own experts code" in m and "does not support" in m for m in messages), messages
+
+
+def test_a_refused_switch_is_reported_not_raised(monkeypatch, caplog):
+    model = BY_NAME["qwen3_moe"].build(experts_implementation="eager")
+
+    def refuse(self, implementation):
+        raise ValueError("no grouped mm here")
+
+    monkeypatch.setattr(type(model), "set_experts_implementation", refuse)
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.experts"):
+        assert make_experts_traceable(model) is False
+    assert any("no grouped mm here" in r.getMessage() for r in caplog.records)
+
+
+def test_convolution_weights_are_no_experts():
+    """A state-space layer's conv1d weight is 3-D; it does not make a model a mixture of experts."""
+    conv = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Linear(4, 4))
+    assert not has_stacked_experts(conv)
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(conv[0].weight.detach().clone())
+    assert has_stacked_experts(experts)

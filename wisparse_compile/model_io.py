@@ -1,0 +1,54 @@
+"""Running a model on calibration or evaluation batches: one way to call it, shared by every pass.
+
+A batch is a dict of tensors (``input_ids``, ``attention_mask``, ...) or an ``input_ids`` tensor
+([seq] or [batch, seq]). Calibration, the allocation's passes and the masked reference all call
+the model through ``call_model`` so they see the same forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def batch_tokens(batch: Any) -> int:
+    """Token count of a batch (input_ids tensor, or a dict holding one); 0 when unknown."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` where the model takes it: calibration passes must not build a KV cache."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def call_model(model: nn.Module, batch: Any, device: torch.device) -> Any:
+    """Run one batch (dict of tensors or input_ids) on ``device`` and return the model's output."""
+    extra = model_call_kwargs(model)
+    if isinstance(batch, Mapping):
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model(**{**extra, **inputs})
+    if isinstance(batch, torch.Tensor):
+        ids = batch.to(device)
+        return model(ids.unsqueeze(0) if ids.dim() == 1 else ids, **extra)
+    raise TypeError(f"a calibration batch must be a dict of tensors or an input_ids tensor, got {type(batch).__name__}")
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device) -> int:
+    """Call the model on one batch; return its token count."""
+    call_model(model, batch, device)
+    return batch_tokens(batch)
