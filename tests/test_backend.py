@@ -331,6 +331,7 @@ def test_many_compiles_keep_a_bounded_tensor_free_history(inductor_calls, monkey
     import weakref
 
     from wisparse_compile import backend as backend_module
+    from wisparse_compile.attach import thresholds_of
     from wisparse_compile.debug import CompileHistory
 
     assert COMPILED_REPORTS.maxlen == 64  # the process-wide history is bounded
@@ -342,7 +343,7 @@ def test_many_compiles_keep_a_bounded_tensor_free_history(inductor_calls, monkey
         with torch.no_grad():
             torch.compile(net, backend="wisparse")(torch.randn(1, 16))
         assert wsc.last_compile_report() is history[-1] and history[-1].rewritten == 2
-        dropped_thresholds.append(weakref.ref(net.layers[0].weight_wisparse_threshold))
+        dropped_thresholds.append(weakref.ref(thresholds_of(net.layers[0].weight)))
         assert not _tensors_in(history[-1])
         del net, plan
         inductor_calls.clear()  # (the fixture's own record of each graph holds its example inputs)

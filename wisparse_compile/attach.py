@@ -161,7 +161,7 @@ class ThresholdFeed:
         return run
 
     def _forget(self, _ref: object = None) -> None:
-        self._weights = None  # the model died: let its weights go
+        self._weights, self._thresholds = None, ()  # the model died: let its weights and thresholds go
 
     def _resolve(self, weights: tuple) -> None:
         thresholds: list[torch.Tensor] = []
