@@ -41,12 +41,6 @@ def linear_name(param_name: str) -> str:
     return param_name.removesuffix(".weight")
 
 
-def owner_and_attr(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
-    """The module that holds ``param_name`` and the attribute name there."""
-    module_path, _, attr = param_name.rpartition(".")
-    return (model.get_submodule(module_path) if module_path else model), attr
-
-
 def find_weight(model: nn.Module, name: str) -> tuple[str, torch.nn.Parameter] | None:
     """Resolve a plan key to (parameter name, parameter), trying ``name.weight`` then ``name``."""
     params = dict(model.named_parameters(remove_duplicate=False))
