@@ -6,7 +6,7 @@ breaks the Dynamo graph, so its expert matmuls never reach a backend. The generi
 implementation ("grouped_mm") with the same results; no model code is involved.
 
 Not every class takes that switch (transformers allows it only for model code written with its
-``use_experts_implementation`` decorator; JetMoe, DBRX and Llama4 are not): such a model keeps its
+``use_experts_implementation`` decorator; several MoE classes are not): such a model keeps its
 own experts code, attach still works, and the log says so. Its expert linears are then sparse
 where the compiled graphs see them in a linear form, and dense (named in the compile report, with
 the reason) where they do not.
@@ -25,7 +25,7 @@ TRACEABLE_EXPERTS = "grouped_mm"
 
 def has_stacked_experts(model: nn.Module) -> bool:
     """Whether the model keeps weights stacked over a leading (expert) dim: 3-D parameters of a
-    module that is not a convolution (a state-space layer's conv1d weight [C, 1, K] is no expert)."""
+    module that is not a convolution (a state-space layer's depthwise convolution weight [C, 1, K] is no expert)."""
     return any(
         p.dim() >= 3
         for module in model.modules() if not isinstance(module, nn.modules.conv._ConvNd)

@@ -23,7 +23,7 @@ thresholds. With one segment this is the plain sparse GEMV.
 
 Autotuning: block sizes and warps come from a small set per bucket of (rows, N, K) (``gemv_configs``,
 at most ``MAX_CONFIGS``); under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tests) only the
-first config of the bucket runs. Offsets into the weight are 64-bit (an lm_head of a large
+first config of the bucket runs. Offsets into the weight are 64-bit (an output head over a large
 vocabulary passes 2^31 elements).
 
 Imported only where the Triton route is taken (``triton_route.py`` keeps Triton optional).
