@@ -103,7 +103,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def wikipedia_dump() -> Path:
-    folder = _package_dir("gensim", "pip install "wisparse-compile[real]" (or gensim==4.4.0: only its test data is used)")
+    folder = _package_dir("gensim", "pip install 'wisparse-compile[real]' (or gensim==4.4.0: only its test data is used)")
     path = folder / "test" / "test_data" / WIKI_DUMP
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall gensim==4.4.0")
