@@ -81,9 +81,7 @@ def route_of(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int) -> str
     if x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
         return routing.MASKED_DENSE
     if x.device.type in triton_route.TRITON_DEVICES:
-        if routing.decode_sized(x, max_sparse_rows) and triton_route.triton_route_possible(x.device.type):
-            return routing.TRITON
-        return routing.MASKED_DENSE
+        return routing.TRITON if uses_sparse_kernel(x, max_sparse_rows) else routing.MASKED_DENSE
     if uses_cpu_kernel(x, weight, max_sparse_rows):
         return routing.CPU_KERNEL
     return routing.MASKED_DENSE
