@@ -14,6 +14,7 @@ from wisparse_compile.allocation import candidate_masks
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.mask import masked_input
 from wisparse_compile.reference import masked_linears
+from wisparse_compile.weight_slots import weight_slots
 
 DIM, HIDDEN, VOCAB = 16, 32, 64
 
@@ -109,10 +110,10 @@ def test_candidate_masks_mask_keyword_and_view_linears():
     model = _KeywordModel()
     g = torch.Generator().manual_seed(3)
     thresholds = {n: torch.rand(HIDDEN if n.endswith("down") else DIM, generator=g) for n in LINEARS}
-    params = dict(model.named_parameters())
+    slots = weight_slots(model, LINEARS)
     ids = _batches()[0]
     with torch.no_grad():
-        with candidate_masks({id(params[f"{n}.weight"]): t for n, t in thresholds.items()}):
+        with candidate_masks({slots[n]: t for n, t in thresholds.items()}):
             out = model(ids)
         expected = _manual_forward(model, ids, thresholds)
         dense = model(ids)
@@ -175,7 +176,7 @@ def test_grouped_mm_by_keyword(observer):
         expected = torch.cat([masked_input(x[~rows], t[0]) @ model.layers[0].w[0],
                               masked_input(x[rows], t[1]) @ model.layers[0].w[1]])
         if observer == "candidate_masks":
-            with candidate_masks({id(model.layers[0].w): t}):
+            with candidate_masks({weight_slots(model, ["layers.0.w"])["layers.0.w"]: t}):
                 out = model(ids)
         else:
             wsc.attach(model, plan)

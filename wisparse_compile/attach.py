@@ -26,6 +26,7 @@ from .experts import make_experts_traceable
 from .kernels import input_major_gemm_is_slow
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
+from .weight_slots import require_resident
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
             f"plan was calibrated for {plan.model_class}, this model is {model_class}; "
             "calibrate a plan for this model with wsc.calibrate(model, batches, config)"
         )
+    require_resident(model, plan.names)  # weights accelerate loads per forward are new tensors each time
     for name in plan.names:
         found = find_weight(model, name)
         if found is None:

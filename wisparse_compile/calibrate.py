@@ -4,6 +4,12 @@ Linears are observed through a ``LinearObserver`` (a ``TorchFunctionMode``): it 
 Dynamo puts in the graph (see ``linear_forms``), for any architecture and without hooks on module
 types. For each planned linear we keep a log-histogram of its channel scores (``|x_i|``, or
 ``|x_i| * ||W[:, i]||_2`` for weight-aware methods) and its column norms.
+
+Linears are watched by *slot* (plan name -> module and parameter attribute, ``weight_slots``), not
+by tensor identity: a model offloaded by accelerate (``device_map`` with "disk"/"cpu" layers) gets
+new weight tensors each forward, loaded one block at a time by its hooks, and calibrates to the
+same plan as the model loaded whole. Column norms are taken from the weight a call receives, so
+they come from the real (loaded) weights, one linear at a time.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from .allocation import allocate, candidate_masks, split_batches
 from .config import SparsityConfig
 from .histogram import ExpertHistograms, ScoreHistogram
 from .model_io import model_device, run_batch
-from .model_structure import decoder_layer_prefixes, find_weight, linear_name, parameter_names
+from .model_structure import decoder_layer_prefixes, linear_name, parameter_names
 from .observer import LinearCall, LinearObserver
 from .plan import SparsityPlan
+from .weight_slots import WatchedWeights, check_loadable, weight_slots
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +74,14 @@ def channel_scores(x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
 class _ScoreCollector(LinearObserver):
     """Feeds the input of every call to a watched weight into that linear's histogram."""
 
-    def __init__(self, watched: dict[int, str], config: SparsityConfig) -> None:
-        super().__init__(lambda t: id(t) in watched and isinstance(t, nn.Parameter))
+    def __init__(self, watched: WatchedWeights, config: SparsityConfig) -> None:
+        super().__init__(watched)
         self.watched = watched
         self.config = config
         self.stats: dict[str, LinearStats] = {}
 
     def on_linear(self, call: LinearCall) -> None:
-        name, x, weight = self.watched[id(call.weight)], call.x, call.weight
+        name, x, weight = self.watched.slot_of(call.weight).name, call.x, call.weight  # type: ignore[union-attr]
         stats = self.stats.get(name)
         if stats is None:
             bins = self.config.histogram_bins_per_octave
@@ -95,24 +102,27 @@ class _ScoreCollector(LinearObserver):
         return None
 
 
-def _planned_parameters(model: nn.Module, config: SparsityConfig) -> dict[int, str]:
-    """id(weight) -> plan key for every parameter that may be planned (if a linear uses it)."""
-    names = parameter_names(model)
+def _planned_weights(model: nn.Module, config: SparsityConfig) -> WatchedWeights:
+    """The slots of every parameter that may be planned (if a linear uses it)."""
+    names = parameter_names(model).values()
     if config.include is not None:
         pattern = re.compile(config.include)
-        return {pid: linear_name(n) for pid, n in names.items() if pattern.search(linear_name(n))}
-    prefixes = decoder_layer_prefixes(model)
-    if not prefixes:
-        raise ValueError(
-            f"{type(model).__name__} has no layer list (an nn.ModuleList of blocks holding parameters); "
-            "say which linears to plan with SparsityConfig(include=<regex on names>)"
-        )
-    return {pid: linear_name(n) for pid, n in names.items() if n.startswith(tuple(prefixes))}
+        keys = [linear_name(n) for n in names if pattern.search(linear_name(n))]
+    else:
+        prefixes = decoder_layer_prefixes(model)
+        if not prefixes:
+            raise ValueError(
+                f"{type(model).__name__} has no layer list (an nn.ModuleList of blocks holding parameters); "
+                "say which linears to plan with SparsityConfig(include=<regex on names>)"
+            )
+        keys = [linear_name(n) for n in names if n.startswith(tuple(prefixes))]
+    return WatchedWeights(weight_slots(model, keys).values())
 
 
 def collect_statistics(model: nn.Module, batches: Iterable[Any], config: SparsityConfig) -> dict[str, LinearStats]:
     """Run ``batches`` through ``model`` (no grad) and collect per-linear score histograms."""
-    watched = _planned_parameters(model, config)
+    check_loadable(model)
+    watched = _planned_weights(model, config)
     device = model_device(model)
     collector = _ScoreCollector(watched, config)
     tokens = 0
@@ -132,7 +142,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], config: Sparsit
         raise ValueError("calibration data is empty: pass a non-empty iterable of input_ids tensors or dicts")
     if not collector.stats:
         raise ValueError(
-            f"no linear of {type(model).__name__} was planned: none of the {len(watched)} candidate weights "
+            f"no linear of {type(model).__name__} was planned: none of the {len(watched.slots)} candidate weights "
             "was used by a linear during calibration (check SparsityConfig.include)"
         )
     log.info("calibrated %d linears on %d tokens", len(collector.stats), tokens)
@@ -194,7 +204,8 @@ def _recalibrate_masked(
     sparse model's activations, so the achieved sparsity holds the target. The collector sees each
     linear's input before that linear's own mask (it is the innermost mode)."""
     device = model_device(model)
-    masks = {id(find_weight(model, n)[1]): t.to(device) for n, t in plan.channel_thresholds.items()}  # type: ignore[index]
+    slots = weight_slots(model, plan.names)
+    masks = {slots[n]: t.to(device) for n, t in plan.channel_thresholds.items()}
     dense_stats = plan.stats
     with candidate_masks(masks):
         stats = collect_statistics(model, batches, config)

@@ -15,9 +15,13 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
+    """The device of the model's first parameter that holds data (CPU when none does).
+
+    Parameters on the meta device are placeholders of weights that accelerate's offloading hooks
+    load per forward (on their execution device, moving the inputs there too): they are skipped."""
     for p in model.parameters():
-        return p.device
+        if not p.is_meta:
+            return p.device
     return torch.device("cpu")
 
 

@@ -10,7 +10,7 @@ from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.allocation import split_batches
 from wisparse_compile.allocation.refine import BlockSplitter, block_error, greedy_path
 from wisparse_compile.allocation.search import depth_ramps, evolve, project
-from wisparse_compile.model_structure import find_weight
+from wisparse_compile.weight_slots import weight_slots
 
 SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128)
 
@@ -128,7 +128,7 @@ def test_refinement_lowers_block_error_and_keeps_block_budget():
     model = _sensitive_model()
     stats = wsc.calibrate.__globals__["collect_statistics"](model, token_batches(4, seed=5), wsc.SparsityConfig(method="wisparse"))
     layout, calls = discover_layout(model, list(stats), token_batches(2, seed=5), torch.device("cpu"))
-    weight_ids = {n: id(find_weight(model, n)[1]) for n in stats}
+    weight_ids = weight_slots(model, stats)
     thresholds = _Thresholds(stats, True, torch.device("cpu"))
     groups = [len(g) for g in layout.blocks[0].groups]
     assert sorted(groups) == [1, 1, 2, 3]  # attention inputs, o, gated-MLP inputs, down: found by shared tensors
@@ -149,7 +149,7 @@ def test_greedy_path_serves_every_budget():
     model = _sensitive_model()
     stats = wsc.calibrate.__globals__["collect_statistics"](model, token_batches(4, seed=5), wsc.SparsityConfig(method="wisparse"))
     layout, calls = discover_layout(model, list(stats), token_batches(2, seed=5), torch.device("cpu"))
-    weight_ids = {n: id(find_weight(model, n)[1]) for n in stats}
+    weight_ids = weight_slots(model, stats)
     thresholds = _Thresholds(stats, True, torch.device("cpu"))
     block = layout.blocks[1]
     sizes = [block.group_size(g) for g in block.groups]

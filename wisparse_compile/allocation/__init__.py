@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import SparsityConfig
 from ..model_io import batch_tokens, call_model
-from ..model_structure import find_weight
+from ..weight_slots import weight_slots
 from .blocks import Layout, discover_layout, first_tensor
 from .masking import candidate_masks
 from .refine import BlockSplitter
@@ -108,7 +108,7 @@ def allocate(
         return Allocation({n: target for n in names}, {"kind": "uniform"})
     refinement = _leading(calibration, config.refinement_tokens)
     layout, calls = discover_layout(model, names, refinement, device)
-    weight_ids = {n: id(find_weight(model, n)[1]) for n in names}  # type: ignore[index]
+    weight_ids = weight_slots(model, names)  # stable under offloading, unlike id(weight)
     thresholds = _Thresholds(stats, config.weight_aware, device)
     record: dict[str, Any] = {"kind": config.method, "groups": {b.prefix: b.groups for b in layout.blocks}}
     search = config.method == "wisparse" and len(layout.blocks) > 0

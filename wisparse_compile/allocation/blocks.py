@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from ..model_io import call_model
 from ..model_structure import decoder_layer_prefixes, find_weight
 from ..observer import LinearCall, LinearObserver
+from ..weight_slots import WatchedWeights, weight_slots
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def _data_key(x: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
 class _InputSharing(LinearObserver):
     """Records, per watched linear, the first linear whose call received the same input data."""
 
-    def __init__(self, watched: Mapping[int, str]) -> None:
-        super().__init__(lambda t: id(t) in watched)
+    def __init__(self, watched: WatchedWeights) -> None:
+        super().__init__(watched)
         self.watched = watched
         self.inputs: dict[tuple[int, tuple[Any, ...]], tuple[weakref.ReferenceType, str]] = {}
         self.leader: dict[str, str] = {}
 
     def on_linear(self, call: LinearCall) -> None:
-        name = self.watched[id(call.weight)]
+        name = self.watched.slot_of(call.weight).name  # type: ignore[union-attr]
         if name in self.leader:
             return None
         base, view = _data_key(call.x)
@@ -122,7 +123,7 @@ def discover_layout(
     """
     names = list(names)
     weights = {name: find_weight(model, name) for name in names}
-    watched = {id(found[1]): name for name, found in weights.items() if found is not None}
+    watched = WatchedWeights(weight_slots(model, [n for n, found in weights.items() if found is not None]).values())
     prefixes = decoder_layer_prefixes(model)
     captured: dict[str, BlockCalls] = {p: BlockCalls() for p in prefixes}
     handles = []

@@ -14,17 +14,22 @@ import torch
 
 from ..mask import masked_input
 from ..observer import LinearCall, LinearObserver
+from ..weight_slots import WatchedWeights, WeightSlot
 
 
 class candidate_masks(LinearObserver):
-    """Context manager: linears whose weight is in ``thresholds`` (by ``id``) see masked inputs.
+    """Context manager: linears whose weight's slot is in ``thresholds`` see masked inputs.
 
-    The weight is followed through views (``x @ W.T``) and expert indexing (stacked experts: each
-    row is masked by its expert's thresholds), as the compiler's pass does."""
+    Keyed by ``WeightSlot`` (``weight_slots(model, names)``), so a weight that an offloading hook
+    loads anew for each forward is masked too. The weight is followed through views (``x @ W.T``)
+    and expert indexing (stacked experts: each row is masked by its expert's thresholds), as the
+    compiler's pass does."""
 
-    def __init__(self, thresholds: Mapping[int, torch.Tensor]) -> None:
-        super().__init__(lambda t: id(t) in thresholds)
+    def __init__(self, thresholds: Mapping[WeightSlot, torch.Tensor]) -> None:
+        self.weights = WatchedWeights(thresholds)
+        super().__init__(self.weights)
         self.thresholds = thresholds
 
     def on_linear(self, call: LinearCall) -> torch.Tensor:
-        return masked_input(call.x, self.thresholds[id(call.weight)], call.row_experts)
+        slot = self.weights.slot_of(call.weight)
+        return masked_input(call.x, self.thresholds[slot], call.row_experts)  # type: ignore[index]

@@ -1,0 +1,105 @@
+"""Calibrating a model accelerate offloads (``device_map`` with layers on "disk" and "cpu"): the same
+plan as the model loaded whole; clear errors where it cannot work (weights nothing loads, attaching
+a plan to weights loaded per forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from wisparse_compile.model_io import model_device
+from wisparse_compile.weight_slots import WatchedWeights, check_loadable, offloaded_weights, weight_slots
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+# embeddings and two middle layers on disk, the rest resident: offloaded layers sit between resident ones
+DEVICE_MAP = {
+    "model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+    "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+}
+TINY_SEARCH = dict(population=3, elite=1, generations=1, validation_tokens=64, refinement_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(layers=4).save_pretrained(folder)
+    return str(folder)
+
+
+def _load(folder: str, offload_dir=None) -> nn.Module:
+    kwargs = {} if offload_dir is None else {"device_map": DEVICE_MAP, "offload_folder": str(offload_dir)}
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def _assert_same_plan(a: wsc.SparsityPlan, b: wsc.SparsityPlan) -> None:
+    assert a.names == b.names and a.sparsities == b.sparsities and a.shapes == b.shapes
+    for name in a.names:
+        assert torch.equal(a.channel_thresholds[name], b.channel_thresholds[name]), name
+    assert a.stats == b.stats  # calibration tokens, achieved sparsities, the allocation's record
+
+
+@pytest.mark.parametrize("method", ["teal", "wisparse"])
+def test_offloaded_model_calibrates_to_the_full_models_plan(saved, tmp_path, method):
+    full, offloaded = _load(saved), _load(saved, tmp_path / "offload")
+    names = [n.removesuffix(".weight") for n, _ in full.named_parameters() if n.endswith("proj.weight")]
+    on_disk = offloaded_weights(offloaded, names)
+    assert on_disk and all(".layers.1." in n or ".layers.2." in n for n in on_disk)  # really offloaded
+    assert len(on_disk) == 14 and model_device(offloaded) == torch.device("cpu")  # embeddings on disk: skipped
+    config = wsc.SparsityConfig(sparsity=0.5, method=method, **TINY_SEARCH)
+    plan = wsc.calibrate(offloaded, token_batches(4), config)
+    assert len(plan.names) == 28  # every layer's 7 linears, the offloaded ones included
+    _assert_same_plan(wsc.calibrate(full, token_batches(4), config), plan)
+    assert offloaded_weights(offloaded, names) == on_disk  # calibration left the offloading as it was
+
+
+def test_plan_from_offloaded_model_attaches_to_the_resident_model_and_refuses_the_offloaded_one(saved, tmp_path):
+    offloaded = _load(saved, tmp_path / "offload")
+    plan = wsc.calibrate(offloaded, token_batches(3), wsc.SparsityConfig(sparsity=0.5, method="teal", **TINY_SEARCH))
+    with pytest.raises(ValueError, match=r"offloaded by accelerate.*attach the plan .* to the model loaded without offloading"):
+        wsc.attach(offloaded, plan)
+    full = wsc.attach(_load(saved), plan)
+    try:
+        achieved = wsc.measure_sparsity(full, token_batches(2, seed=7))
+    finally:
+        wsc.detach(full)
+    assert sorted(achieved) == sorted(plan.names)  # every linear masked, the ones calibrated off disk too
+    assert all(abs(achieved[n] - plan.sparsities[n]) < 0.1 for n in plan.names), (achieved, plan.sparsities)
+
+
+def test_meta_weights_that_nothing_loads_are_a_clear_error(saved, tmp_path):
+    with torch.device("meta"):
+        empty = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match=r"meta device and no accelerate hook loads them.*offload_folder"):
+        wsc.calibrate(empty, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal"))
+    from accelerate.hooks import remove_hook_from_submodules
+
+    offloaded = _load(saved, tmp_path / "offload")
+    check_loadable(offloaded)  # its hooks load every meta weight
+    remove_hook_from_submodules(offloaded)  # now nothing does
+    with pytest.raises(ValueError, match=r"19 parameters .*'model\.embed_tokens\.weight'\) are on the meta device"):
+        wsc.calibrate(offloaded, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal"))
+
+
+def test_watched_weights_follow_a_slot_to_the_tensor_it_holds_now():
+    """What accelerate does per forward (a new Parameter in the module) is found by slot; a shared
+    weight by any module holding it; activations and freed tensors never match."""
+    model = tiny_llama(layers=1)
+    shared = model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.extra = shared  # the same module (and weight) under a second name
+    slots = weight_slots(model, ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"])
+    up = slots["model.layers.0.mlp.up_proj"]
+    assert len(up.places) == 2
+    watched = WatchedWeights(slots.values())
+    assert watched.slot_of(shared.weight) == up and watched.slot_of(model.model.layers[0].mlp.gate_proj.weight) is None
+    loaded = nn.Parameter(shared.weight.detach().clone())
+    shared._parameters["weight"] = loaded  # as accelerate's hook loads a weight for a forward
+    assert watched.slot_of(loaded) == up
+    assert watched.slot_of(loaded.detach()) is None and watched.slot_of(torch.zeros(3)) is None
+    assert weight_slots(model, ["model.layers.0.mlp.up_proj"])["model.layers.0.mlp.up_proj"] == up  # a stable key
+    with pytest.raises(ValueError, match="names no parameter"):
+        weight_slots(model, ["model.layers.0.mlp.nothing"])
