@@ -55,3 +55,37 @@ def test_expert_histograms_threshold_each_expert_and_pool_the_unseen():
     assert tau[1] == pytest.approx(torch.quantile(rows[200:], 0.5).item(), rel=0.03)
     assert tau[2] == pytest.approx(h.pooled.threshold(0.5))
     assert h.fraction_at_or_below(tau) == pytest.approx((400 + 400 + 0) / 1600, abs=0.01)
+
+
+def _histc_counts(scores: torch.Tensor, h: ScoreHistogram) -> tuple[torch.Tensor, int]:
+    """The counts as the first implementation made them: zeros apart, ``histc`` of the positives' clamped log2."""
+    from wisparse_compile import histogram
+
+    scores = scores.float().reshape(-1)
+    logs = torch.log2(scores[scores > 0]).clamp_(histogram._LOG2_LOW, histogram._LOG2_HIGH - 1e-6)
+    counts = torch.histc(logs, bins=h.num_bins, min=histogram._LOG2_LOW, max=histogram._LOG2_HIGH).double()
+    return counts, int((scores == 0).sum())
+
+
+@pytest.mark.parametrize("bins_per_octave", [4, 64])
+def test_bincount_update_equals_histc_at_every_bin_edge(bins_per_octave):
+    """The bincount of log2 bin indices counts exactly what ``histc`` counted: scores on every bin edge
+    and one ulp either side, zeros, tiny and huge scores, inf, NaN (in the total only)."""
+    from wisparse_compile import histogram
+
+    h = ScoreHistogram(bins_per_octave)
+    k = torch.arange(h.num_bins + 1, dtype=torch.float64)
+    edges = torch.cat([torch.linspace(histogram._LOG2_LOW, histogram._LOG2_HIGH, h.num_bins + 1),
+                       (histogram._LOG2_LOW + k / bins_per_octave).float()])
+    logs = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([
+        torch.exp2(logs.double()).float(), torch.rand(100_000, generator=g) * torch.exp(8 * torch.randn(100_000, generator=g)),
+        torch.tensor([0.0, 0.0, 1e-45, 1e-30, 3e38, float("inf"), float("nan")]),
+    ])
+    for chunk in scores.split(len(scores) // 2 + 1):  # in two calls, as calibration feeds it
+        h.update(chunk)
+    expected, zeros = _histc_counts(scores, h)
+    assert torch.equal(h.counts, expected)
+    assert float(h.zeros) == zeros == 2 and h.total == scores.numel()
+    assert h.counts.sum() == scores.numel() - zeros - 1  # NaN is in no bin
