@@ -4,11 +4,14 @@ a plan to weights loaded per forward)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 import wisparse_compile as wsc
+from benchmarks import calibration_memory
 from tests.conftest import tiny_llama, token_batches
 from wisparse_compile.model_io import model_device
 from wisparse_compile.weight_slots import WatchedWeights, check_loadable, offloaded_weights, weight_slots
@@ -22,6 +25,15 @@ DEVICE_MAP = {
     "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
 }
 TINY_SEARCH = dict(population=3, elite=1, generations=1, validation_tokens=64, refinement_tokens=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention (the suite runs beside other work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +115,18 @@ def test_watched_weights_follow_a_slot_to_the_tensor_it_holds_now():
     assert weight_slots(model, ["model.layers.0.mlp.up_proj"])["model.layers.0.mlp.up_proj"] == up  # a stable key
     with pytest.raises(ValueError, match="names no parameter"):
         weight_slots(model, ["model.layers.0.mlp.nothing"])
+
+
+def test_calibration_memory_benchmark_dry_run(tmp_path):
+    """benchmarks/calibration_memory.py runs end to end on a tiny Llama, whole and offloaded, and writes its record."""
+    record = calibration_memory.main(["--dry-run", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "calibration_memory_dry_run.json").read_text())
+    assert data == json.loads(json.dumps(record))
+    whole, offloaded = data["cases"]
+    assert whole["planned_linears"] == offloaded["planned_linears"] == 28
+    assert whole["offloaded_planned_linears"] == 0 and offloaded["offloaded_planned_linears"] > 0
+    assert offloaded["resident_bytes"] < whole["resident_bytes"] == whole["model_bytes"] == offloaded["model_bytes"]
+    for case in data["cases"]:
+        assert case["rss_after_load"] > 0 and case["peak_rss_calibrating"] >= case["rss_after_load"] - (1 << 20)
+        assert case["load_before"] and case["load_after"] and case["held_by_settings_estimate"]["histograms"] > 0
+    assert "peak RSS calibrating" in (tmp_path / "calibration_memory_dry_run.md").read_text()
