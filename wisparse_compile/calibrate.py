@@ -7,7 +7,7 @@ types. For each planned linear we keep a log-histogram of its channel scores (``
 
 Linears are watched by *slot* (plan name -> module and parameter attribute, ``weight_slots``), not
 by tensor identity: a model offloaded by accelerate (``device_map`` with "disk"/"cpu" layers) gets
-new weight tensors each forward, loaded one block at a time by its hooks, and calibrates to the
+new weight tensors each forward, loaded one module at a time by its hooks, and calibrates to the
 same plan as the model loaded whole. Column norms are taken from the weight a call receives, so
 they come from the real (loaded) weights, one linear at a time.
 """
