@@ -222,7 +222,7 @@ def prepare_smollm2(folder: Path) -> dict[str, Any]:
 
 
 def _cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    small = dict(refinement_tokens=args.tokens, validation_tokens=args.tokens)
+    small = dict(refinement_tokens=args.tokens, validation_tokens=args.tokens, refinement_step=args.refinement_step)
     search = dict(population=3, elite=1, generations=1)
     base = {"batches": args.batches, "tokens": args.tokens, "threads": args.threads, "method": args.method,
             "config": {**small, **(search if args.method == "wisparse" else {})}}
@@ -250,7 +250,8 @@ def _cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def _markdown(record: dict[str, Any]) -> str:
     lines = [
-        f"Calibration memory ({record['method']}, {record['batches']} x {record['tokens']} random tokens, "
+        f"Calibration memory ({record['method']}, refinement step {record['refinement_step']}, "
+        f"{record['batches']} x {record['tokens']} random tokens, "
         f"{record['threads']} thread(s), nice {record['nice']}; {record['machine']})",
         "",
         "| model | model size | RSS before load | RSS after load | peak RSS calibrating | extra over loaded | "
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--method", default="teal", choices=["teal", "wina", "wisparse"])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per batch (also refinement/validation tokens)")
+    parser.add_argument("--refinement-step", type=float, default=0.1,
+                        help="step of the within-block greedy split (larger: fewer block re-runs, same memory)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--work-dir", default=None, help="where models are saved (default: a temporary folder)")
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   flush=True)
     record = {
         "method": args.method, "batches": args.batches, "tokens": args.tokens, "threads": args.threads,
+        "refinement_step": args.refinement_step,
         "nice": os.nice(0), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "cases": records,
     }
