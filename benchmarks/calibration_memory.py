@@ -105,9 +105,11 @@ def _tensor_bytes(model: Any) -> dict[str, int]:
 
     layers = [model.get_submodule(p[:-1]) for p in decoder_layer_prefixes(model)]
     largest = max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers), default=0)
+    offloaded_module = max((sum(p.numel() * p.element_size() for p in m.parameters(recurse=False) if p.is_meta)
+                            for m in model.modules()), default=0)
     return {"model_bytes": total, "resident_bytes": resident, "offloaded_bytes": total - resident,
-            "largest_layer_bytes": largest, "num_layers": len(layers), "dtype": str(next(iter(tensors)).dtype)
-            if tensors else str(torch.float32)}
+            "largest_layer_bytes": largest, "largest_offloaded_module_bytes": offloaded_module,
+            "num_layers": len(layers), "dtype": str(next(iter(tensors)).dtype) if tensors else str(torch.float32)}
 
 
 def _load(case: dict[str, Any]):
@@ -175,6 +177,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_calibrating": peak, "peak_anon_calibrating": sampler.peak_anon,
         "peak_source": "VmHWM reset before calibrating" if reset else "sampled every 2 ms",
         "extra_over_loaded": peak - after_load["VmRSS"],
+        "above_resident_weights": peak - start["VmRSS"] - sizes["resident_bytes"],
         "extra_anon_over_loaded": sampler.peak_anon - after_load["RssAnon"],
         "held_by_settings_estimate": _held_estimates(model, config, len(plan.names)),
         "planned_linears": len(plan.names),
@@ -254,26 +257,29 @@ def _markdown(record: dict[str, Any]) -> str:
         f"{record['batches']} x {record['tokens']} random tokens, "
         f"{record['threads']} thread(s), nice {record['nice']}; {record['machine']})",
         "",
-        "| model | model size | RSS before load | RSS after load | peak RSS calibrating | extra over loaded | "
-        "peak anonymous extra | held by settings (estimate) | planned (offloaded) | calibrate s | load avg before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | model size | resident weights | RSS before load | peak RSS calibrating | peak above resident "
+        "weights | largest offloaded module | peak anonymous, above after-load | held by settings (estimate) | "
+        "planned (offloaded) | calibrate s | load avg before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["cases"]:
         held = sum(r["held_by_settings_estimate"].values())
         lines.append(
-            f"| {r['name']} | {r['model_bytes'] / MIB:.0f} MiB | {r['rss_before_load'] / MIB:.0f} MiB | "
-            f"{r['rss_after_load'] / MIB:.0f} MiB "
-            f"(weights {r['resident_bytes'] / MIB:.0f}) | {r['peak_rss_calibrating'] / MIB:.0f} MiB | "
-            f"{r['extra_over_loaded'] / MIB:+.0f} MiB | {r['extra_anon_over_loaded'] / MIB:+.0f} MiB | {held / MIB:.0f} MiB | "
+            f"| {r['name']} | {r['model_bytes'] / MIB:.0f} MiB | {r['resident_bytes'] / MIB:.0f} MiB | "
+            f"{r['rss_before_load'] / MIB:.0f} MiB | {r['peak_rss_calibrating'] / MIB:.0f} MiB | "
+            f"{r['above_resident_weights'] / MIB:+.0f} MiB | {r['largest_offloaded_module_bytes'] / MIB:.0f} MiB | "
+            f"{r['extra_anon_over_loaded'] / MIB:+.0f} MiB | {held / MIB:.0f} MiB | "
             f"{r['planned_linears']} ({r['offloaded_planned_linears']}) | {r['calibrate_s']} | "
             f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
         )
-    lines += ["", "Model size: all parameters and buffers; weights: those resident (not on the meta device). "
-              "RSS before load: the process with torch and transformers imported. "
-              "Extra over loaded: peak RSS while calibrating minus RSS after loading (file pages mapped while "
-              "accelerate reads offloaded weights included); anonymous: the same for anonymous memory only. "
-              "Held by settings: histograms + every layer's input and output on refinement_tokens + "
-              "(wisparse) the dense log-probs on validation_tokens."]
+    lines += ["", "Model size: all parameters and buffers; resident weights: those not on the meta device (an "
+              "offloaded load maps them from the safetensors file, so they enter the RSS as the forward touches "
+              "them). RSS before load: the process with torch and transformers imported. Peak above resident "
+              "weights: peak RSS while calibrating minus RSS before load minus resident weights (what calibration "
+              "and the offloaded modules accelerate loads add; the whole model's GGUF load leaves some heap "
+              "behind too). Peak anonymous: anonymous memory only (no file pages), above its value after loading. "
+              "Held by settings: histograms + every layer's input and output on refinement_tokens + (wisparse) "
+              "the dense log-probs on validation_tokens."]
     return "\n".join(lines) + "\n"
 
 
