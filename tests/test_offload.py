@@ -69,6 +69,20 @@ def test_offloaded_model_calibrates_to_the_full_models_plan(saved, tmp_path, met
     assert offloaded_weights(offloaded, names) == on_disk  # calibration left the offloading as it was
 
 
+def test_accelerate_dispatch_with_offload_folder_calibrates_to_the_same_plan(saved, tmp_path):
+    """accelerate's own API (empty model, ``load_checkpoint_and_dispatch``): the offloaded layers are
+    written to ``offload_folder`` as memory-mapped arrays, a second storage path of its loader."""
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    with init_empty_weights():
+        empty = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(saved))
+    offloaded = load_checkpoint_and_dispatch(empty, saved, device_map=DEVICE_MAP, offload_folder=str(tmp_path)).eval()
+    assert any(p.suffix == ".dat" for p in tmp_path.iterdir())
+    config = wsc.SparsityConfig(sparsity=0.5, method="wina", **TINY_SEARCH)
+    _assert_same_plan(wsc.calibrate(_load(saved), token_batches(3), config),
+                      wsc.calibrate(offloaded, token_batches(3), config))
+
+
 def test_plan_from_offloaded_model_attaches_to_the_resident_model_and_refuses_the_offloaded_one(saved, tmp_path):
     offloaded = _load(saved, tmp_path / "offload")
     plan = wsc.calibrate(offloaded, token_batches(3), wsc.SparsityConfig(sparsity=0.5, method="teal", **TINY_SEARCH))
