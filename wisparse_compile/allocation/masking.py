@@ -31,5 +31,6 @@ class candidate_masks(LinearObserver):
         self.thresholds = thresholds
 
     def on_linear(self, call: LinearCall) -> torch.Tensor:
-        slot = self.weights.slot_of(call.weight)
-        return masked_input(call.x, self.thresholds[slot], call.row_experts)  # type: ignore[index]
+        thresholds = self.thresholds[self.weights.slot_of(call.weight)]  # type: ignore[index]
+        # a model dispatched over several devices runs each layer where it sits: no copy otherwise
+        return masked_input(call.x, thresholds.to(call.x.device), call.row_experts)
