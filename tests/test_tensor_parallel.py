@@ -25,6 +25,7 @@ import wisparse_compile as wsc
 from tests.archs import BY_NAME
 from tests.conftest import token_batches
 from wisparse_compile.backend import COMPILED_REPORTS
+from wisparse_compile.reference import masked_linears
 
 WORLD = 2
 PROMPT = torch.tensor([[5, 17, 33, 2, 9]])
@@ -76,6 +77,12 @@ def _generate(model: torch.nn.Module) -> tuple[list[int], list[list[float]]]:
     return out.sequences[0].tolist(), [step[0].tolist() for step in out.logits]
 
 
+def _masked_eager_logits(model: torch.nn.Module) -> list:
+    """The eager masked reference (no compile) on the prompt: last position's logits."""
+    with torch.no_grad(), masked_linears():
+        return model(PROMPT).logits[0, -1].tolist()
+
+
 def _save_model_and_plan(arch: str, folder: Path) -> tuple[torch.nn.Module, wsc.SparsityPlan]:
     model = BY_NAME[arch].build(num_hidden_layers=2)
     model.save_pretrained(folder / "model")
@@ -97,6 +104,7 @@ def generate_worker(rank: int, folder: str, arch: str) -> None:
     plan = wsc.SparsityPlan.load(folder_path / "plan.wsp")
     wsc.attach(model, plan)
     placements = {n: str(p.placements) for n, p in model.named_parameters() if hasattr(p, "placements")}
+    masked = _masked_eager_logits(model)
     tokens, logits = _generate(model)
     with torch.no_grad():
         dense = model.generate(input_ids=PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, disable_compile=True,
@@ -107,7 +115,7 @@ def generate_worker(rank: int, folder: str, arch: str) -> None:
         for r in COMPILED_REPORTS
     ]
     result = dict(tokens=tokens, logits=logits, dense_logits=[s[0].tolist() for s in dense.logits],
-                  reports=reports, placements=placements)
+                  reports=reports, placements=placements, masked=masked)
     (folder_path / f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
@@ -116,6 +124,7 @@ def _check_generation(arch: str, tmp_path: Path) -> None:
     model, plan = _save_model_and_plan(arch, tmp_path)
     wsc.attach(model, plan)
     first = len(COMPILED_REPORTS)
+    ref_masked = torch.tensor(_masked_eager_logits(model))
     ref_tokens, ref_logits = _generate(model)
     assert COMPILED_REPORTS[first:], "the single-process decode step was not compiled"
     ranks = _spawn("generate_worker", tmp_path, arch)
@@ -127,6 +136,8 @@ def _check_generation(arch: str, tmp_path: Path) -> None:
         for step, (want, have) in enumerate(zip(ref_logits, got["logits"])):
             torch.testing.assert_close(torch.tensor(have), torch.tensor(want), rtol=1e-4, atol=1e-4,
                                        msg=lambda m: f"rank {rank}, step {step}: {m}")
+        # the eager masked reference finds each rank's local shards too
+        torch.testing.assert_close(torch.tensor(got["masked"]), ref_masked, rtol=1e-4, atol=1e-4)
         decode_logits = torch.tensor(got["logits"][1:])  # the first token comes from the eager, dense prefill
         assert (decode_logits - torch.tensor(got["dense_logits"][1:])).abs().max() > 1e-3, "sparsity changed nothing"
         # every planned linear rewritten on this rank, and the report says which rank it is

@@ -56,6 +56,7 @@ class _Site:
 
 _SITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _UNSLICEABLE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # planned sharded weight -> why it runs dense
+_LOCAL_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # local shard of a planned DTensor weight -> site
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, SparsityPlan]" = weakref.WeakKeyDictionary()
 _generation = 0
 
@@ -76,11 +77,35 @@ def any_attached() -> bool:
 
 
 def site_of(weight: object) -> _Site | None:
-    """The site record of a planned weight, or None (also for non-tensors)."""
+    """The site record of a planned weight, or None (also for non-tensors).
+
+    A tensor-parallel weight's local shard is registered too, and so is found any view of it that
+    keeps its shape and strides: what a DTensor parameter's ``to_local()`` returns in eager mode
+    (a fresh view per call on torch 2.13), so the eager masked reference sees the local shard.
+    """
     try:
-        return _SITES.get(weight)
+        site = _SITES.get(weight)
     except TypeError:
         return None
+    if site is None and _LOCAL_SHARDS and isinstance(weight, torch.Tensor):
+        base = weight._base
+        if base is not None and base.shape == weight.shape and base.stride() == weight.stride():
+            site = _LOCAL_SHARDS.get(base)
+    return site
+
+
+def _register(weight: torch.Tensor, site: _Site) -> None:
+    _SITES[weight] = site
+    if is_dtensor(weight):
+        _LOCAL_SHARDS[local_tensor(weight)] = site
+        _SITES[local_tensor(weight)] = site
+
+
+def _unregister_weight(weight: torch.Tensor) -> _Site | None:
+    if is_dtensor(weight):
+        _LOCAL_SHARDS.pop(local_tensor(weight), None)
+        _SITES.pop(local_tensor(weight), None)
+    return _SITES.pop(weight, None)
 
 
 def thresholds_of(weight: torch.Tensor) -> torch.Tensor | None:
@@ -113,15 +138,15 @@ def unplanned(weights: Iterable[torch.Tensor]) -> Iterator[None]:
 
     For references that mask some linears and not others; the plan comes back on exit.
     """
-    saved = [(w, site) for w in weights if (site := site_of(w)) is not None]
+    saved = [(w, site) for w in weights if (site := _SITES.get(w)) is not None]
     for w, _ in saved:
-        del _SITES[w]
+        _unregister_weight(w)
     _bump_generation()
     try:
         yield
     finally:
         for w, site in saved:
-            _SITES[w] = site
+            _register(w, site)
         _bump_generation()
 
 
@@ -332,7 +357,7 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
             weight = _relay(model, weight, input_major=True)
             relaid = True
             _warn_slow_eager_layout(local_tensor(weight))
-        _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model)
+        _register(weight, _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model))
     _PLANS[model] = plan
     _bump_generation()
     make_experts_traceable(model)
@@ -361,7 +386,7 @@ def _unregister(model: nn.Module, keep_layout_of: set[int]) -> set[int]:
             continue
         weight = found[1]
         _UNSLICEABLE.pop(weight, None)
-        site = _SITES.pop(weight, None)
+        site = _unregister_weight(weight)
         if site is None or not site.relaid:
             continue
         if id(weight) in keep_layout_of:
