@@ -108,7 +108,7 @@ def run_process(args: argparse.Namespace) -> None:
     dense_model, sparse_model = load(), load()
     prompt = torch.randint(0, dense_model.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     tokens = max(args.new_tokens, args.warmup_tokens)
-    decoders = {"dense": GreedyDecoder(dense_model, "inductor", PROMPT_LEN, tokens, prompt=prompt)}
+    decoders = {"dense": GreedyDecoder(dense_model, args.dense_backend, PROMPT_LEN, tokens, prompt=prompt)}
     decoders["sparse"] = GreedyDecoder(sparse_model, "wisparse", PROMPT_LEN, tokens, prompt=prompt)  # prefill before attach
     plan = wsc.SparsityPlan.load(folder / "plan.wsp")
     wsc.attach(sparse_model, plan)
@@ -150,7 +150,7 @@ def launch(role: str, nproc: int, threads: int, args: argparse.Namespace, folder
     command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--folder", str(folder),
                "--result", str(result), "--threads", str(threads), "--backend", args.backend,
                "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
-               "--rounds", str(args.rounds)]
+               "--rounds", str(args.rounds), "--dense-backend", args.dense_backend]
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -171,10 +171,10 @@ def markdown(record: dict) -> str:
         (f"{n} ranks (tensor parallel, {record['backend']})", f"{t} thread{'s' if t > 1 else ''} each", tp),
     ]
     lines = [
-        f"{record['model']} ({record['parameters'] / 1e6:.0f}M parameters, {record['dtype']}), sparsity "
+        f"{record['model']} ({record['parameters'] / 1e6:,.1f}M parameters, {record['dtype']}), sparsity "
         f"{record['sparsity']}, {record['new_tokens']} greedy tokens x {record['rounds']} rounds, machine {record['machine']}.",
         "",
-        "| setup | threads | dense tok/s | sparse tok/s | sparse / dense |",
+        f"| setup | threads | dense ({record['dense_backend']}) tok/s | sparse (wisparse) tok/s | sparse / dense |",
         "|---|---|---|---|---|",
     ]
     for label, threads, r in rows:
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--warmup-tokens", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dense-backend", choices=("inductor", "eager"), default="inductor",
+                        help="how the dense model's decode step runs (--dry-run: eager, to compile half as much)")
     parser.add_argument("--machine", default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--dry-run", action="store_true", help="tiny random Llama, 4 tokens, 1 round: not speed figures")
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         run_process(args)
         return None
     if args.dry_run:
-        args.model, args.new_tokens, args.warmup_tokens, args.rounds = "tiny", 4, 2, 1
+        args.model, args.new_tokens, args.warmup_tokens, args.rounds, args.dense_backend = "tiny", 4, 2, 1, "eager"
     if args.backend == "nccl" and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"--backend nccl needs a CUDA device per rank: {args.nproc} ranks, "
                          f"{torch.cuda.device_count()} devices")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     record = {
         "machine": machine, "model": args.model, **info, "sparsity": args.sparsity, "nproc": args.nproc,
         "threads_per_rank": args.threads_per_rank, "backend": args.backend, "new_tokens": args.new_tokens,
-        "rounds": args.rounds, "torch": torch.__version__, "dry_run": args.dry_run,
+        "rounds": args.rounds, "dense_backend": args.dense_backend, "torch": torch.__version__, "dry_run": args.dry_run,
         "tp_vs_single": {k: tp["tokens_per_s"][k] / single["tokens_per_s"][k] for k in ("dense", "sparse")},
         "tokens_equal": {k: tp["tokens"][k] == single["tokens"][k] for k in ("dense", "sparse")},
         "rewritten_per_rank": [max((r["rewritten"] for r in rank["reports"]), default=0) for rank in tp["reports_per_rank"]],

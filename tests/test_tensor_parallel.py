@@ -3,8 +3,8 @@
 Each test spawns 2 CPU processes (gloo) that load a saved tiny model with ``tp_plan="auto"`` (DTensor
 weights: column-parallel q/k/v/gate/up split the output dim, row-parallel o/down the input dim),
 attach the plan calibrated on the unsharded model, and generate greedily with the decode step
-compiled by ``backend="wisparse"``. The parent process runs the same plan on the unsharded model:
-the tokens must be equal and the logits close (the ranks' partial sums are all-reduced, so only
+compiled by ``backend="wisparse"``. The parent process runs the same plan on the unsharded model,
+compiled the same way: the tokens must be equal and the logits close (the ranks' partial sums are all-reduced, so only
 rounding differs), and on every rank every planned linear must be rewritten (compile report and
 debug table). A third test covers shardings the thresholds cannot follow.
 """
@@ -123,10 +123,10 @@ def generate_worker(rank: int, folder: str, arch: str) -> None:
 def _check_generation(arch: str, tmp_path: Path) -> None:
     model, plan = _save_model_and_plan(arch, tmp_path)
     wsc.attach(model, plan)
-    first = len(COMPILED_REPORTS)
     ref_masked = torch.tensor(_masked_eager_logits(model))
-    ref_tokens, ref_logits = _generate(model)
-    assert COMPILED_REPORTS[first:], "the single-process decode step was not compiled"
+    first = len(COMPILED_REPORTS)
+    ref_tokens, ref_logits = _generate(model)  # the single-process sparse model, compiled the same way
+    assert [r.rewritten for r in COMPILED_REPORTS[first:]] == [len(plan.names)], "single process: not all sparse"
     ranks = _spawn("generate_worker", tmp_path, arch)
 
     for rank, got in enumerate(ranks):
@@ -266,6 +266,13 @@ def placements_worker(rank: int, folder: str) -> None:
     result["row_matches_masked"] = torch.allclose(compiled[0], expected_row, rtol=1e-5, atol=1e-6)
     result["row_differs_from_dense"] = not torch.allclose(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     result["dense_match"] = [torch.allclose(c, e, rtol=1e-5, atol=1e-6) for c, e in zip(compiled[1:], eager[1:])]
+    result["row_input_major"] = model.row.to_local().stride() == (1, 5)
+    # attach again without the re-layout, then detach: the model's current parameter is the planned one
+    with warnings.catch_warnings(record=True):
+        wsc.attach(model, plan, input_major=False)
+    result["reattached"] = thresholds_of(model.row) is not None and model.row.to_local().is_contiguous()
+    wsc.detach(model)
+    result["detached"] = thresholds_of(model.row) is None and sharding_problem(model.strided) is None
     report = wsc.last_compile_report()
     result["decisions"] = [(d.name, d.decision.value, d.reason_kind.value if d.reason_kind else None, d.reason)
                            for d in report.decisions]
@@ -292,8 +299,24 @@ def test_placements_slice_thresholds_or_run_dense_with_the_reason(tmp_path):
         assert "_StridedShard" in got["strided_problem"]
         assert got["row_matches_masked"] and got["row_differs_from_dense"], got
         assert got["dense_match"] == [True, True], got
+        assert got["row_input_major"] and got["reattached"] and got["detached"], got
         decisions = {name: (outcome, kind, reason) for name, outcome, kind, reason in got["decisions"]}
         assert decisions["row"][0] == "sparse", decisions
         assert decisions["whole"][:2] == ("dense", "tensor-parallel sharding") and "DTensor" in decisions["whole"][2]
         strided = [d for d in got["decisions"] if d[0] is None and d[2] == "tensor-parallel sharding"]
         assert len(strided) == 1 and "_StridedShard" in strided[0][3], got["decisions"]
+
+
+@pytest.mark.slow
+def test_tp_bench_dry_run(tmp_path):
+    """``benchmarks/tp_bench.py --dry-run``: both setups run, agree on the greedy tokens, and every rank
+    rewrites every planned linear; the JSON and the markdown table are written."""
+    from benchmarks import tp_bench
+
+    record = tp_bench.main(["--dry-run", "--out", str(tmp_path)])
+    assert record["tokens_equal"] == {"dense": True, "sparse": True}, record["tokens_equal"]
+    assert record["rewritten_per_rank"] == [record["planned_linears"]] * WORLD
+    for setup in ("single", "tp"):
+        assert all(v > 0 for v in record[setup]["tokens_per_s"].values())
+    assert json.loads((tmp_path / "tp_dry-run_tiny.json").read_text())["nproc"] == WORLD
+    assert "| 2 ranks (tensor parallel, gloo) |" in (tmp_path / "tp_dry-run_tiny.md").read_text()

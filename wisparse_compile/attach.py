@@ -342,11 +342,18 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
+
+    A tensor-parallel model (``from_pretrained(..., tp_plan="auto")``, DTensor weights) takes the
+    plan of the unsharded model: each rank keeps the thresholds of its shards' input channels
+    (``sharding.local_thresholds``); a shard that takes no slice of them runs dense, with a warning
+    and the reason in the compile report.
     """
     validate_plan(model, plan)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
     kept_input_major = _unregister(model, keep_layout_of=still_planned)
+    # laying a weight back may have put a new (tensor-parallel) parameter in its place: look again
+    weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     for name, weight in weights:
         in_dim = plan.in_dims[name] % weight.dim()
         thresholds = _site_thresholds(name, weight, plan, in_dim)

@@ -11,7 +11,8 @@ input (placeholder), directly or through permuting views (``.T``, ``t``, ``trans
 
 Emits, before the matched node, ``sparse_linear(x, weight, bias, thresholds, max_sparse_rows)``
 with ``weight`` as ``[out, in]``: an ``[in, out]`` parameter enters as its ``t()`` view (no copy,
-placed just before the op). A ``matmul``'s separate bias add stays as it was. Whether a match may
+placed just before the op); a tensor-parallel (DTensor) parameter, reached through the engine's
+``to_local()``, enters as its local shard. A ``matmul``'s separate bias add stays as it was. Whether a match may
 be rewritten is for ``eligibility``; the driver (``sparsify``) replaces the node.
 """
 
@@ -26,9 +27,9 @@ from torch import fx
 
 from ..config import BackendConfig
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
+from ..sharding import local_tensor
 from .decisions import DenseReason, Route
 from .eligibility import expected_route
-from ..sharding import local_tensor
 from .graph_utils import GraphInputs, example_value, local_operand, token_rows, weight_root
 
 
