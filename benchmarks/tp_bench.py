@@ -1,7 +1,7 @@
 """Tensor-parallel decode tokens/s: dense vs sparse, N ranks x T threads vs 1 process x N*T threads.
 
-    PYTHONPATH=$PWD python benchmarks/tp_bench.py                          # CPU: SmolLM2-135M, 2 ranks x 1 thread (gloo)
-    PYTHONPATH=$PWD python benchmarks/tp_bench.py --model llama1b          # a random-weight 1.1B Llama, bf16
+    PYTHONPATH=$PWD python benchmarks/tp_bench.py                          # CPU: random 1.1B Llama (bf16), 2 ranks x 1 thread (gloo)
+    PYTHONPATH=$PWD python benchmarks/tp_bench.py --model smollm2 --nproc 3  # SmolLM2-135M (9 heads: 3 ranks)
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --backend nccl --nproc 4 --model llama1b   # one GPU per rank
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --dry-run --out /tmp/tp  # a tiny Llama, seconds: proves the script
 
@@ -66,11 +66,15 @@ def _build_model(name: str) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def prepare(model_name: str, folder: Path, sparsity: float) -> dict:
+def prepare(model_name: str, folder: Path, sparsity: float, nproc: int) -> dict:
     """Save the model as a folder and its plan (calibrated unsharded) beside it."""
     import wisparse_compile as wsc
 
     model = _build_model(model_name)
+    heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
+    if any(h % nproc for h in heads):
+        raise SystemExit(f"{model_name} has {heads[0]} attention and {heads[1]} kv heads: transformers' tensor "
+                         f"parallelism needs both to divide by the rank count, and {nproc} does not")
     model.save_pretrained(folder / "model")
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, model.config.vocab_size, (1, 64), generator=g) for _ in range(2)]
@@ -190,7 +194,8 @@ def markdown(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("smollm2", "llama1b", "tiny"), default="smollm2")
+    parser.add_argument("--model", choices=("llama1b", "smollm2", "tiny"), default="llama1b",
+                        help="smollm2 has 9 attention / 3 kv heads: tensor parallel over 3 ranks, not 2")
     parser.add_argument("--nproc", type=int, default=2, help="tensor-parallel ranks")
     parser.add_argument("--threads-per-rank", type=int, default=1, help="the single process gets nproc x this")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo", help="nccl: one CUDA device per rank")
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     machine = args.machine or ("dry-run" if args.dry_run else _machine())
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as tmp:
         folder = Path(tmp)
-        info = prepare(args.model, folder, args.sparsity)
+        info = prepare(args.model, folder, args.sparsity, args.nproc)
         single = launch("single", 1, args.nproc * args.threads_per_rank, args, folder)
         tp = launch("tp", args.nproc, args.threads_per_rank, args, folder)
     record = {

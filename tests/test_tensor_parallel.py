@@ -280,6 +280,7 @@ def placements_worker(rank: int, folder: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_placements_slice_thresholds_or_run_dense_with_the_reason(tmp_path):
     ranks = _spawn("placements_worker", tmp_path)
     for rank, got in enumerate(ranks):
