@@ -48,7 +48,7 @@ def _machine() -> str:
     return machine_name()
 
 
-def _build_model(name: str) -> torch.nn.Module:
+def _build_model(name: str, layers: int | None = None) -> torch.nn.Module:
     """The model to benchmark, unsharded: SmolLM2-135M (fp32), the random 1.1B Llama (bf16), or a tiny one."""
     if name == "smollm2":
         from benchmarks.cpu_bench import load_smollm2
@@ -57,7 +57,7 @@ def _build_model(name: str) -> torch.nn.Module:
     if name == "llama1b":
         from benchmarks.cpu_bench import random_llama_1b
 
-        return random_llama_1b()
+        return random_llama_1b(layers or 16)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -66,11 +66,11 @@ def _build_model(name: str) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def prepare(model_name: str, folder: Path, sparsity: float, nproc: int) -> dict:
+def prepare(model_name: str, folder: Path, sparsity: float, nproc: int, layers: int | None = None) -> dict:
     """Save the model as a folder and its plan (calibrated unsharded) beside it."""
     import wisparse_compile as wsc
 
-    model = _build_model(model_name)
+    model = _build_model(model_name, layers)
     heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
     if any(h % nproc for h in heads):
         raise SystemExit(f"{model_name} has {heads[0]} attention and {heads[1]} kv heads: transformers' tensor "
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--model", choices=("llama1b", "smollm2", "tiny"), default="llama1b",
                         help="smollm2 has 9 attention / 3 kv heads: tensor parallel over 3 ranks, not 2")
     parser.add_argument("--nproc", type=int, default=2, help="tensor-parallel ranks")
+    parser.add_argument("--layers", type=int, default=None, help="llama1b: fewer decoder layers (a quick check of the bf16 path)")
     parser.add_argument("--threads-per-rank", type=int, default=1, help="the single process gets nproc x this")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo", help="nccl: one CUDA device per rank")
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -224,13 +225,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     machine = args.machine or ("dry-run" if args.dry_run else _machine())
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as tmp:
         folder = Path(tmp)
-        info = prepare(args.model, folder, args.sparsity, args.nproc)
+        info = prepare(args.model, folder, args.sparsity, args.nproc, args.layers)
         single = launch("single", 1, args.nproc * args.threads_per_rank, args, folder)
         tp = launch("tp", args.nproc, args.threads_per_rank, args, folder)
     record = {
         "machine": machine, "model": args.model, **info, "sparsity": args.sparsity, "nproc": args.nproc,
         "threads_per_rank": args.threads_per_rank, "backend": args.backend, "new_tokens": args.new_tokens,
-        "rounds": args.rounds, "dense_backend": args.dense_backend, "torch": torch.__version__, "dry_run": args.dry_run,
+        "rounds": args.rounds, "layers": args.layers, "dense_backend": args.dense_backend, "torch": torch.__version__, "dry_run": args.dry_run,
         "tp_vs_single": {k: tp["tokens_per_s"][k] / single["tokens_per_s"][k] for k in ("dense", "sparse")},
         "tokens_equal": {k: tp["tokens"][k] == single["tokens"][k] for k in ("dense", "sparse")},
         "rewritten_per_rank": [max((r["rewritten"] for r in rank["reports"]), default=0) for rank in tp["reports_per_rank"]],
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"tp_{machine}_{args.model}"
+    stem = f"tp_{machine}_{args.model}" + (f"_{args.layers}layers" if args.layers else "")
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     table = markdown(record)
     (out / f"{stem}.md").write_text(table + "\n")
