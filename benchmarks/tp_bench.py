@@ -106,8 +106,10 @@ def run_process(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
 
     def load() -> torch.nn.Module:
-        kwargs = {"tp_plan": "auto"} if tp else {"device_map": device}
-        return transformers.AutoModelForCausalLM.from_pretrained(folder / "model", dtype="auto", **kwargs).eval()
+        if tp:
+            return transformers.AutoModelForCausalLM.from_pretrained(folder / "model", dtype="auto", tp_plan="auto").eval()
+        # not device_map: its dispatch hooks would slow the single process down
+        return transformers.AutoModelForCausalLM.from_pretrained(folder / "model", dtype="auto").to(device).eval()
 
     dense_model, sparse_model = load(), load()
     prompt = torch.randint(0, dense_model.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
