@@ -91,6 +91,20 @@ def _save_model_and_plan(arch: str, folder: Path) -> tuple[torch.nn.Module, wsc.
     return model, plan
 
 
+def test_plain_local_shard_is_refused_with_the_reason():
+    """A tensor-parallel model whose weights are plain local shards (no DTensor placements to say
+    which slice they are) gets a PlanError that says so, not a shape error about another model."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(layers=1)
+    plan = wsc.calibrate(model, token_batches(1, batch=1, length=8), wsc.SparsityConfig(sparsity=0.5, method="teal", uniform=True))
+    down = model.model.layers[0].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight.detach()[:, : down.weight.shape[1] // WORLD].clone())
+    model._tp_size = WORLD
+    with pytest.raises(wsc.PlanError, match="plain local shard .* no DTensor placements"):
+        wsc.attach(model, plan)
+
+
 # ---- the worker (runs in each spawned process) -------------------------------------------------
 
 def generate_worker(rank: int, folder: str, arch: str) -> None:
