@@ -26,6 +26,7 @@ from .experts import make_experts_traceable
 from .kernels import input_major_gemm_is_slow
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
+from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
 from .weight_slots import require_resident
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class _Site:
 
 
 _SITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_UNSLICEABLE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # planned sharded weight -> why it runs dense
+_LOCAL_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # local shard of a planned DTensor weight -> site
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, SparsityPlan]" = weakref.WeakKeyDictionary()
 _generation = 0
 
@@ -75,17 +78,49 @@ def any_attached() -> bool:
 
 
 def site_of(weight: object) -> _Site | None:
-    """The site record of a planned weight, or None (also for non-tensors)."""
+    """The site record of a planned weight, or None (also for non-tensors).
+
+    A tensor-parallel weight's local shard is registered too, and so is found any view of it that
+    keeps its shape and strides: what a DTensor parameter's ``to_local()`` returns in eager mode
+    (a fresh view per call on torch 2.13), so the eager masked reference sees the local shard.
+    """
     try:
-        return _SITES.get(weight)
+        site = _SITES.get(weight)
     except TypeError:
         return None
+    if site is None and _LOCAL_SHARDS and isinstance(weight, torch.Tensor):
+        base = weight._base
+        if base is not None and base.shape == weight.shape and base.stride() == weight.stride():
+            site = _LOCAL_SHARDS.get(base)
+    return site
+
+
+def _register(weight: torch.Tensor, site: _Site) -> None:
+    _SITES[weight] = site
+    if is_dtensor(weight):
+        _LOCAL_SHARDS[local_tensor(weight)] = site
+        _SITES[local_tensor(weight)] = site
+
+
+def _unregister_weight(weight: torch.Tensor) -> _Site | None:
+    if is_dtensor(weight):
+        _LOCAL_SHARDS.pop(local_tensor(weight), None)
+        _SITES.pop(local_tensor(weight), None)
+    return _SITES.pop(weight, None)
 
 
 def thresholds_of(weight: torch.Tensor) -> torch.Tensor | None:
     """The fp32 thresholds of a planned weight, on its device; None if it has no plan."""
     site = site_of(weight)
     return None if site is None else site.thresholds_on(weight.device)
+
+
+def sharding_problem(weight: object) -> str | None:
+    """Why a planned tensor-parallel weight runs dense (its shard takes no slice of the thresholds), or None."""
+    try:
+        return _UNSLICEABLE.get(weight)
+    except TypeError:
+        return None
 
 
 def planned_sparsity(weight: object) -> float | None:
@@ -104,15 +139,15 @@ def unplanned(weights: Iterable[torch.Tensor]) -> Iterator[None]:
 
     For references that mask some linears and not others; the plan comes back on exit.
     """
-    saved = [(w, site) for w in weights if (site := site_of(w)) is not None]
+    saved = [(w, site) for w in weights if (site := _SITES.get(w)) is not None]
     for w, _ in saved:
-        del _SITES[w]
+        _unregister_weight(w)
     _bump_generation()
     try:
         yield
     finally:
         for w, site in saved:
-            _SITES[w] = site
+            _register(w, site)
         _bump_generation()
 
 
@@ -207,6 +242,12 @@ def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
         if found is None:
             raise PlanError(f"plan entry {name!r} has no weight in this {model_class}: the plan is for another model")
         _, weight = found
+        if list(weight.shape) != list(plan.shapes[name]) and tensor_parallel_size(model) > 1 and not is_dtensor(weight):
+            raise PlanError(
+                f"plan entry {name!r} expects a weight of shape {list(plan.shapes[name])}, this tensor-parallel "
+                f"model holds a plain local shard {list(weight.shape)} with no DTensor placements to say which "
+                "slice it is; load it with transformers' tp_plan (DTensor parameters) so attach can slice the plan"
+            )
         if list(weight.shape) != list(plan.shapes[name]):
             raise PlanError(
                 f"plan entry {name!r} expects a weight of shape {list(plan.shapes[name])}, "
@@ -239,7 +280,52 @@ def _warn_slow_eager_layout(weight: torch.Tensor) -> None:
 
 
 def _is_input_major(weight: torch.Tensor) -> bool:
+    weight = local_tensor(weight)
     return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
+def _relay(model: nn.Module, weight: torch.Tensor, input_major: bool) -> torch.Tensor:
+    """Lay ``weight`` out input-major (or back to row-major): same values; returns the weight object.
+
+    A plain parameter is changed in place (same object). A tensor-parallel (DTensor) parameter is
+    re-laid in its local shard, which the compiled graph computes with (``to_local()``): as a new
+    parameter put where the old one was, since swapping a DTensor's local tensor (``.data`` or
+    ``_local_tensor``) breaks Dynamo's fake copy of it.
+    """
+    with torch.no_grad():
+        if not is_dtensor(weight):
+            weight.data = weight.data.t().contiguous().t() if input_major else weight.data.contiguous()
+            return weight
+        from torch.distributed.tensor import DTensor
+
+        local = local_tensor(weight)
+        local = local.t().contiguous().t() if input_major else local.contiguous()
+        relaid = nn.Parameter(
+            DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                               shape=weight.shape, stride=weight.stride()),
+            requires_grad=weight.requires_grad,
+        )
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is weight:
+                module._parameters[key] = relaid
+    return relaid
+
+
+def _site_thresholds(name: str, weight: torch.Tensor, plan: SparsityPlan, in_dim: int) -> torch.Tensor | None:
+    """The fp32 thresholds ``weight`` computes with: the plan's, or its shard's slice of them (a
+    tensor-parallel DTensor weight, ``sharding.local_thresholds``). None, with the reason kept for
+    the compile report and one warning, when the shard takes no slice: that linear runs dense."""
+    thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
+    try:
+        thresholds = local_thresholds(name, weight, thresholds, in_dim)
+    except ShardingError as e:
+        _UNSLICEABLE[weight] = str(e)
+        log.warning("wisparse: %s; this linear runs dense", e)
+        return None
+    if is_dtensor(weight):
+        log.debug("%s: %s, thresholds %s", name, describe(weight), list(thresholds.shape))
+    return thresholds
 
 
 def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:
@@ -258,21 +344,29 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
+
+    A tensor-parallel model (``from_pretrained(..., tp_plan="auto")``, DTensor weights) takes the
+    plan of the unsharded model: each rank keeps the thresholds of its shards' input channels
+    (``sharding.local_thresholds``); a shard that takes no slice of them runs dense, with a warning
+    and the reason in the compile report.
     """
     validate_plan(model, plan)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
     kept_input_major = _unregister(model, keep_layout_of=still_planned)
+    # laying a weight back may have put a new (tensor-parallel) parameter in its place: look again
+    weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     for name, weight in weights:
         in_dim = plan.in_dims[name] % weight.dim()
+        thresholds = _site_thresholds(name, weight, plan, in_dim)
+        if thresholds is None:
+            continue
         relaid = id(weight) in kept_input_major
-        if input_major and weight.dim() == 2 and in_dim == 1 and weight.stride(0) != 1:
-            with torch.no_grad():
-                weight.data = weight.data.t().contiguous().t()
+        if input_major and weight.dim() == 2 and in_dim == 1 and local_tensor(weight).stride(0) != 1:
+            weight = _relay(model, weight, input_major=True)
             relaid = True
-            _warn_slow_eager_layout(weight)
-        thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
-        _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model)
+            _warn_slow_eager_layout(local_tensor(weight))
+        _register(weight, _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model))
     _PLANS[model] = plan
     _bump_generation()
     make_experts_traceable(model)
@@ -300,13 +394,13 @@ def _unregister(model: nn.Module, keep_layout_of: set[int]) -> set[int]:
         if found is None:
             continue
         weight = found[1]
-        site = _SITES.pop(weight, None)
+        _UNSLICEABLE.pop(weight, None)
+        site = _unregister_weight(weight)
         if site is None or not site.relaid:
             continue
         if id(weight) in keep_layout_of:
             kept.add(id(weight))
         elif _is_input_major(weight):
-            with torch.no_grad():
-                weight.data = weight.data.contiguous()
+            _relay(model, weight, input_major=False)
     _bump_generation()
     return kept

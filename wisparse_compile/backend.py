@@ -25,6 +25,7 @@ from .passes.decisions import CompileReport, DenseReason, RewriteResult
 from .passes.fuse_siblings import FusionResult, fuse_sibling_linears, with_fused_weights
 from .passes.graph_utils import copy_dynamo_graph_module
 from .passes.sparsify import rewrite_sparse_linears
+from .sharding import process_rank
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendC
     result = rewrite_sparse_linears(gm, example_inputs, config)
     fusion = fuse_sibling_linears(gm, example_inputs, result) if config.fuse_siblings else FusionResult()
     report = result.report
+    report.rank = process_rank()  # each rank of a tensor-parallel run compiles (and reports) its own shard
     COMPILED_REPORTS.append(report)
     record_graph(before, gm, example_inputs, report, config.debug_dir)
     log.info("wisparse: %s", report.summary())

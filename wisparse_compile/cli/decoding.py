@@ -36,10 +36,12 @@ class GreedyDecoder:
         if tuple(prompt.shape) != (1, prompt_len):
             raise ValueError(f"prompt must be [1, prompt_len={prompt_len}] token ids, got {tuple(prompt.shape)}")
         self.prompt_len = prompt_len
+        self.device = next(model.parameters()).device  # a tensor-parallel (DTensor) weight: its local device
+        prompt = prompt.to(self.device)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
         self.new_tokens = new_tokens
         with torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len))
+            out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len, device=self.device))
         self.first_token = out.logits[:, -1:].argmax(-1)
         self.last_tokens: list[int] = []
         self.snapshot = [  # (layer, attribute, value): tensors cloned, plain counters (sliding layers) as is
@@ -69,7 +71,8 @@ class GreedyDecoder:
             pos = self.prompt_len + i
             out = self.step(
                 input_ids=token, past_key_values=self.cache, use_cache=True,
-                cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]),
+                cache_position=torch.tensor([pos], device=self.device),
+                position_ids=torch.tensor([[pos]], device=self.device),
             )
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))

@@ -2,7 +2,8 @@
 
 Three outlets, all fed by ``record_graph`` (called by the backend for every graph it compiles):
 - a debug directory (``BackendConfig.debug_dir`` or ``WISPARSE_DEBUG_DIR``): one folder per graph
-  with ``before.py``, ``after.py``, ``diff.patch``, ``linears.json`` and ``linears.txt``;
+  with ``before.py``, ``after.py``, ``diff.patch``, ``linears.json`` and ``linears.txt`` (in a
+  ``rank<N>`` subfolder per process of a multi-process, e.g. tensor-parallel, run);
 - ``torch._logging.trace_structured`` artifacts (``TORCH_TRACE=dir``, then ``tlparse``);
 - the module logger: ``TORCH_LOGS="+wisparse_compile"`` prints the linear table at DEBUG.
 """
@@ -99,10 +100,13 @@ def record_graph(
     Never fails the compile: a debugging aid that breaks compilation would hide the real problem.
     """
     root = debug_dir(directory)
+    if root is not None and result.rank is not None:
+        root = root / f"rank{result.rank}"  # each rank of a multi-process run writes its own folders
     want_log = log.isEnabledFor(logging.DEBUG)
     try:
         graph = _graph_id()
-        report = build_report(graph, before, example_inputs, result)
+        label = graph if result.rank is None else f"{graph}@rank{result.rank}"
+        report = build_report(label, before, example_inputs, result)
         # printing a large graph takes a while: only when some outlet wants it
         before_code, after_code = cache(lambda: graph_code(before)), cache(lambda: graph_code(after))
         _trace_artifact("wisparse_graph_before", "string", before_code)

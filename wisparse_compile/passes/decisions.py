@@ -32,6 +32,7 @@ class DenseReason(str, enum.Enum):
     AUTOCAST = "autocast"
     PREFILL = "prefill size"
     UNMATCHED_EXPERT_FORM = "unmatched expert form"
+    SHARDING = "tensor-parallel sharding"
 
 
 class Route(str, enum.Enum):
@@ -69,6 +70,7 @@ class CompileReport:
     """The decisions of one compiled graph. Holds no tensors: the backend keeps recent ones."""
 
     decisions: list[LinearDecision] = field(default_factory=list)
+    rank: int | None = None  # this process's rank in a multi-process (tensor-parallel) run, else None
 
     @property
     def rewritten(self) -> int:
@@ -80,7 +82,8 @@ class CompileReport:
         for d in dense:
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
         why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-        return f"{len(self.decisions)} linears: {self.rewritten} sparse, {len(dense)} dense" + (f" ({why})" if why else "")
+        where = f"rank {self.rank}: " if self.rank is not None else ""
+        return f"{where}{len(self.decisions)} linears: {self.rewritten} sparse, {len(dense)} dense" + (f" ({why})" if why else "")
 
 
 @dataclass

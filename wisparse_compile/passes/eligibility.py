@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from ..attach import site_of
+from ..attach import sharding_problem, site_of
 from ..config import BackendConfig
 from ..kernels import decode_sized, route_of, routing
+from ..sharding import is_dtensor
 from .decisions import DenseReason, Route
 
 
@@ -48,8 +49,12 @@ def check_eligibility(
     """
     site = site_of(weight)
     if site is None:
-        return Eligibility(None, DenseReason.NO_PLAN)
+        problem = sharding_problem(weight)
+        return Eligibility(None, DenseReason.SHARDING, problem) if problem else Eligibility(None, DenseReason.NO_PLAN)
     name = site.name
+    if is_dtensor(x):
+        return Eligibility(name, DenseReason.SHARDING,
+                           "runs on DTensors, not on its local shard (the sparse ops take local tensors)")
     if in_dim != site.in_dim:
         return Eligibility(name, DenseReason.IN_DIM,
                            f"weight used with input channels on dim {in_dim}, planned on dim {site.in_dim}")

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..linear_forms import view_dims
+from ..sharding import is_dtensor, local_tensor
 
 
 def example_value(node: Any) -> Any:
@@ -48,10 +49,19 @@ def _permuting_view(node: fx.Node) -> tuple[fx.Node, str, tuple[Any, ...]] | Non
     return None
 
 
+def _is_to_local(node: fx.Node) -> bool:
+    """``w.to_local()``: a tensor-parallel (DTensor) weight's local shard, same dims (``sharding``)."""
+    return node.op == "call_method" and node.target == "to_local" and len(node.args) == 1
+
+
 def weight_root(node: Any) -> tuple[fx.Node, tuple[int, ...]] | None:
-    """The placeholder a weight operand views, and the root dim behind each of its dims."""
+    """The placeholder a weight operand views (or whose local shard it views: ``to_local``), and
+    the root dim behind each of its dims."""
     dims: tuple[int, ...] | None = None
     while isinstance(node, fx.Node):
+        if _is_to_local(node):
+            node = node.args[0]
+            continue
         if node.op == "placeholder":
             val = example_value(node)
             ndim = val.dim() if isinstance(val, torch.Tensor) else 0
@@ -85,6 +95,17 @@ def nodes_under_autocast(graph: fx.Graph) -> set[fx.Node]:
         elif enabled and enabled[-1]:
             inside.add(node)
     return inside
+
+
+def local_operand(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """``node``, or ``node.to_local()`` (made at the insertion point) when it is a DTensor: the
+    sparse ops compute on this rank's local shard, as the tensor-parallel engine's own forward does."""
+    value = example_value(node)
+    if not is_dtensor(value):
+        return node
+    local = graph.call_method("to_local", (node,))
+    local.meta["example_value"] = local_tensor(value)
+    return local
 
 
 class GraphInputs:

@@ -11,7 +11,8 @@ input (placeholder), directly or through permuting views (``.T``, ``t``, ``trans
 
 Emits, before the matched node, ``sparse_linear(x, weight, bias, thresholds, max_sparse_rows)``
 with ``weight`` as ``[out, in]``: an ``[in, out]`` parameter enters as its ``t()`` view (no copy,
-placed just before the op). A ``matmul``'s separate bias add stays as it was. Whether a match may
+placed just before the op); a tensor-parallel (DTensor) parameter, reached through the engine's
+``to_local()``, enters as its local shard. A ``matmul``'s separate bias add stays as it was. Whether a match may
 be rewritten is for ``eligibility``; the driver (``sparsify``) replaces the node.
 """
 
@@ -26,9 +27,10 @@ from torch import fx
 
 from ..config import BackendConfig
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
+from ..sharding import local_tensor
 from .decisions import DenseReason, Route
 from .eligibility import expected_route
-from .graph_utils import GraphInputs, example_value, token_rows, weight_root
+from .graph_utils import GraphInputs, example_value, local_operand, token_rows, weight_root
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class LinearMatch:
         return token_rows(x) if isinstance(x, torch.Tensor) else 0
 
     def route(self, config: BackendConfig) -> Route:
-        weight = example_value(self.weight) if self.weight is not None else None
+        weight = local_tensor(example_value(self.weight)) if self.weight is not None else None
         if isinstance(weight, torch.Tensor) and self.in_dim == 0:
             weight = weight.t()  # the op takes the [out, in] view (see emit)
         return expected_route(example_value(self.x), weight, config)
@@ -72,10 +74,11 @@ class LinearMatch:
     def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node, config: BackendConfig) -> fx.Node:
         """``sparse_linear`` before ``node`` (the caller replaces ``node`` by it)."""
         with graph.inserting_before(node):
-            weight = self.weight
+            weight = local_operand(graph, self.weight)  # a tensor-parallel weight: its local shard
             if self.in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
-                weight = graph.call_function(torch.t, (self.weight,))
-                weight.meta["example_value"] = example_value(self.weight).t()
+                source = weight
+                weight = graph.call_function(torch.t, (source,))
+                weight.meta["example_value"] = example_value(source).t()
             return graph.call_function(
                 torch.ops.wisparse.sparse_linear.default,
                 (self.x, weight, self.bias, thresholds, config.max_sparse_rows),
