@@ -26,6 +26,7 @@ from .experts import make_experts_traceable
 from .kernels import input_major_gemm_is_slow
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
+from .quantize import QuantizeConfig, dequantize_model, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,9 @@ def _is_input_major(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
 
 
-def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module, plan: SparsityPlan, *, input_major: bool = True, weights: str | QuantizeConfig | None = None
+) -> nn.Module:
     """Give ``model`` its plan; ``torch.compile(model, backend="wisparse")`` then sparsifies it.
 
     input_major: re-lay each planned [out, in] weight in memory as its transpose (same values and
@@ -256,7 +259,12 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
+    weights: ``"int8"`` (or a ``quantize.QuantizeConfig``) also quantizes the planned weights and the
+        output head to int8 (``quantize.quantize_model``: what it quantized is logged and returned by
+        ``quantize.quantization_of(model)``); ``detach`` restores the float weights. ``None`` leaves the
+        weights' storage as it is (a model quantized by an earlier attach stays quantized).
     """
+    quantize = weights if isinstance(weights, QuantizeConfig) or weights is None else QuantizeConfig(weights)
     validate_plan(model, plan)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
@@ -272,14 +280,28 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
         thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
         _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model)
     _PLANS[model] = plan
+    if quantize is not None:
+        _quantize_planned(model, plan, quantize)
     _bump_generation()
     make_experts_traceable(model)
     log.info("attached %r to %s (%d linears)", plan, type(model).__name__, len(plan.names))
     return model
 
 
+def _quantize_planned(model: nn.Module, plan: SparsityPlan, config: QuantizeConfig) -> None:
+    """attach's int8 step: quantize, then give each quantized planned weight its float weight's site."""
+    originals = {name: find_weight(model, name)[1] for name in plan.names}  # type: ignore[index]
+    summary = quantize_model(model, plan.names, config, in_dims=plan.in_dims)
+    for name in summary["quantized"]:
+        site, weight = site_of(originals.get(name)), find_weight(model, name)
+        if site is not None and weight is not None and weight[1] is not originals[name]:
+            _SITES[weight[1]] = _Site(name, site.in_dim, site.sparsity, site.thresholds_on(weight[1].device), False, model)
+
+
 def detach(model: nn.Module) -> nn.Module:
-    """Remove the plan: weights attach re-laid go back to row-major, and the model compiles densely."""
+    """Remove the plan: weights attach re-laid go back to row-major, quantized weights back to float,
+    and the model compiles densely."""
+    dequantize_model(model)
     _unregister(model, keep_layout_of=set())
     return model
 
