@@ -266,6 +266,9 @@ def attach(
     """
     quantize = weights if isinstance(weights, QuantizeConfig) or weights is None else QuantizeConfig(weights)
     validate_plan(model, plan)
+    if quantize is not None:  # the previous plan off the float weights, then swap in int8 ones (sites go on those)
+        _unregister(model, keep_layout_of=set())
+        quantize_model(model, plan.names, quantize, in_dims=plan.in_dims)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
     kept_input_major = _unregister(model, keep_layout_of=still_planned)
@@ -280,29 +283,17 @@ def attach(
         thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
         _SITES[weight] = _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model)
     _PLANS[model] = plan
-    if quantize is not None:
-        _quantize_planned(model, plan, quantize)
     _bump_generation()
     make_experts_traceable(model)
     log.info("attached %r to %s (%d linears)", plan, type(model).__name__, len(plan.names))
     return model
 
 
-def _quantize_planned(model: nn.Module, plan: SparsityPlan, config: QuantizeConfig) -> None:
-    """attach's int8 step: quantize, then give each quantized planned weight its float weight's site."""
-    originals = {name: find_weight(model, name)[1] for name in plan.names}  # type: ignore[index]
-    summary = quantize_model(model, plan.names, config, in_dims=plan.in_dims)
-    for name in summary["quantized"]:
-        site, weight = site_of(originals.get(name)), find_weight(model, name)
-        if site is not None and weight is not None and weight[1] is not originals[name]:
-            _SITES[weight[1]] = _Site(name, site.in_dim, site.sparsity, site.thresholds_on(weight[1].device), False, model)
-
-
 def detach(model: nn.Module) -> nn.Module:
     """Remove the plan: weights attach re-laid go back to row-major, quantized weights back to float,
     and the model compiles densely."""
-    dequantize_model(model)
     _unregister(model, keep_layout_of=set())
+    dequantize_model(model)
     return model
 
 
