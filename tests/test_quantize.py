@@ -64,12 +64,19 @@ def test_int8_weight_computes_with_the_dequantized_values_in_eager_code():
             qw.copy_(w)
 
 
-def _planned(seed=0, tied=False):
-    model = tiny_llama(seed)
+_CALIBRATED: dict = {}
+
+
+def _planned(tied=False):
+    """A fresh tiny Llama and its 50% plan (calibrated once per module; the tie comes after it)."""
+    if not _CALIBRATED:
+        model = tiny_llama(0)
+        _CALIBRATED["model"] = copy.deepcopy(model)
+        _CALIBRATED["plan"] = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal", uniform=True))
+    model = copy.deepcopy(_CALIBRATED["model"])
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    plan = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal"))
-    return model, plan
+    return model, _CALIBRATED["plan"]
 
 
 def test_attach_int8_compiles_every_linear_to_the_int8_op_and_matches_the_masked_reference(caplog):
@@ -184,3 +191,16 @@ def test_torchao_int8_weight_only_tensors_are_taken_without_requantizing():
         with MaskingHooks(model, plan.channel_thresholds):
             ref = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_accuracy_script_quick_mode(tmp_path):
+    from benchmarks import int8_accuracy
+
+    record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
+    results = record["results"]
+    assert list(results) == ["fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5"]
+    assert results["int8 dense"]["quantized"] == 15 and results["int8 dense"]["head"] == "lm_head"
+    fp, q = results["fp32 dense"]["perplexity"], results["int8 dense"]["perplexity"]
+    assert q != fp and abs(q / fp - 1) < 0.01  # int8 changes the model, and only slightly
+    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in ("int8 + teal@0.5", "int8 + wisparse@0.5"))
+    assert "| int8 | teal 0.5 |" in (tmp_path / "int8_accuracy_quick.md").read_text()
