@@ -400,7 +400,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="with --peer: per-op breakdown of an int8 + 50%% step")
     parser.add_argument("--quick", action="store_true", help="only the peer table, 8 tokens, 2 rounds (a check)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads, and llama.cpp's (default: torch's choice). On a loaded machine use 1: threads that "
+        "wait at every parallel region for a descheduled sibling make any multi-threaded decoder crawl",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:  # Inductor's C++ kernels then show up in the profile one by one (set before compiling)
+        torch._inductor.config.cpp.enable_kernel_profile = True
     if args.quick:
         args.peer, args.skip_kernels, args.skip_decode, args.new_tokens, args.peer_rounds = True, True, True, 8, 2
     logging.basicConfig(level=logging.WARNING)

@@ -1,7 +1,7 @@
 """8-bit weight-only quantization for sparse decode: the weight tensor, its config, and the model pass.
 
 ``QuantizeConfig`` (one dataclass) says what ``attach(model, plan, weights="int8")`` quantizes:
-the planned weights and, by default, the output head (``lm_head``). Each becomes an
+the planned weights and, by default, the output head (``get_output_embeddings()``). Each becomes an
 ``Int8Weight``: a tensor subclass that looks like the ``[out, in]`` float weight it replaces
 (same shape and dtype) but stores
 
@@ -17,7 +17,7 @@ reading ``qdata`` and ``scale`` straight from the subclass. Everything else that
 ``__torch_dispatch__``, which dequantizes: eager calls compute with the same quantized values,
 never with raw int8 codes, only slower.
 
-A tied head (``lm_head.weight is embed_tokens.weight``) is untied for this: the head gets its own
+A tied head (the output head's weight is the input embedding's) is untied for this: the head gets its own
 quantized copy and the embedding keeps its float weight (an embedding lookup on an int8 weight
 would dequantize the whole table per call); detach ties them again. The original float parameters
 are kept (referenced, not copied) so ``detach`` restores them exactly; ``keep_float=False`` frees
@@ -50,7 +50,7 @@ class QuantizeConfig:
     """What ``attach(..., weights="int8")`` quantizes.
 
     weights: the storage format of quantized weights (``"int8"``: symmetric, per output channel).
-    head: also quantize the output head (``model.get_output_embeddings()``, i.e. ``lm_head``),
+    head: also quantize the output head (``model.get_output_embeddings()``),
         which stays dense (not planned) but is the largest single GEMV of a small model's decode step.
     keep_float: keep the original float parameters (referenced, no copy) so ``detach`` restores them
         exactly; False frees them, and ``detach`` restores the dequantized values.
@@ -231,7 +231,7 @@ def quantize_model(
     Returns what it did: ``{"quantized": [names], "head": name or None, "untied": bool, "skipped":
     {name: why}}`` (also logged). Weights already quantized are kept; torchao int8 weights are
     converted without re-quantizing; non-2-D weights (stacked experts) and ``[in, out]`` weights
-    (``in_dims[name] == 0``: Conv1D-style, the int8 layout is built from ``[out, in]``) are skipped and named.
+    (``in_dims[name] == 0``: 1-D-convolution-style, the int8 layout is built from ``[out, in]``) are skipped and named.
     """
     record = _QUANTIZED.setdefault(model, _Quantized())
     targets = list(dict.fromkeys(names))
@@ -254,7 +254,7 @@ def quantize_model(
             skipped[name] = f"{weight.dim()}-D weight (stacked experts stay in their float dtype)"
             continue
         if (in_dims or {}).get(name, 1) % 2 != 1:
-            skipped[name] = "[in, out] weight (Conv1D-style): int8 takes [out, in] linears"
+            skipped[name] = "[in, out] weight (1-D-convolution style): int8 takes [out, in] linears"
             continue
         converted = from_torchao(weight)
         if converted is None and type(weight) not in (torch.Tensor, nn.Parameter):
