@@ -1,6 +1,7 @@
 """The CPU decode benchmark's harness on a tiny model: one compile per model, none per plan swap,
 and every run decodes from the same prefilled cache."""
 
+import pytest
 import torch
 
 from benchmarks import cpu_bench
@@ -46,6 +47,7 @@ def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):
     assert all(r["speedup"] > 0 and r["dense_ms"] > 0 for r in records)
 
 
+@pytest.mark.slow  # compiles two models (dense Inductor, wisparse int8)
 def test_bench_peer_runs_ours_int8_side_by_side_and_notes_a_missing_peer():
     """Without a GGUF file (a tiny random model) the llama.cpp row says why it is empty; ours run
     interleaved, the int8 plan swap compiles nothing new, and the profile breaks a step into ops."""
