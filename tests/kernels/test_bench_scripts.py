@@ -34,3 +34,14 @@ def test_decode_bench_smoke_schema(tmp_path):
     for r in data["records"]:
         assert DECODE_KEYS <= r.keys()
         assert r["dense_tokens_per_s"] > 0 and r["sparse_tokens_per_s"] > 0
+
+
+def test_kernel_bench_cpu_quick_reports_gbps_next_to_the_read_loop(tmp_path):
+    result = kernel_bench.main(["--cpu", "--quick", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "kernel_cpu_quick.json").read_text())
+    assert data == json.loads(json.dumps(result)) and "NOT bandwidth figures" in data["note"]
+    assert {(r["weights"], r["sparsity"]) for r in data["records"]} == {(w, s) for w in ("float32", "int8") for s in (0.0, 0.5)}
+    for r in data["records"]:
+        assert r["gbps"] > 0 and r["read_loop_gbps"] > 0
+        assert abs(r["fraction_of_read_loop"] - r["gbps"] / r["read_loop_gbps"]) < 1e-9 and r["fraction_of_fp32_kernel"] > 0
+        assert r["rows_loaded"] == 1.0 if r["sparsity"] == 0 else r["rows_loaded"] < 1.0

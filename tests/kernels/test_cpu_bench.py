@@ -1,6 +1,7 @@
 """The CPU decode benchmark's harness on a tiny model: one compile per model, none per plan swap,
 and every run decodes from the same prefilled cache."""
 
+import pytest
 import torch
 
 from benchmarks import cpu_bench
@@ -44,3 +45,21 @@ def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):
     assert len(records) == len(cpu_bench.DTYPES) * len(cpu_bench.KERNEL_SPARSITIES)
     assert len(set(seen[: 2 * 3])) == 3  # fp32: dense calls rotate through all three copies
     assert all(r["speedup"] > 0 and r["dense_ms"] > 0 for r in records)
+
+
+@pytest.mark.slow  # compiles two models (dense Inductor, wisparse int8)
+def test_bench_peer_runs_ours_int8_side_by_side_and_notes_a_missing_peer():
+    """Without a GGUF file (a tiny random model) the llama.cpp row says why it is empty; ours run
+    interleaved, the int8 plan swap compiles nothing new, and the profile breaks a step into ops."""
+    records = cpu_bench.bench_peer(
+        "tiny", lambda: tiny_llama(layers=1), None, new_tokens=3, rounds=1, calib_tokens=32, profile=True
+    )
+    peer = {r["setting"]: r for r in records if r["kind"] == "peer"}
+    assert list(peer) == list(cpu_bench.PEER_SETTINGS)
+    assert peer["llama.cpp"]["tokens_per_s"] is None and "no GGUF" in peer["llama.cpp"]["note"]
+    assert all(peer[k]["tokens_per_s"] > 0 for k in ("dense fp32", "dense int8", "int8 + 50%"))
+    assert peer["dense int8"]["graphs_compiled_in_warmup"] == 1 and peer["int8 + 50%"]["graphs_compiled_in_warmup"] == 0
+    (profile,) = [r for r in records if r["kind"] == "profile"]
+    assert profile["step_ms"] > 0 and 0 < sum(o["share"] for o in profile["ops"]) <= 1 + 1e-9
+    assert any("sparse_gemv_int8" in o["op"] for o in profile["ops"])
+    assert "| tiny | llama.cpp | - (no GGUF" in cpu_bench.markdown(records)

@@ -45,6 +45,15 @@ def test_compiled_decode_step_launches_the_inlined_kernel_per_linear(codegen):
     assert not single["opaque_op"] and not single["cpu_kernel"]
 
 
+def test_int8_weights_launch_the_inlined_kernel_per_linear_and_for_the_head(codegen):
+    """attach(..., weights="int8"): the pass reads the codes and scales off the Int8Weight inputs (AOT
+    flattens the subclass) and every planned linear and the int8 head are one launch each."""
+    int8 = codegen["int8"]
+    assert int8["defined"] == ["_sparse_gemv_kernel"]
+    assert int8["launched"] == ["_sparse_gemv_kernel"] * (codegen["planned"] + 1)
+    assert not int8["opaque_op"] and not int8["cpu_kernel"]
+
+
 def test_fused_siblings_launch_one_kernel_per_group(codegen):
     """q/k/v and gate/up each become one launch: 7 linears, 4 launches (qkv, o, gate_up, down)."""
     fused = codegen["fused"]
@@ -93,6 +102,6 @@ def test_every_kernel_variant_compiles_to_ttir():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     variants = [json.loads(line) for line in done.stdout.strip().splitlines()]
-    assert len(variants) == 4
+    assert len(variants) == 5  # the last: int8 codes with per-column scales
     for v in variants:
         assert v["ok"] and v["int64_offsets"] and v["stores"] == 1 and v["atomics"] == 0, v

@@ -21,20 +21,21 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from wisparse_compile.kernels.triton_sparse_gemv import _sparse_gemv_kernel  # noqa: E402
 
-#: (dtype, NUM_SEGMENTS, BIAS_SEGMENTS bitmask, BLOCK_M): plain, biased, fused with some biases, all four.
-VARIANTS = [("fp32", 1, 0, 1), ("bf16", 1, 1, 8), ("fp16", 3, 5, 4), ("bf16", 4, 15, 2)]
+#: (dtype, NUM_SEGMENTS, BIAS_SEGMENTS bitmask, BLOCK_M, SCALED): plain, biased, fused with some
+#: biases, all four; and int8 codes (``w_ptr`` int8, per-column fp32 scales) with bf16 activations.
+VARIANTS = [("fp32", 1, 0, 1, 0), ("bf16", 1, 1, 8, 0), ("fp16", 3, 5, 4, 0), ("bf16", 4, 15, 2, 0), ("bf16", 1, 1, 2, 1)]
 
 
-def ttir(dtype: str, segments: int, bias_segments: int, block_m: int) -> str:
+def ttir(dtype: str, segments: int, bias_segments: int, block_m: int, scaled: int = 0) -> str:
     names = list(_sparse_gemv_kernel.arg_names)
     constants = {"K_PER_SPLIT": 512, "NUM_SEGMENTS": segments, "BIAS_SEGMENTS": bias_segments,
-                 "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32}
+                 "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "SCALED": scaled}
     signature = {}
     for name in names:
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name.startswith("t") else f"*{dtype}"
+            signature[name] = "*fp32" if name.startswith(("t", "s")) else ("*i8" if scaled and name == "w_ptr" else f"*{dtype}")
         else:
             signature[name] = "i32"
     source = ASTSource(fn=_sparse_gemv_kernel, signature=signature,

@@ -1,5 +1,7 @@
 """The C++ CPU sparse GEMV (``wisparse_cpu::sparse_gemv``, source beside: ``cpu_sparse_gemv.cpp``):
-its lazy build, fake kernel and routing test, and the CPU-side compile helpers.
+its lazy build, fake kernels and routing tests, and the CPU-side compile helpers. The same
+extension holds ``wisparse_cpu::sparse_gemv_int8`` (int8 input-major weights, fp32 scales per
+output channel, applied with the bias in the epilogue; ``thresholds=None`` runs it dense).
 
 Built on first use (not at import) with ``torch.utils.cpp_extension.load`` into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): about 45 s the first time,
@@ -89,6 +91,14 @@ def _load() -> None:
         torch._check(x.dim() == 2 and wt.dim() == 2 and x.shape[1] == wt.shape[0])
         return x.new_empty(x.shape[0], wt.shape[1])
 
+    @torch.library.register_fake("wisparse_cpu::sparse_gemv_int8")
+    def _(
+        x: torch.Tensor, qt: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+        thresholds: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 2 and qt.dim() == 2 and x.shape[1] == qt.shape[0])
+        return x.new_empty(x.shape[0], qt.shape[1])
+
 
 def cpu_kernel_available() -> bool:
     """Build/load the kernel once per process; False (with one warning) if that fails."""
@@ -154,6 +164,24 @@ def cpu_sparse_gemv(
     """``sparse_linear`` through the C++ kernel: any leading dims, ``weight`` [out, in] input-major."""
     n, k = weight.shape
     out = torch.ops.wisparse_cpu.sparse_gemv(x.reshape(-1, k), weight.t(), bias, thresholds)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def uses_cpu_kernel_int8(x: torch.Tensor, max_sparse_rows: int) -> bool:
+    """Whether an int8-weight call takes the C++ kernel: CPU, fp32/bf16 activations, few rows, kernel built.
+    (int8 weights are always stored input-major, so there is no layout to check.)"""
+    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES or x.shape[-1] == 0:
+        return False
+    return decode_sized(x, min(max_sparse_rows, CPU_KERNEL_MAX_ROWS)) and cpu_kernel_available()
+
+
+def cpu_sparse_gemv_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+    thresholds: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``sparse_linear_int8`` through the C++ kernel: any leading dims, ``qweight`` int8 [in, out]."""
+    k, n = qweight.shape
+    out = torch.ops.wisparse_cpu.sparse_gemv_int8(x.reshape(-1, k), qweight, scale, bias, thresholds)
     return out.reshape(*x.shape[:-1], n)
 
 

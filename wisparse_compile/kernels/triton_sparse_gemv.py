@@ -26,6 +26,11 @@ at most ``MAX_CONFIGS``); under the Triton interpreter (``TRITON_INTERPRET=1``, 
 first config of the bucket runs. Offsets into the weight are 64-bit (an output head over a large
 vocabulary passes 2^31 elements).
 
+int8 weights (``sparse_gemv_int8_triton``): the same kernel reads int8 codes stored ``[K, N]`` (an
+input-major row per channel, as for float weights), widens them to fp32 and multiplies each output
+column by its fp32 scale (``SCALED``) before the bias, in every K slice (the scale is linear, so the
+summed slices come out scaled once).
+
 Imported only where the Triton route is taken (``triton_route.py`` keeps Triton optional).
 """
 
@@ -137,13 +142,13 @@ def _segment_bias(b_ptr, offs_n, seg, g: tl.constexpr, seg_start, n_ok):
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, out_ptr,
+    x_ptr, w_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, s_ptr, out_ptr,
     M, N, K, SEG_END_0, SEG_END_1, SEG_END_2,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_os, stride_om, stride_on,
     K_PER_SPLIT: tl.constexpr, NUM_SEGMENTS: tl.constexpr, BIAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -192,6 +197,8 @@ def _sparse_gemv_kernel(
                 acc += tl.where(seg == 2, tl.sum(x2[:, :, None] * w[None, :, :], axis=1), 0.0)
             if NUM_SEGMENTS > 3:
                 acc += tl.where(seg == 3, tl.sum(x3[:, :, None] * w[None, :, :], axis=1), 0.0)
+    if SCALED:  # int8 codes: the per-output-channel scale, on each K slice's partial (the sum is linear)
+        acc = acc * tl.load(s_ptr + offs_n64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if BIAS_SEGMENTS != 0:  # the bias enters once, in K slice 0 (a multiply, not a mask: see _segment_keep)
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if BIAS_SEGMENTS & 1:
@@ -248,8 +255,12 @@ def sparse_gemv_triton(
     launcher: Callable = lambda kernel: kernel,
     max_rows: int = 8,
     launch: Launch | None = None,
+    scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``cat([(x2d * keep_i) @ W_i^T + b_i], -1)`` for the segments ``W_i`` of ``weight``, in x2d's dtype.
+
+    ``scale`` [N] (fp32), if given, multiplies each output column before the bias: ``weight`` then
+    holds int8 codes (``sparse_gemv_int8_triton``).
 
     ``weight`` [N, K] (any strides; input-major is the fast layout) holds the segments' weights
     concatenated along N, ``splits`` their output sizes; one thresholds tensor [K] and one bias
@@ -287,13 +298,16 @@ def sparse_gemv_triton(
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x2d.device)
     block_m = _block_m(m, max_rows)
     args = (
-        x2d, weight, *ts, *bs, out,
+        x2d, weight, *ts, *bs, scale if scale is not None else ts[0], out,
         m, n, k, *ends,
         x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    constants = {"K_PER_SPLIT": k_per_split, "NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments, "BLOCK_M": block_m}
+    constants = {
+        "K_PER_SPLIT": k_per_split, "NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments, "BLOCK_M": block_m,
+        "SCALED": int(scale is not None),
+    }
     if launch is not None:
         grid = (triton.cdiv(n, launch.block_n), split_k)
         launcher(_sparse_gemv_kernel)[grid](
@@ -306,3 +320,28 @@ def sparse_gemv_triton(
     if split_k == 1:
         return out[0]
     return out.sum(0).to(x2d.dtype)
+
+
+def sparse_gemv_int8_triton(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    thresholds: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    launcher: Callable = lambda kernel: kernel,
+    max_rows: int = 8,
+    launch: Launch | None = None,
+) -> torch.Tensor:
+    """``((x2d * keep) @ qweight) * scale + bias`` with ``qweight`` int8 ``[K, N]`` (input-major codes)
+    and ``scale`` fp32 ``[N]``: the sparse GEMV on int8 rows (a pruned channel's row is never loaded),
+    fp32 accumulation, the scale applied per output column. ``thresholds=None`` keeps every channel
+    (thresholds of -inf: the dense int8 GEMV of an unplanned linear such as the output head)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.stride(1) != 1:
+        raise ValueError(f"int8 sparse GEMV: qweight must be int8 [in, out] with contiguous rows, got {qweight.dtype} {tuple(qweight.stride())}")
+    k = int(qweight.shape[0])
+    if thresholds is None:
+        thresholds = torch.full((k,), float("-inf"), device=x2d.device)
+    scale = scale if scale.dtype == torch.float32 and scale.stride(0) == 1 else scale.float().contiguous()
+    return sparse_gemv_triton(
+        x2d, qweight.t(), [thresholds], [bias], [int(qweight.shape[1])], launcher, max_rows, launch, scale=scale
+    )

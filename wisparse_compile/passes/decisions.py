@@ -43,6 +43,10 @@ class Route(str, enum.Enum):
     TRITON = "sparse: Triton GEMV"  # decode-sized on a Triton device
     CPU_KERNEL = "sparse: C++ GEMV"  # decode-sized on the CPU, the C++ kernel built
     MASKED_DENSE = "masked dense"  # prefill-sized, or no sparse kernel for this device/dtype/layout: mask, then the dense op
+    # int8 weights (attach(..., weights="int8")): wisparse::sparse_linear_int8, sparse or (no plan) dense
+    INT8_TRITON = "int8: Triton GEMV"
+    INT8_CPU_KERNEL = "int8: C++ GEMV"
+    INT8_DENSE = "int8: masked dense"  # prefill-sized: mask, matmul on the widened codes, scale
 
 
 @dataclass

@@ -14,6 +14,11 @@ with ``weight`` as ``[out, in]``: an ``[in, out]`` parameter enters as its ``t()
 placed just before the op); a tensor-parallel (DTensor) parameter, reached through the engine's
 ``to_local()``, enters as its local shard. A ``matmul``'s separate bias add stays as it was. Whether a match may
 be rewritten is for ``eligibility``; the driver (``sparsify``) replaces the node.
+
+The op follows the weight's storage: a weight that ``attach(..., weights="int8")`` quantized (an
+``Int8Weight``) emits ``sparse_linear_int8(x, W.qdata, W.scale, bias, thresholds, max_sparse_rows)``
+(``qdata``/``scale`` read off the graph input, which AOT autograd flattens into its inner tensors);
+``thresholds=None`` for a quantized weight without a plan (the output head: a dense int8 GEMV).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 from torch import fx
 
 from ..config import BackendConfig
+from ..kernels import route_of_int8, routing
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
+from ..quantize import is_int8_weight
 from ..sharding import local_tensor
 from .decisions import DenseReason, Route
 from .eligibility import expected_route
@@ -65,14 +72,25 @@ class LinearMatch:
         x = example_value(self.x)
         return token_rows(x) if isinstance(x, torch.Tensor) else 0
 
+    @property
+    def int8(self) -> bool:
+        """Whether the weight is stored int8 (``quantize.Int8Weight``): the int8 op serves it."""
+        return self.weight is not None and self.in_dim == 1 and is_int8_weight(example_value(self.weight))
+
     def route(self, config: BackendConfig) -> Route:
         weight = local_tensor(example_value(self.weight)) if self.weight is not None else None
+        if self.int8:
+            x = example_value(self.x)
+            return _INT8_ROUTES[route_of_int8(x, config.max_sparse_rows)] if isinstance(x, torch.Tensor) else Route.INT8_DENSE
         if isinstance(weight, torch.Tensor) and self.in_dim == 0:
             weight = weight.t()  # the op takes the [out, in] view (see emit)
         return expected_route(example_value(self.x), weight, config)
 
-    def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node, config: BackendConfig) -> fx.Node:
-        """``sparse_linear`` before ``node`` (the caller replaces ``node`` by it)."""
+    def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
+        """``sparse_linear`` (``sparse_linear_int8`` for int8 weights; dense when ``thresholds`` is
+        None) before ``node`` (the caller replaces ``node`` by it)."""
+        if self.int8:
+            return self._emit_int8(graph, node, thresholds, config)
         with graph.inserting_before(node):
             weight = local_operand(graph, self.weight)  # a tensor-parallel weight: its local shard
             if self.in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
@@ -83,6 +101,25 @@ class LinearMatch:
                 torch.ops.wisparse.sparse_linear.default,
                 (self.x, weight, self.bias, thresholds, config.max_sparse_rows),
             )
+
+
+    def _emit_int8(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
+        weight = example_value(self.weight)
+        with graph.inserting_before(node):
+            parts = []
+            for attr in ("qdata", "scale"):
+                part = graph.call_function(getattr, (self.weight, attr))
+                part.meta["example_value"] = getattr(weight, attr)
+                parts.append(part)
+            return graph.call_function(
+                torch.ops.wisparse.sparse_linear_int8.default,
+                (self.x, parts[0], parts[1], self.bias, thresholds, config.max_sparse_rows),
+            )
+
+
+_INT8_ROUTES = {
+    routing.TRITON: Route.INT8_TRITON, routing.CPU_KERNEL: Route.INT8_CPU_KERNEL, routing.MASKED_DENSE: Route.INT8_DENSE,
+}
 
 
 def _match_form(form: LinearForm, node: fx.Node, inputs: GraphInputs) -> LinearMatch:

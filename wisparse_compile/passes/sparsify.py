@@ -100,6 +100,10 @@ def rewrite_sparse_linears(
         if decision.reason_kind is DenseReason.NO_PLAN and decision.weight_input is not None:
             result.unplanned_weight_inputs.append(decision.weight_input)
         if decision.decision != Outcome.SPARSE:
+            if decision.reason_kind is DenseReason.NO_PLAN and getattr(match, "int8", False) and node not in under_autocast:
+                replace_node(node, new := match.emit(graph, node, None, config))  # int8 storage, no plan: dense int8 op
+                decision.node, decision.route = new.name, match.route(config)
+                decision.reason = f"{decision.reason}; int8 weight: dense int8 op"
             continue
         new = match.emit(graph, node, thresholds_input(decision.weight_input, inputs.example(match.weight)), config)
         replace_node(node, new)
@@ -113,7 +117,7 @@ def rewrite_sparse_linears(
     for d in decisions:
         if d.decision == Outcome.DENSE:
             log.debug("dense: %s %s: %s", d.node, d.name or "", d.reason)
-    if result.report.rewritten:
+    if result.report.rewritten or any(d.route is not Route.DENSE for d in decisions):
         graph.lint()
         gm.recompile()
     return result

@@ -1,0 +1,206 @@
+"""int8 weights: the quantizer, the ``Int8Weight`` tensor in eager code, ``attach(..., weights="int8")``
+through the compiler (sparse planned linears and the dense int8 head), tied heads, detach, bad input,
+and torchao's int8 weight-only tensors."""
+
+import copy
+import importlib.util
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import wisparse_compile as wsc
+from tests.conftest import tiny_llama, token_batches
+from tests.helpers import MaskingHooks
+from wisparse_compile.passes.decisions import Outcome, Route
+from wisparse_compile.quantize import (
+    Int8Weight,
+    QuantizeConfig,
+    dequantize_int8,
+    from_torchao,
+    quantization_of,
+    quantize_int8,
+)
+
+
+def test_quantize_int8_is_symmetric_per_output_channel():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g) * torch.linspace(0.1, 3, 24)[:, None]
+    w[5] = 0  # a zero row: scale 1, zero codes
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (40, 24) and q.is_contiguous() and s.shape == (24,)
+    assert q.abs().max() <= 127 and (q.abs().amax(0)[torch.arange(24) != 5] == 127).all()
+    assert s[5] == 1 and (q[:, 5] == 0).all()
+    err = (dequantize_int8(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()  # round to nearest: at most half a step per channel
+
+
+def test_quantize_int8_rejects_bad_weights():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize_int8(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_int8(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_int8_weight_computes_with_the_dequantized_values_in_eager_code():
+    w = torch.randn(16, 32)
+    qw = Int8Weight.from_float(w)
+    deq = qw.dequantize()
+    x = torch.randn(3, 32)
+    assert qw.shape == (16, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 16)
+    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
+    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
+    torch.testing.assert_close(torch.addmm(torch.zeros(16), x, qw.T), x @ deq.t())
+    assert isinstance(qw.detach(), Int8Weight) and isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), Int8Weight)
+    half = qw.to(torch.bfloat16)
+    assert isinstance(half, Int8Weight) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
+    with pytest.raises(RuntimeError, match="detach\\(model\\) first"):
+        with torch.no_grad():
+            qw.copy_(w)
+
+
+_CALIBRATED: dict = {}
+
+
+def _planned(tied=False):
+    """A fresh tiny Llama and its 50% plan (calibrated once per module; the tie comes after it)."""
+    if not _CALIBRATED:
+        model = tiny_llama(0)
+        _CALIBRATED["model"] = copy.deepcopy(model)
+        _CALIBRATED["plan"] = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal", uniform=True))
+    model = copy.deepcopy(_CALIBRATED["model"])
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model, _CALIBRATED["plan"]
+
+
+def test_attach_int8_compiles_every_linear_to_the_int8_op_and_matches_the_masked_reference(caplog):
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.INFO, logger="wisparse_compile.quantize"):
+        wsc.attach(model, plan, weights="int8")
+    assert "int8 weights for 15 linears (with the head)" in caplog.text
+    summary = quantization_of(model)
+    assert summary["head"] == "lm_head" and len(summary["quantized"]) == 15 and not summary["skipped"]
+    assert isinstance(model.lm_head.weight, Int8Weight) and isinstance(model.model.layers[0].mlp.up_proj.weight, Int8Weight)
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="wisparse")(ids).logits)
+        with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized weights
+            ref = model(ids).logits
+    code = "\n".join(code)
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8.default(") == 15  # 14 sparse + the dense head
+    assert "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    report = wsc.last_compile_report()
+    assert [d.route for d in report.decisions].count(Route.INT8_CPU_KERNEL) == 15
+    head = [d for d in report.decisions if d.name is None]
+    assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int8" in head[0].reason
+
+
+def test_int8_prefill_runs_the_masked_dense_int8_route():
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    wsc.attach(model, plan, weights="int8")
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert {d.route for d in wsc.last_compile_report().decisions} == {Route.INT8_DENSE}
+
+
+def test_int8_error_against_float_is_small_and_detach_restores_the_float_model_exactly():
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense = model(ids).logits
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        wsc.attach(model, plan, weights=QuantizeConfig(head=True))
+        wsc.detach(wsc.attach(model, plan, weights="int8"))  # attach twice, then detach
+        assert not any(isinstance(p, Int8Weight) for p in model.parameters())
+        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+        assert all(p.is_contiguous() for p in model.parameters())  # laid back row-major
+        assert quantization_of(model) is None
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+        wsc.attach(model, plan, weights="int8")
+        from wisparse_compile.attach import unplanned
+
+        with unplanned([p for p in model.parameters()]):
+            quantized = model(ids).logits  # eager, dense, int8 weights
+    rel = (quantized - dense).norm() / dense.norm()
+    assert 0 < rel < 0.02, rel
+
+
+def test_tied_head_gets_its_own_int8_copy_and_detach_ties_it_again():
+    model, plan = _planned(tied=True)
+    emb = model.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(6))
+    wsc.attach(model, plan, weights="int8")
+    assert quantization_of(model)["untied"] is True
+    assert model.model.embed_tokens.weight is emb and type(emb) is nn.Parameter  # the embedding stays float
+    assert isinstance(model.lm_head.weight, Int8Weight)
+    torch.testing.assert_close(model.lm_head.weight.dequantize(), emb.detach(), atol=emb.abs().max().item() / 127, rtol=0)
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    wsc.detach(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight is emb
+
+
+def test_keep_float_false_frees_the_originals_and_detach_restores_dequantized_values(caplog):
+    model, plan = _planned()
+    wsc.attach(model, plan, weights=QuantizeConfig(keep_float=False, head=False))
+    assert quantization_of(model)["head"] is None and type(model.lm_head.weight) is nn.Parameter
+    q = model.model.layers[0].mlp.down_proj.weight.dequantize()
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.quantize"):
+        wsc.detach(model)
+    assert "restored their int8 values" in caplog.text
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert type(w) is nn.Parameter and torch.equal(w, q)
+
+
+def test_bad_weight_format_is_refused_before_the_model_changes():
+    model, plan = _planned()
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="QuantizeConfig.weights must be one of \\('int8',\\), got 'int4'"):
+        wsc.attach(model, plan, weights="int4")
+    assert all(p is before[n] for n, p in model.named_parameters())
+
+
+def test_torchao_int8_weight_only_tensors_are_taken_without_requantizing():
+    """Optional: torchao is no dependency of this package (run with it on PYTHONPATH to check)."""
+    tq = pytest.importorskip("torchao.quantization")
+    model, plan = _planned()
+    tq.quantize_(model, tq.Int8WeightOnlyConfig())
+    ao = model.model.layers[0].self_attn.q_proj.weight
+    codes = ao.qdata.clone()
+    wsc.attach(model, plan, weights="int8")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(w, Int8Weight) and torch.equal(w.qdata, codes.t())
+    assert from_torchao(torch.randn(2, 2)) is None
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_accuracy_script_quick_mode(tmp_path):
+    from benchmarks import int8_accuracy
+
+    record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
+    results = record["results"]
+    assert list(results) == ["fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5"]
+    assert results["int8 dense"]["quantized"] == 15 and results["int8 dense"]["head"] == "lm_head"
+    fp, q = results["fp32 dense"]["perplexity"], results["int8 dense"]["perplexity"]
+    assert q != fp and abs(q / fp - 1) < 0.01  # int8 changes the model, and only slightly
+    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in ("int8 + teal@0.5", "int8 + wisparse@0.5"))
+    assert "| int8 | teal 0.5 |" in (tmp_path / "int8_accuracy_quick.md").read_text()

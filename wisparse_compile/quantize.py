@@ -1,0 +1,309 @@
+"""8-bit weight-only quantization for sparse decode: the weight tensor, its config, and the model pass.
+
+``QuantizeConfig`` (one dataclass) says what ``attach(model, plan, weights="int8")`` quantizes:
+the planned weights and, by default, the output head (``get_output_embeddings()``). Each becomes an
+``Int8Weight``: a tensor subclass that looks like the ``[out, in]`` float weight it replaces
+(same shape and dtype) but stores
+
+- ``qdata``: int8 ``[in, out]``, contiguous (input-major), so a pruned input channel skips one
+  contiguous int8 row, as the fp32 sparse kernel skips one fp32 row;
+- ``scale``: fp32 ``[out]``, symmetric per output channel: ``W[o, i] ~= qdata[i, o] * scale[o]``,
+  ``scale[o] = max_i |W[o, i]| / 127`` (a zero row gets scale 1, all-zero codes).
+
+The compiler pass (``passes/rewrite_linears.py``) picks ``wisparse::sparse_linear_int8`` for any
+linear whose weight is an ``Int8Weight`` (with the plan's thresholds if it has one, dense if not),
+reading ``qdata`` and ``scale`` straight from the subclass. Everything else that touches the weight
+(an eager forward, ``masked_linears``, a linear the pass leaves dense) goes through
+``__torch_dispatch__``, which dequantizes: eager calls compute with the same quantized values,
+never with raw int8 codes, only slower.
+
+A tied head (the output head's weight is the input embedding's) is untied for this: the head gets its own
+quantized copy and the embedding keeps its float weight (an embedding lookup on an int8 weight
+would dequantize the whole table per call); detach ties them again. The original float parameters
+are kept (referenced, not copied) so ``detach`` restores them exactly; ``keep_float=False`` frees
+them and ``detach`` then restores the dequantized values (and says so).
+
+torchao's int8 weight-only tensors are converted on entry where its classes expose the int data and
+per-channel scales (``from_torchao``): same codes, no re-quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from .model_structure import find_weight
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("int8",)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """What ``attach(..., weights="int8")`` quantizes.
+
+    weights: the storage format of quantized weights (``"int8"``: symmetric, per output channel).
+    head: also quantize the output head (``model.get_output_embeddings()``),
+        which stays dense (not planned) but is the largest single GEMV of a small model's decode step.
+    keep_float: keep the original float parameters (referenced, no copy) so ``detach`` restores them
+        exactly; False frees them, and ``detach`` restores the dequantized values.
+    """
+
+    weights: str = "int8"
+    head: bool = True
+    keep_float: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"QuantizeConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of an ``[out, in]`` weight: (qdata ``[in, out]`` int8, scale ``[out]`` fp32)."""
+    if weight.dim() != 2:
+        raise ValueError(f"int8 quantization takes a 2-D [out, in] weight, got {weight.dim()}-D {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"int8 quantization takes a floating-point weight, got {weight.dtype}")
+    w = weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("int8 quantization: the weight holds NaN or Inf, which no int8 code represents")
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q.t().contiguous(), scale.contiguous()
+
+
+def dequantize_int8(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``[out, in]`` weight (an input-major view) that ``qdata`` ``[in, out]`` and ``scale`` ``[out]`` stand for."""
+    return (qdata.to(torch.float32) * scale).to(dtype).t()
+
+
+class Int8Weight(torch.Tensor):
+    """An ``[out, in]`` weight stored as int8 codes ``qdata [in, out]`` and fp32 ``scale [out]``.
+
+    Reports the float dtype and ``[out, in]`` shape of the weight it stands for (strides of an
+    input-major layout), so checks in model code pass; any op on it runs on the dequantized weight,
+    except the layout-keeping ones (detach, clone, device and dtype moves) that keep it quantized.
+    Traceable (``__tensor_flatten__``): torch.compile sees it as a graph input and the wisparse pass
+    reads ``qdata``/``scale`` off it.
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> "Int8Weight":
+        k, n = qdata.shape
+        return torch.Tensor._make_wrapper_subclass(
+            cls, (n, k), strides=(1, n), dtype=dtype, device=qdata.device, requires_grad=False
+        )
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        if qdata.dtype != torch.int8 or qdata.dim() != 2 or not qdata.is_contiguous():
+            raise ValueError("Int8Weight: qdata must be a contiguous int8 [in, out] tensor")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (qdata.shape[1],):
+            raise ValueError(f"Int8Weight: scale must be fp32 of shape [{qdata.shape[1]}], got {scale.dtype} {tuple(scale.shape)}")
+        self.qdata = qdata
+        self.scale = scale
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Weight":
+        q, s = quantize_int8(weight)
+        return cls(q, s, weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qdata, self.scale, self.dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOT autograd's cache key for this input: metadata only (the values are inputs, not constants)."""
+        return f"Int8Weight/{self.dtype}/{tuple(self.shape)}/{self.device.type}"
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, int8 input-major)"
+
+    def __tensor_flatten__(self) -> tuple[list[str], Any]:
+        return ["qdata", "scale"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], dtype: Any, outer_size: Any, outer_stride: Any) -> "Int8Weight":
+        return Int8Weight(inner["qdata"], inner["scale"], dtype)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.alias.default, aten.clone.default):
+            w = args[0]
+            return Int8Weight(func(w.qdata), func(w.scale), w.dtype)
+        if func is aten._to_copy.default:
+            w = args[0]
+            device = kwargs.get("device") or w.device
+            dtype = kwargs.get("dtype") or w.dtype
+            if not dtype.is_floating_point:
+                return func(w.dequantize(), **kwargs)
+            return Int8Weight(w.qdata.to(device), w.scale.to(device), dtype)
+        if func is aten.copy_.default and isinstance(args[0], Int8Weight):
+            raise RuntimeError(
+                "in-place writes into an int8-quantized weight are not supported: detach(model) first "
+                "(it restores the float weights), change them, and attach again"
+            )
+        plain = tree_map_only(Int8Weight, lambda w: w.dequantize(), (args, kwargs))
+        return func(*plain[0], **plain[1])
+
+
+def is_int8_weight(value: object) -> bool:
+    return isinstance(value, Int8Weight)
+
+
+def from_torchao(weight: torch.Tensor) -> Int8Weight | None:
+    """An ``Int8Weight`` with the codes and scales of a torchao int8 weight-only tensor, or None.
+
+    Handles torchao's ``Int8Tensor`` (``qdata``, ``scale``) and ``AffineQuantizedTensor`` with a
+    plain layout (``tensor_impl.int_data``/``scale``), symmetric per output channel (zero point 0).
+    """
+    cls_module = type(weight).__module__
+    if not cls_module.startswith("torchao"):
+        return None
+    qdata = scale = zero = None
+    if hasattr(weight, "qdata") and hasattr(weight, "scale"):
+        qdata, scale = weight.qdata, weight.scale
+        zero = getattr(weight, "zero_point", None)
+    elif hasattr(weight, "tensor_impl"):
+        impl = weight.tensor_impl
+        qdata, scale, zero = getattr(impl, "int_data", None), getattr(impl, "scale", None), getattr(impl, "zero_point", None)
+    if qdata is None or scale is None or qdata.dtype != torch.int8 or qdata.dim() != 2:
+        return None
+    scale = scale.reshape(-1).float()
+    if scale.numel() != qdata.shape[0] or (zero is not None and bool((zero != 0).any())):
+        return None  # not symmetric per output channel
+    return Int8Weight(qdata.t().contiguous(), scale.contiguous(), weight.dtype)
+
+
+class _Quantized:
+    """What quantize_model changed on one model, so dequantize_model can undo it."""
+
+    def __init__(self) -> None:
+        # (module, attribute name, original parameter or None, its name)
+        self.swaps: list[tuple[nn.Module, str, nn.Parameter | None, str]] = []
+        self.summary: dict[str, Any] = {}
+
+
+_QUANTIZED: "weakref.WeakKeyDictionary[nn.Module, _Quantized]" = weakref.WeakKeyDictionary()
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def _head_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def _is_input_weight(model: nn.Module, weight: torch.Tensor) -> bool:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return isinstance(emb, nn.Module) and getattr(emb, "weight", None) is weight
+
+
+def quantize_model(
+    model: nn.Module, names: Iterable[str], config: QuantizeConfig, in_dims: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Replace the ``[out, in]`` weights named by ``names`` (plan keys: module or parameter names) and
+    the head, if asked, with ``Int8Weight`` parameters.
+
+    Returns what it did: ``{"quantized": [names], "head": name or None, "untied": bool, "skipped":
+    {name: why}}`` (also logged). Weights already quantized are kept; torchao int8 weights are
+    converted without re-quantizing; non-2-D weights (stacked experts) and ``[in, out]`` weights
+    (``in_dims[name] == 0``: 1-D-convolution-style, the int8 layout is built from ``[out, in]``) are skipped and named.
+    """
+    record = _QUANTIZED.setdefault(model, _Quantized())
+    targets = list(dict.fromkeys(names))
+    head = _head_name(model) if config.head else None
+    if head is not None and head not in targets:
+        targets.append(head)
+    done: list[str] = []
+    skipped: dict[str, str] = {}
+    untied = False
+    for name in targets:
+        found = find_weight(model, name)
+        if found is None:
+            raise ValueError(f"quantize_model: {name!r} names no weight of this {type(model).__name__}")
+        module, attr = _owner(model, found[0])
+        weight = module._parameters[attr]
+        if isinstance(weight, Int8Weight):
+            done.append(name)
+            continue
+        if weight.dim() != 2:
+            skipped[name] = f"{weight.dim()}-D weight (stacked experts stay in their float dtype)"
+            continue
+        if (in_dims or {}).get(name, 1) % 2 != 1:
+            skipped[name] = "[in, out] weight (1-D-convolution style): int8 takes [out, in] linears"
+            continue
+        converted = from_torchao(weight)
+        if converted is None and type(weight) not in (torch.Tensor, nn.Parameter):
+            skipped[name] = f"weight is a {type(weight).__name__}, not a plain tensor or torchao int8 weight"
+            continue
+        if converted is None and not weight.is_floating_point():
+            skipped[name] = f"weight dtype {weight.dtype} is not floating point"
+            continue
+        tied = _is_input_weight(model, weight)
+        q = converted if converted is not None else Int8Weight.from_float(weight)
+        module._parameters[attr] = nn.Parameter(q, requires_grad=False)
+        original = weight if (config.keep_float or tied) else None
+        record.swaps.append((module, attr, original, name))
+        untied |= tied
+        done.append(name)
+    summary = {"quantized": done, "head": head if head in done else None, "untied": untied, "skipped": skipped}
+    record.summary = summary
+    log.info(
+        "wisparse: int8 weights for %d linears (%s head%s)%s", len(done),
+        "with the" if summary["head"] else "without a", " untied from the input embedding, which stays float" if untied else "",
+        f"; left float: {skipped}" if skipped else "",
+    )
+    return summary
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Undo ``quantize_model``: the original float parameters back (tied heads tied again).
+
+    With ``keep_float=False`` the dequantized values come back instead (logged). Returns the names.
+    """
+    record = _QUANTIZED.pop(model, None)
+    if record is None:
+        return []
+    restored = []
+    lossy = []
+    for module, attr, original, name in reversed(record.swaps):
+        current = module._parameters.get(attr)
+        if original is not None:
+            module._parameters[attr] = original
+        elif isinstance(current, Int8Weight):
+            module._parameters[attr] = nn.Parameter(current.dequantize().t().contiguous().t(), requires_grad=False)
+            lossy.append(name)
+        restored.append(name)
+    if lossy:
+        log.warning("wisparse: %d weights were quantized with keep_float=False: detach restored their int8 values", len(lossy))
+    return restored
+
+
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """What ``quantize_model`` did to ``model`` (its returned summary), or None if it is not quantized."""
+    record = _QUANTIZED.get(model)
+    return None if record is None else record.summary
