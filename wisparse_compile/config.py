@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
+BlockProfile = Literal["depth", "free"]
+BLOCK_PROFILES: tuple[str, ...] = ("depth", "free")
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,16 @@ class SparsityConfig:
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
-    population, generations, mutation_scale, elite, seed: the "wisparse" evolutionary search over
-        per-block sparsities (same seed, same plan).
+    block_profile: how "wisparse" searches the split across blocks. "depth" (default): block
+        sparsity is a smooth function of depth, ``profile_degree`` Legendre coefficients found by
+        a pattern search (``profile_step``, at most ``search_evaluations`` candidates), the winner
+        picked among the best few on ``selection_tokens`` the search never scored. "free": one free
+        value per block, an evolutionary search (``population``, ``generations``,
+        ``mutation_scale``, ``elite``, ``seed``; same seed, same plan). On SmolLM2 the free search
+        fitted its validation tokens and its gain did not carry to other text (issue 19).
     validation_tokens: held-out tokens (the last batches) scoring a candidate by KL to dense.
+    selection_tokens: with ``block_profile="depth"``, further held-out tokens (the very last
+        batches) on which the search's finalists are compared.
     refinement_tokens, refinement_step: calibration tokens and step of the greedy within-block split.
     min_block_sparsity, max_block_sparsity: bounds on any block's sparsity in the search.
     masked_recalibration: after allocation, collect the scores again with every planned linear
@@ -43,6 +52,11 @@ class SparsityConfig:
     histogram_bins_per_octave: int = 64
     # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
     # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
+    block_profile: BlockProfile = "depth"
+    profile_degree: int = 2
+    profile_step: float = 0.1
+    search_evaluations: int = 12
+    selection_tokens: int = 1024
     population: int = 8
     generations: int = 8
     mutation_scale: float = 0.05
@@ -73,6 +87,16 @@ class SparsityConfig:
         """Search knobs in range, and per-block bounds that can meet the global target."""
         if self.population < 2 or not 1 <= self.elite < self.population:
             raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
+        if self.block_profile not in BLOCK_PROFILES:
+            raise ValueError(f"block_profile must be one of {BLOCK_PROFILES}, got {self.block_profile!r}")
+        if not 1 <= self.profile_degree <= 8:
+            raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
+        if not 0 < self.profile_step <= 1:
+            raise ValueError(f"profile_step must be in (0, 1] (a sparsity change), got {self.profile_step!r}")
+        if self.search_evaluations < 1:
+            raise ValueError(f"search_evaluations must be at least 1 (the uniform split), got {self.search_evaluations!r}")
+        if self.selection_tokens < 0:
+            raise ValueError(f"selection_tokens must be >= 0 (0: select on the search's own tokens), got {self.selection_tokens!r}")
         if self.generations < 0 or self.mutation_scale <= 0:
             raise ValueError("generations must be >= 0 and mutation_scale > 0")
         if self.validation_tokens <= 0 or self.refinement_tokens <= 0 or not 0 < self.refinement_step <= 1:

@@ -1,5 +1,6 @@
 """Allocation of a global sparsity budget: teal and wina (greedy in blocks), wisparse (search + greedy), uniform."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,12 +8,14 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from wisparse_compile.allocation import _Thresholds
 from wisparse_compile.allocation.blocks import discover_layout
-from wisparse_compile.allocation import split_batches
+from wisparse_compile.allocation import _split_selection, split_batches
 from wisparse_compile.allocation.refine import BlockSplitter, block_error, greedy_path
-from wisparse_compile.allocation.search import depth_ramps, evolve, project
+from wisparse_compile.allocation.search import depth_basis, depth_ramps, evolve, project, search_profile
 from wisparse_compile.model_structure import find_weight
 
-SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128)
+SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128, selection_tokens=64)
+#: the free per-block evolutionary search (``block_profile="free"``): it can single out one block
+FREE = dict(SEARCH, block_profile="free")
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +41,7 @@ def _sensitive_model():
 def sensitive_plan():
     torch.set_num_threads(1)
     model = _sensitive_model()
-    plan = wsc.calibrate(model, token_batches(6, seed=5), wsc.SparsityConfig(sparsity=0.5, method="wisparse", **SEARCH))
+    plan = wsc.calibrate(model, token_batches(6, seed=5), wsc.SparsityConfig(sparsity=0.5, method="wisparse", **FREE))
     return model, plan
 
 
@@ -99,7 +102,7 @@ def test_search_fitness_is_the_returned_plans_kl():
     best fitness is the returned plan's KL to dense on the validation tokens, remeasured (with the
     search's own thresholds: masked recalibration off)."""
     model = _sensitive_model()
-    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", masked_recalibration=False, **SEARCH)
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", masked_recalibration=False, **FREE)
     plan = wsc.calibrate(model, token_batches(6, seed=5), config)
     _, validation = split_batches(token_batches(6, seed=5), config)
     with torch.no_grad():
@@ -258,3 +261,84 @@ def test_masked_recalibration_holds_sparsity_with_every_linear_masked(method):
     assert max(errors(dense_only, masked=True).values()) > 0.05  # measured 0.11: the overshoot it fixes
     moved = [n for n in plan.names if not torch.equal(plan.channel_thresholds[n], dense_only.channel_thresholds[n])]
     assert len(moved) > len(plan.names) // 2  # upstream masking changed what most linears see
+
+
+def test_depth_basis_is_smooth_and_centred():
+    basis = depth_basis(30, 3)
+    assert basis.shape == (30, 3)
+    assert np.allclose(basis[:, 0], np.linspace(-1, 1, 30))  # P1: a tilt with depth
+    assert basis[0, 1] == pytest.approx(1.0) and basis[15, 1] < 0  # P2: ends against the middle
+
+
+def test_profile_search_keeps_budget_and_spares_sensitive_early_blocks():
+    sizes = [3, 1, 2, 2, 1, 3, 2, 2]
+    weights = np.linspace(4.0, 1.0, len(sizes))  # early blocks cost more per unit of sparsity
+
+    def fitness(s):
+        return float((weights * np.asarray(s) ** 2).sum())
+
+    r = search_profile(fitness, sizes, 0.5, degree=2, step=0.1, evaluations=20, low=0.1, high=0.8)
+    assert np.dot(r.sparsities, sizes) / sum(sizes) == pytest.approx(0.5, abs=1e-5)
+    assert all(0.1 - 1e-9 <= s <= 0.8 + 1e-9 for s in r.sparsities)
+    assert r.fitness < r.uniform_fitness
+    assert r.sparsities[0] < 0.5 < r.sparsities[-1]  # sparsity rises with depth
+    assert len(r.history) >= 2 and r.history[-1]["best"] == r.fitness
+    assert any(f["coefficients"] == [0.0, 0.0] for f in r.finalists)  # uniform is always a finalist
+
+
+def test_profile_search_selects_on_the_unseen_split():
+    """The referee decides: a selection fitness that prefers uniform overrules the search's own ranking."""
+    sizes = [1] * 6
+    weights = np.linspace(3.0, 1.0, 6)
+
+    def fitness(s):
+        return float((weights * np.asarray(s) ** 2).sum())
+
+    def select(s):
+        return float(np.abs(np.asarray(s) - 0.4).sum())
+
+    r = search_profile(fitness, sizes, 0.4, degree=1, step=0.1, evaluations=8, low=0.0, high=0.9, select=select)
+    assert r.coefficients == [0.0] and r.sparsities == pytest.approx([0.4] * 6)
+    assert r.fitness == r.uniform_fitness
+    assert min(f["fitness"] for f in r.finalists) < r.uniform_fitness  # the search had found another
+    assert all(f["selection_fitness"] is not None for f in r.finalists)
+
+
+def test_default_wisparse_search_records_finalists_and_its_fitness_is_the_plans_kl():
+    """Default ``block_profile="depth"``: the finalists are compared on the selection tokens, and the
+    returned plan's recorded fitness is its KL to dense on the search's own tokens, remeasured."""
+    model = _sensitive_model()
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", masked_recalibration=False, **SEARCH)
+    assert config.block_profile == "depth"
+    batches = token_batches(8, seed=5)
+    plan = wsc.calibrate(model, batches, config)
+    search = plan.stats["allocation"]["search"]
+    assert search["profile"] == "depth" and len(search["coefficients"]) == config.profile_degree
+    chosen = min(search["finalists"], key=lambda f: f["selection_fitness"])
+    assert chosen["coefficients"] == search["coefficients"]
+    assert list(plan.stats["allocation"]["block_sparsities"].values()) == pytest.approx(chosen["block_sparsities"])
+    _, validation = split_batches(batches, config)
+    scored, selection = _split_selection(validation, config)
+    assert scored and selection and len(scored) + len(selection) == len(validation)
+    with torch.no_grad():
+        dense = [torch.log_softmax(model(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in scored]
+        wsc.attach(model, plan, input_major=False)
+        try:
+            with wsc.masked_linears():
+                sparse = [torch.log_softmax(model(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in scored]
+        finally:
+            wsc.detach(model)
+    kl = sum(float(torch.nn.functional.kl_div(s, d, log_target=True, reduction="sum")) for s, d in zip(sparse, dense))
+    assert kl / sum(d.shape[0] for d in dense) == pytest.approx(search["best_fitness"], rel=1e-3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(block_profile="smooth"), "block_profile must be one of"),
+    (dict(profile_degree=0), "profile_degree"),
+    (dict(profile_step=0.0), "profile_step"),
+    (dict(search_evaluations=0), "search_evaluations"),
+    (dict(selection_tokens=-1), "selection_tokens"),
+])
+def test_profile_config_errors_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        wsc.SparsityConfig(method="wisparse", **bad)

@@ -30,7 +30,7 @@ from ..model_structure import find_weight
 from .blocks import Layout, discover_layout, first_tensor
 from .masking import candidate_masks
 from .refine import BlockSplitter
-from .search import check_budget, evolve
+from .search import check_budget, evolve, search_profile
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,36 @@ class Allocation:
 
 
 def split_batches(batches: Iterable[Any], config: SparsityConfig) -> tuple[list[Any], list[Any]]:
-    """(calibration, held-out validation) batches: validation takes ``validation_tokens`` from the end.
+    """(calibration, held-out validation) batches: validation takes ``validation_tokens`` (plus
+    ``selection_tokens`` for a depth-profile search) from the end.
 
     Only ``"wisparse"`` needs held-out tokens. With a single batch there are none to hold out: the
     search then scores candidates on the calibration batch, and says so.
     """
     batches = list(batches)
-    if config.method != "wisparse" or config.sparsity == 0:
+    if config.method != "wisparse" or config.sparsity == 0 or config.uniform:
         return batches, []
     validation: list[Any] = []
     tokens = 0
-    while len(batches) > 1 and tokens < config.validation_tokens:
+    wanted = config.validation_tokens + (config.selection_tokens if config.block_profile == "depth" else 0)
+    while len(batches) > 1 and tokens < wanted:
         validation.insert(0, batches.pop())
         tokens += batch_tokens(validation[0])
     if not validation and batches:
         log.warning("one calibration batch only: the allocation search is scored on calibration tokens; "
-                    "pass more batches to hold %d tokens out", config.validation_tokens)
+                    "pass more batches to hold %d tokens out", wanted)
     return batches, validation
+
+
+def _split_selection(validation: Sequence[Any], config: SparsityConfig) -> tuple[list[Any], list[Any]]:
+    """(search, selection) batches of the held-out ones: selection takes ``selection_tokens`` from the end,
+    leaving the search at least one batch; none when there are not two batches."""
+    search, selection = list(validation), []
+    tokens = 0
+    while len(search) > 1 and tokens < config.selection_tokens:
+        selection.insert(0, search.pop())
+        tokens += batch_tokens(selection[0])
+    return search, selection
 
 
 def _leading(batches: Sequence[Any], tokens: int) -> list[Any]:
@@ -123,10 +136,12 @@ def allocate(
         result = _search(model, layout, splitters, validation or calibration, config, thresholds, weight_ids, device)
         budgets = result.sparsities
         record["search"] = {
-            "fitness": "kl_to_dense", "best_fitness": result.fitness,
+            "fitness": "kl_to_dense", "profile": config.block_profile, "best_fitness": result.fitness,
             "uniform_fitness": result.uniform_fitness, "history": result.history,
             "validation_tokens": sum(batch_tokens(b) for b in (validation or calibration)),
         }
+        if config.block_profile == "depth":
+            record["search"].update(coefficients=result.coefficients, finalists=result.finalists)
     else:
         budgets = [target] * len(layout.blocks)
 
@@ -141,30 +156,46 @@ def allocate(
 
 
 def _search(model, layout: Layout, splitters, batches, config, thresholds, weight_ids, device):
-    """Evolve per-block sparsities; fitness = mean KL(dense || candidate) per held-out token.
+    """Search per-block sparsities; fitness = mean KL(dense || candidate) per held-out token.
 
     A candidate's blocks are split internally exactly as the final plan splits them (``splitters``),
-    so the search ranks the plans it can return, not a proxy of them."""
-    with torch.no_grad():
-        dense = [_log_probs(call_model(model, b, device)) for b in batches]
+    so the search ranks the plans it can return, not a proxy of them. ``block_profile="depth"``
+    scores on the first held-out batches and picks among its finalists on the last ones
+    (``selection_tokens``), which it never scored."""
+    def kl_on(scored_batches: Sequence[Any]):
+        with torch.no_grad():
+            dense = [_log_probs(call_model(model, b, device)) for b in scored_batches]
 
-    def fitness(block_sparsities: Sequence[float]) -> float:
-        masks = {}
-        for block, s in zip(layout.blocks, block_sparsities):
-            split = splitters[block.prefix](s)
-            masks.update({weight_ids[n]: thresholds(n, v) for n, v in split.items() if v > 0})
-        for n in layout.outside:
-            masks[weight_ids[n]] = thresholds(n, config.sparsity)
-        total, tokens = 0.0, 0
-        with torch.no_grad(), candidate_masks(masks):
-            for batch, ref in zip(batches, dense):
-                lp = _log_probs(call_model(model, batch, device))
-                total += float(F.kl_div(lp, ref, log_target=True, reduction="sum"))
-                tokens += ref.shape[0]
-        return total / max(tokens, 1)
+        def fitness(block_sparsities: Sequence[float]) -> float:
+            masks = {}
+            for block, s in zip(layout.blocks, block_sparsities):
+                split = splitters[block.prefix](s)
+                masks.update({weight_ids[n]: thresholds(n, v) for n, v in split.items() if v > 0})
+            for n in layout.outside:
+                masks[weight_ids[n]] = thresholds(n, config.sparsity)
+            total, tokens = 0.0, 0
+            with torch.no_grad(), candidate_masks(masks):
+                for batch, ref in zip(scored_batches, dense):
+                    lp = _log_probs(call_model(model, batch, device))
+                    total += float(F.kl_div(lp, ref, log_target=True, reduction="sum"))
+                    tokens += ref.shape[0]
+            return total / max(tokens, 1)
 
+        return fitness
+
+    sizes = [b.size for b in layout.blocks]
+    bounds = dict(low=config.min_block_sparsity, high=config.max_block_sparsity)
+    if config.block_profile == "depth":
+        search, selection = _split_selection(batches, config)
+        if not selection:
+            log.warning("too few held-out batches to keep a selection split: the depth-profile search selects "
+                        "on the tokens it scored; pass more calibration batches")
+        return search_profile(
+            kl_on(search), sizes, float(config.sparsity), degree=config.profile_degree, step=config.profile_step,
+            evaluations=config.search_evaluations, select=kl_on(selection) if selection else None, **bounds,
+        )
     return evolve(
-        fitness, [b.size for b in layout.blocks], float(config.sparsity),
+        kl_on(batches), sizes, float(config.sparsity),
         population=config.population, generations=config.generations, mutation_scale=config.mutation_scale,
-        elite=config.elite, low=config.min_block_sparsity, high=config.max_block_sparsity, seed=config.seed,
+        elite=config.elite, seed=config.seed, **bounds,
     )
