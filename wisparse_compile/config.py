@@ -8,8 +8,10 @@ from typing import Any, Literal
 
 Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
-BlockProfile = Literal["depth", "free"]
-BLOCK_PROFILES: tuple[str, ...] = ("depth", "free")
+AcrossBlocks = Literal["sensitivity", "depth", "free"]
+ACROSS_BLOCKS: tuple[str, ...] = ("sensitivity", "depth", "free")
+SplitError = Literal["sensitivity", "mse"]
+SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,23 @@ class SparsityConfig:
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
-    block_profile: how "wisparse" searches the split across blocks. "depth" (default): block
-        sparsity is a smooth function of depth, ``profile_degree`` Legendre coefficients found by
-        a pattern search (``profile_step``, at most ``search_evaluations`` candidates), the winner
-        picked among the best few on ``selection_tokens`` the search never scored. "free": one free
-        value per block, an evolutionary search (``population``, ``generations``,
-        ``mutation_scale``, ``elite``, ``seed``; same seed, same plan). On SmolLM2 the free search
-        fitted its validation tokens and its gain did not carry to other text (issue 19).
+    split_error: the error "wisparse"'s greedy within-block split minimises: "sensitivity"
+        (default) weighs each squared block-output error by the squared gradient of the next-token
+        loss there (diagonal Fisher: an estimate of the loss increase, one unit for every block);
+        "mse" is TEAL's plain output error ("teal" and "wina" always use it).
+    across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
+        split_error="sensitivity"): every block's greedy path gives its estimated loss increase
+        against its sparsity, and one exchange rate across blocks meets the budget at the least
+        summed increase (no search, nothing fitted to validation tokens). "depth": block sparsity
+        as a smooth function of depth, ``profile_degree`` Legendre coefficients found by a pattern
+        search on KL to dense (``profile_step``, at most ``search_evaluations`` candidates), the
+        winner picked among the best few on ``selection_tokens`` the search never scored. "free":
+        one free value per block, an evolutionary search on KL to dense (``population``,
+        ``generations``, ``mutation_scale``, ``elite``, ``seed``; same seed, same plan). On
+        SmolLM2 the free search fitted its validation tokens and its gain did not carry to other
+        text (issue 19).
     validation_tokens: held-out tokens (the last batches) scoring a candidate by KL to dense.
-    selection_tokens: with ``block_profile="depth"``, further held-out tokens (the very last
+    selection_tokens: with ``across_blocks="depth"``, further held-out tokens (the very last
         batches) on which the search's finalists are compared.
     refinement_tokens, refinement_step: calibration tokens and step of the greedy within-block split.
     min_block_sparsity, max_block_sparsity: bounds on any block's sparsity in the search.
@@ -52,7 +62,8 @@ class SparsityConfig:
     histogram_bins_per_octave: int = 64
     # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
     # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
-    block_profile: BlockProfile = "depth"
+    split_error: SplitError = "sensitivity"
+    across_blocks: AcrossBlocks = "sensitivity"
     profile_degree: int = 2
     profile_step: float = 0.1
     search_evaluations: int = 12
@@ -87,8 +98,16 @@ class SparsityConfig:
         """Search knobs in range, and per-block bounds that can meet the global target."""
         if self.population < 2 or not 1 <= self.elite < self.population:
             raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
-        if self.block_profile not in BLOCK_PROFILES:
-            raise ValueError(f"block_profile must be one of {BLOCK_PROFILES}, got {self.block_profile!r}")
+        if self.across_blocks not in ACROSS_BLOCKS:
+            raise ValueError(f"across_blocks must be one of {ACROSS_BLOCKS}, got {self.across_blocks!r}")
+        if self.split_error not in SPLIT_ERRORS:
+            raise ValueError(f"split_error must be one of {SPLIT_ERRORS}, got {self.split_error!r}")
+        if self.across_blocks == "sensitivity" and self.split_error != "sensitivity":
+            raise ValueError(
+                'across_blocks="sensitivity" trades budget between blocks by their estimated loss increase, which '
+                'needs split_error="sensitivity" (plain output errors of different blocks are not comparable); '
+                'set split_error="sensitivity" or choose across_blocks="depth" or "free"'
+            )
         if not 1 <= self.profile_degree <= 8:
             raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
         if not 0 < self.profile_step <= 1:

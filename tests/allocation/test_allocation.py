@@ -10,12 +10,17 @@ from wisparse_compile.allocation import _Thresholds
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.allocation import _split_selection, split_batches
 from wisparse_compile.allocation.refine import BlockSplitter, block_error, greedy_path
-from wisparse_compile.allocation.search import depth_basis, depth_ramps, evolve, project, search_profile
+from wisparse_compile.allocation.search import (
+    depth_basis, depth_ramps, evolve, lagrangian_budgets, project, search_profile,
+)
+from wisparse_compile.allocation.sensitivity import output_sensitivities
 from wisparse_compile.model_structure import find_weight
 
 SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128, selection_tokens=64)
-#: the free per-block evolutionary search (``block_profile="free"``): it can single out one block
-FREE = dict(SEARCH, block_profile="free")
+#: the free per-block evolutionary search (``across_blocks="free"``): it can single out one block
+FREE = dict(SEARCH, across_blocks="free", split_error="mse")
+#: the depth-profile search on KL to dense, finalists picked on the selection tokens
+DEPTH = dict(SEARCH, across_blocks="depth")
 
 
 @pytest.fixture(autouse=True)
@@ -228,10 +233,14 @@ def test_impossible_budget_is_a_clear_error():
                low=0.0, high=0.5, seed=0)
 
 
-def test_single_block_model_needs_no_search():
-    plan = wsc.calibrate(tiny_llama(layers=1), token_batches(2), wsc.SparsityConfig(sparsity=0.4, method="wisparse"))
+@pytest.mark.parametrize("across", ["sensitivity", "free"])
+def test_single_block_model_needs_no_search(across):
+    config = wsc.SparsityConfig(sparsity=0.4, method="wisparse", across_blocks=across)
+    plan = wsc.calibrate(tiny_llama(layers=1), token_batches(2), config)
     assert plan.mean_sparsity() == pytest.approx(0.4, abs=0.005)
-    assert len(plan.stats["allocation"]["search"]["history"]) == 1
+    assert list(plan.stats["allocation"]["block_sparsities"].values()) == pytest.approx([0.4])
+    if across == "free":
+        assert len(plan.stats["allocation"]["search"]["history"]) == 1
 
 
 @pytest.mark.parametrize("method", ["teal", "wisparse"])
@@ -304,12 +313,11 @@ def test_profile_search_selects_on_the_unseen_split():
     assert all(f["selection_fitness"] is not None for f in r.finalists)
 
 
-def test_default_wisparse_search_records_finalists_and_its_fitness_is_the_plans_kl():
-    """Default ``block_profile="depth"``: the finalists are compared on the selection tokens, and the
+def test_depth_search_records_finalists_and_its_fitness_is_the_plans_kl():
+    """``across_blocks="depth"``: the finalists are compared on the selection tokens, and the
     returned plan's recorded fitness is its KL to dense on the search's own tokens, remeasured."""
     model = _sensitive_model()
-    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", masked_recalibration=False, **SEARCH)
-    assert config.block_profile == "depth"
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", masked_recalibration=False, **DEPTH)
     batches = token_batches(8, seed=5)
     plan = wsc.calibrate(model, batches, config)
     search = plan.stats["allocation"]["search"]
@@ -333,7 +341,9 @@ def test_default_wisparse_search_records_finalists_and_its_fitness_is_the_plans_
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(block_profile="smooth"), "block_profile must be one of"),
+    (dict(across_blocks="smooth"), "across_blocks must be one of"),
+    (dict(split_error="l1"), "split_error must be one of"),
+    (dict(split_error="mse"), 'needs split_error="sensitivity"'),
     (dict(profile_degree=0), "profile_degree"),
     (dict(profile_step=0.0), "profile_step"),
     (dict(search_evaluations=0), "search_evaluations"),
@@ -342,3 +352,76 @@ def test_default_wisparse_search_records_finalists_and_its_fitness_is_the_plans_
 def test_profile_config_errors_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         wsc.SparsityConfig(method="wisparse", **bad)
+
+
+def _sensitivity_setup(model, batches):
+    stats = wsc.calibrate.__globals__["collect_statistics"](model, batches, wsc.SparsityConfig(method="wisparse"))
+    layout, calls = discover_layout(model, list(stats), batches, torch.device("cpu"))
+    return stats, layout, calls
+
+
+def test_output_sensitivities_are_squared_loss_gradients_at_block_outputs():
+    model = _sensitive_model()
+    batches = token_batches(2, seed=5)
+    stats, layout, calls = _sensitivity_setup(model, batches)
+    weights = output_sensitivities(model, layout, calls, batches, torch.device("cpu"))
+    assert weights is not None and set(weights) == {b.prefix for b in layout.blocks}
+    for block in layout.blocks:
+        assert [w.shape for w in weights[block.prefix]] == [o.shape for o in calls[block.prefix].outputs]
+        assert all(bool((w >= 0).all()) and float(w.sum()) > 0 for w in weights[block.prefix])
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    # the last block's output gradient, by hand: d(summed next-token loss)/d(hidden) through norm and head
+    ids = batches[0]
+    hidden = model.model.layers[-1](*calls[layout.blocks[-1].prefix].calls[0][0], **calls[layout.blocks[-1].prefix].calls[0][1])
+    hidden = (hidden[0] if isinstance(hidden, tuple) else hidden).detach().requires_grad_(True)
+    logits = model.lm_head(model.model.norm(hidden))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.allclose(weights[layout.blocks[-1].prefix][0], grad.pow(2), rtol=1e-4, atol=1e-10)
+
+
+def test_weighted_block_error_is_the_weighted_squared_error():
+    model = _sensitive_model()
+    batches = token_batches(2, seed=5)
+    stats, layout, calls = _sensitivity_setup(model, batches)
+    weight_ids = {n: id(find_weight(model, n)[1]) for n in stats}
+    thresholds = _Thresholds(stats, True, torch.device("cpu"))
+    block = layout.blocks[1]
+    half = {n: 0.5 for n in block.linears}
+    ones = [torch.ones_like(o) for o in calls[block.prefix].outputs]
+    mse = block_error(block, calls[block.prefix], half, thresholds, weight_ids)
+    total = block_error(block, calls[block.prefix], half, thresholds, weight_ids, ones)
+    assert total == pytest.approx(mse * sum(o.numel() for o in calls[block.prefix].outputs), rel=1e-5)
+    zeros = [torch.zeros_like(o) for o in calls[block.prefix].outputs]
+    assert block_error(block, calls[block.prefix], half, thresholds, weight_ids, zeros) == 0.0
+
+
+def test_lagrangian_budgets_meet_the_target_and_spare_the_costly_block():
+    budgets = [0.0, 0.2, 0.4, 0.6, 0.8]
+    curves = [(budgets, [c * b ** 2 for b in budgets]) for c in (1.0, 4.0, 1.0)]  # block 1 costs 4x
+    sizes = [2, 1, 3]
+    out = lagrangian_budgets(curves, sizes, 0.5)
+    assert np.dot(out, sizes) / sum(sizes) == pytest.approx(0.5, abs=1e-9)
+    assert out[1] < 0.5 and out[1] == min(out)
+    assert lagrangian_budgets([(budgets, [b for b in budgets])] * 3, sizes, 0.8) == pytest.approx([0.8] * 3)
+    with pytest.raises(ValueError, match="reach a mean sparsity"):
+        lagrangian_budgets([([0.0, 0.4], [0.0, 1.0])] * 3, sizes, 0.5)
+
+
+def test_default_wisparse_trades_budget_by_sensitivity_and_spares_the_sensitive_block():
+    """Default wisparse: no search and no held-out tokens; the block whose updates are 8x larger gets
+    the least sparsity, the budget holds, and the plan beats the greedy (teal-style) one in KL."""
+    model = _sensitive_model()
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", refinement_tokens=128)
+    assert (config.across_blocks, config.split_error) == ("sensitivity", "sensitivity")
+    batches = token_batches(6, seed=5)
+    assert split_batches(batches, config) == (batches, [])
+    plan = wsc.calibrate(model, batches, config)
+    record = plan.stats["allocation"]
+    assert record["across_blocks"] == "sensitivity" and record["split_error"] == "sensitivity"
+    assert "search" not in record
+    blocks = record["block_sparsities"]
+    assert blocks["model.layers.2."] < 0.5 and blocks["model.layers.2."] == min(blocks.values())
+    sizes = {b: sum(plan_size for n, plan_size in ((n, np.prod(plan.shapes[n])) for n in plan.names) if n.startswith(b))
+             for b in blocks}
+    assert sum(blocks[b] * sizes[b] for b in blocks) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)

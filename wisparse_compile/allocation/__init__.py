@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +31,8 @@ from ..model_structure import find_weight
 from .blocks import Layout, discover_layout, first_tensor
 from .masking import candidate_masks
 from .refine import BlockSplitter
-from .search import check_budget, evolve, search_profile
+from .search import check_budget, evolve, lagrangian_budgets, project, search_profile
+from .sensitivity import output_sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def split_batches(batches: Iterable[Any], config: SparsityConfig) -> tuple[list[
     """(calibration, held-out validation) batches: validation takes ``validation_tokens`` (plus
     ``selection_tokens`` for a depth-profile search) from the end.
 
-    Only ``"wisparse"`` needs held-out tokens. With a single batch there are none to hold out: the
+    Only ``"wisparse"``'s searches (``across_blocks`` "depth" or "free") need held-out tokens. With a single batch there are none to hold out: the
     search then scores candidates on the calibration batch, and says so.
     """
     batches = list(batches)
@@ -57,7 +59,9 @@ def split_batches(batches: Iterable[Any], config: SparsityConfig) -> tuple[list[
         return batches, []
     validation: list[Any] = []
     tokens = 0
-    wanted = config.validation_tokens + (config.selection_tokens if config.block_profile == "depth" else 0)
+    if config.across_blocks == "sensitivity":  # no search: nothing to hold out
+        return batches, []
+    wanted = config.validation_tokens + (config.selection_tokens if config.across_blocks == "depth" else 0)
     while len(batches) > 1 and tokens < wanted:
         validation.insert(0, batches.pop())
         tokens += batch_tokens(validation[0])
@@ -124,23 +128,37 @@ def allocate(
     weight_ids = {n: id(find_weight(model, n)[1]) for n in names}  # type: ignore[index]
     thresholds = _Thresholds(stats, config.weight_aware, device)
     record: dict[str, Any] = {"kind": config.method, "groups": {b.prefix: b.groups for b in layout.blocks}}
-    search = config.method == "wisparse" and len(layout.blocks) > 0
-    if search:
+    wisparse = config.method == "wisparse" and len(layout.blocks) > 0
+    if wisparse:
         check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
+    weights = None
+    if wisparse and config.split_error == "sensitivity":
+        weights = output_sensitivities(model, layout, calls, refinement, device)
+        record["split_error"] = "sensitivity" if weights is not None else "mse"
+    if wisparse and config.across_blocks == "sensitivity" and weights is None:
+        raise ValueError(
+            f"{type(model).__name__}: output sensitivities are unavailable (see the warning above), so "
+            'across_blocks="sensitivity" cannot compare blocks; use across_blocks="depth" or "free"'
+        )
     splitters = {  # greedy paths to the target now; the search extends them where it goes
-        b.prefix: BlockSplitter(b, calls[b.prefix], target, config.refinement_step, thresholds, weight_ids)
+        b.prefix: BlockSplitter(b, calls[b.prefix], target, config.refinement_step, thresholds, weight_ids,
+                                None if weights is None else weights[b.prefix])
         for b in tqdm(layout.blocks, desc="within-block greedy paths", unit="block", leave=False)
     }
 
-    if search:
+    if wisparse and config.across_blocks == "sensitivity":
+        budgets = _trade_by_sensitivity(layout, splitters, config)
+        record["across_blocks"] = "sensitivity"
+    elif wisparse:
         result = _search(model, layout, splitters, validation or calibration, config, thresholds, weight_ids, device)
         budgets = result.sparsities
+        record["across_blocks"] = config.across_blocks
         record["search"] = {
-            "fitness": "kl_to_dense", "profile": config.block_profile, "best_fitness": result.fitness,
+            "fitness": "kl_to_dense", "profile": config.across_blocks, "best_fitness": result.fitness,
             "uniform_fitness": result.uniform_fitness, "history": result.history,
             "validation_tokens": sum(batch_tokens(b) for b in (validation or calibration)),
         }
-        if config.block_profile == "depth":
+        if config.across_blocks == "depth":
             record["search"].update(coefficients=result.coefficients, finalists=result.finalists)
     else:
         budgets = [target] * len(layout.blocks)
@@ -155,11 +173,32 @@ def allocate(
     return Allocation({n: sparsities[n] for n in names}, record)
 
 
+def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter], config: SparsityConfig) -> list[float]:
+    """Block budgets at one exchange rate of estimated loss increase per pruned parameter: each block's
+    greedy path (sensitivity-weighted errors) is extended to ``max_block_sparsity`` and read as its
+    cost curve (``search.lagrangian_budgets``)."""
+    high = config.max_block_sparsity
+    for splitter in tqdm(splitters.values(), desc=f"greedy paths to {high:g}", unit="block", leave=False):
+        splitter.path.extend_to(high)
+    curves = []
+    for block in layout.blocks:
+        path = splitters[block.prefix].path
+        keep = [k for k, b in enumerate(path.budgets) if b <= high + 1e-9]
+        curves.append(([path.budgets[k] for k in keep], [path.errors[k] for k in keep]))
+    budgets = lagrangian_budgets(curves, [b.size for b in layout.blocks], float(config.sparsity))
+    lo = config.min_block_sparsity
+    if any(b < lo - 1e-9 for b in budgets):  # the curves' optimum spares a block below the floor
+        sizes = np.asarray([b.size for b in layout.blocks], dtype=np.float64)
+        budgets = project(np.asarray(budgets), sizes, float(config.sparsity), lo, high).tolist()
+    log.info("budgets across blocks by output sensitivity: %s", [round(b, 3) for b in budgets])
+    return budgets
+
+
 def _search(model, layout: Layout, splitters, batches, config, thresholds, weight_ids, device):
     """Search per-block sparsities; fitness = mean KL(dense || candidate) per held-out token.
 
     A candidate's blocks are split internally exactly as the final plan splits them (``splitters``),
-    so the search ranks the plans it can return, not a proxy of them. ``block_profile="depth"``
+    so the search ranks the plans it can return, not a proxy of them. ``across_blocks="depth"``
     scores on the first held-out batches and picks among its finalists on the last ones
     (``selection_tokens``), which it never scored."""
     def kl_on(scored_batches: Sequence[Any]):
@@ -185,7 +224,7 @@ def _search(model, layout: Layout, splitters, batches, config, thresholds, weigh
 
     sizes = [b.size for b in layout.blocks]
     bounds = dict(low=config.min_block_sparsity, high=config.max_block_sparsity)
-    if config.block_profile == "depth":
+    if config.across_blocks == "depth":
         search, selection = _split_selection(batches, config)
         if not selection:
             log.warning("too few held-out batches to keep a selection split: the depth-profile search selects "
