@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--generations", type=int, default=5)
     p.add_argument("--validation-tokens", type=int, default=1024)
     p.add_argument("--selection-tokens", type=int, default=1024)
-    p.add_argument("--refinement-tokens", type=int, default=256)
+    p.add_argument("--refinement-tokens", type=int, default=512)
     p.add_argument("--refinement-step", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")

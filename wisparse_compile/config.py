@@ -73,7 +73,7 @@ class SparsityConfig:
     mutation_scale: float = 0.05
     elite: int = 2
     validation_tokens: int = 1024
-    refinement_tokens: int = 256
+    refinement_tokens: int = 512
     refinement_step: float = 0.1
     min_block_sparsity: float = 0.0
     max_block_sparsity: float = 0.9

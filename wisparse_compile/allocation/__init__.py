@@ -36,6 +36,9 @@ from .sensitivity import output_sensitivities
 
 log = logging.getLogger(__name__)
 
+#: how far (in block sparsity) a block's greedy path is extended when the exchange rate wants more of it
+EXTEND_STEP = 0.1
+
 __all__ = ["Allocation", "allocate", "batch_tokens", "candidate_masks", "split_batches"]
 
 
@@ -174,22 +177,35 @@ def allocate(
 
 
 def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter], config: SparsityConfig) -> list[float]:
-    """Block budgets at one exchange rate of estimated loss increase per pruned parameter: each block's
-    greedy path (sensitivity-weighted errors) is extended to ``max_block_sparsity`` and read as its
-    cost curve (``search.lagrangian_budgets``)."""
-    high = config.max_block_sparsity
-    for splitter in tqdm(splitters.values(), desc=f"greedy paths to {high:g}", unit="block", leave=False):
-        splitter.path.extend_to(high)
-    curves = []
-    for block in layout.blocks:
+    """Block budgets at one exchange rate of estimated loss increase per pruned parameter, each block's
+    greedy path (sensitivity-weighted errors) read as its cost curve (``search.lagrangian_budgets``).
+
+    Paths start at the target and are extended (by ``EXTEND_STEP``, up to ``max_block_sparsity``) only
+    for blocks whose chosen budget sits at the end of their path, until no block does: a block that
+    stops inside its path would not move with more of it (the curves are near convex), so this reads
+    the same budgets as paths run to ``max_block_sparsity``, at a fraction of the block evaluations."""
+    high, sizes = config.max_block_sparsity, [b.size for b in layout.blocks]
+
+    def curve(block) -> tuple[list[float], list[float]]:
         path = splitters[block.prefix].path
         keep = [k for k, b in enumerate(path.budgets) if b <= high + 1e-9]
-        curves.append(([path.budgets[k] for k in keep], [path.errors[k] for k in keep]))
-    budgets = lagrangian_budgets(curves, [b.size for b in layout.blocks], float(config.sparsity))
+        return [path.budgets[k] for k in keep], [path.errors[k] for k in keep]
+
+    with tqdm(desc="budgets across blocks", unit="round", leave=False) as bar:
+        while True:
+            curves = [curve(b) for b in layout.blocks]
+            budgets = lagrangian_budgets(curves, sizes, float(config.sparsity))
+            at_end = [b for b, (points, _), chosen in zip(layout.blocks, curves, budgets)
+                      if chosen >= points[-1] - 1e-9 and points[-1] < high - 1e-9]
+            bar.update(1)
+            if not at_end:
+                break
+            for block in at_end:
+                path = splitters[block.prefix].path
+                path.extend_to(min(high, path.budgets[-1] + EXTEND_STEP))
     lo = config.min_block_sparsity
     if any(b < lo - 1e-9 for b in budgets):  # the curves' optimum spares a block below the floor
-        sizes = np.asarray([b.size for b in layout.blocks], dtype=np.float64)
-        budgets = project(np.asarray(budgets), sizes, float(config.sparsity), lo, high).tolist()
+        budgets = project(np.asarray(budgets), np.asarray(sizes, dtype=np.float64), float(config.sparsity), lo, high).tolist()
     log.info("budgets across blocks by output sensitivity: %s", [round(b, 3) for b in budgets])
     return budgets
 
