@@ -24,7 +24,7 @@ import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
 from wisparse_compile.files import atomic_write_json, atomic_write_text
-from wisparse_compile.config import METHODS
+from wisparse_compile.config import ACROSS_BLOCKS, METHODS
 from wisparse_compile.cli.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
@@ -40,12 +40,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--domains", nargs="+", default=["wikipedia", *DOMAINS], choices=["wikipedia", *DOMAINS],
                    help="evaluation text (wikipedia: the held-out half of the articles)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--calibration-batches", type=int, default=24,
-                   help="256-token windows; wisparse holds the last validation + selection tokens out of its statistics")
+    p.add_argument("--calibration-batches", type=int, default=16,
+                   help="256-token windows; wisparse's searches (--across-blocks depth/free) hold the last "
+                        "validation (+ selection) tokens out of their statistics")
     p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096, help="per domain")
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--block-profile", choices=["depth", "free"], default="depth")
+    p.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default="sensitivity", help="wisparse's split across blocks")
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=5)
     p.add_argument("--validation-tokens", type=int, default=1024)
@@ -173,7 +174,7 @@ def main() -> None:
                        "python-docs": "pydoc_data.topics (Python's reference docs)"},
         "domains": args.domains, "calibration_batches": args.calibration_batches,
         "calibration_length": args.calibration_length, "eval_tokens_per_domain": args.eval_tokens, "window": args.window,
-        "block_profile": args.block_profile, "population": args.population, "generations": args.generations,
+        "across_blocks": args.across_blocks, "population": args.population, "generations": args.generations,
         "validation_tokens": args.validation_tokens, "selection_tokens": args.selection_tokens,
         "refinement_tokens": args.refinement_tokens, "refinement_step": args.refinement_step,
         "masking": "eager masked_linears, every planned linear", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -213,7 +214,7 @@ def main() -> None:
                 continue
             config = SparsityConfig(sparsity=s, method=m, population=args.population, generations=args.generations,
                                     validation_tokens=args.validation_tokens, selection_tokens=args.selection_tokens,
-                                    block_profile=args.block_profile, refinement_tokens=args.refinement_tokens,
+                                    across_blocks=args.across_blocks, refinement_tokens=args.refinement_tokens,
                                     refinement_step=args.refinement_step)
             t0 = time.perf_counter()
             plan = calibrate(model, calib, config)

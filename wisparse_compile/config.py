@@ -10,6 +10,8 @@ Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
 AcrossBlocks = Literal["sensitivity", "depth", "free"]
 ACROSS_BLOCKS: tuple[str, ...] = ("sensitivity", "depth", "free")
+Score = Literal["method", "activation", "weight_aware"]
+SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
 SplitError = Literal["sensitivity", "mse"]
 SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
@@ -22,6 +24,9 @@ class SparsityConfig:
     method: "teal" scores a channel by |x_i|; "wina" and "wisparse" by |x_i| * ||W[:, i]||_2.
         "teal" and "wina" split each block's budget greedily over its projections (as both
         papers' code does); "wisparse" first searches how the budget splits across blocks.
+    score: the channel score thresholds apply to: "method" (default) takes the method's own
+        ("teal": ``|x_i|``; "wina", "wisparse": ``|x_i| * ||W[:, i]||_2``); "activation" or
+        "weight_aware" choose one for any method.
     uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
         TEAL and WINA papers; the cheapest calibration).
     include: optional regex on linear names (``named_parameters`` name of the weight without
@@ -56,6 +61,7 @@ class SparsityConfig:
 
     sparsity: float = 0.5
     method: Method = "wisparse"
+    score: Score = "method"
     uniform: bool = False
     include: str | None = None
     max_calibration_tokens: int | None = None
@@ -88,6 +94,8 @@ class SparsityConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.max_calibration_tokens is not None and self.max_calibration_tokens <= 0:
             raise ValueError("max_calibration_tokens must be positive or None")
         if self.histogram_bins_per_octave < 4:
@@ -137,6 +145,8 @@ class SparsityConfig:
     @property
     def weight_aware(self) -> bool:
         """Whether the score multiplies |x_i| by the column norm ||W[:, i]||_2."""
+        if self.score != "method":
+            return self.score == "weight_aware"
         return self.method != "teal"
 
     def to_dict(self) -> dict[str, Any]:

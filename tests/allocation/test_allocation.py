@@ -425,3 +425,12 @@ def test_default_wisparse_trades_budget_by_sensitivity_and_spares_the_sensitive_
     sizes = {b: sum(plan_size for n, plan_size in ((n, np.prod(plan.shapes[n])) for n in plan.names) if n.startswith(b))
              for b in blocks}
     assert sum(blocks[b] * sizes[b] for b in blocks) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_score_option_overrides_the_methods_score():
+    assert wsc.SparsityConfig(method="wisparse").weight_aware
+    assert not wsc.SparsityConfig(method="wisparse", score="activation").weight_aware
+    assert wsc.SparsityConfig(method="teal", score="weight_aware").weight_aware
+    assert not wsc.SparsityConfig(method="teal").weight_aware
+    with pytest.raises(ValueError, match="score must be one of"):
+        wsc.SparsityConfig(score="abs")
