@@ -21,12 +21,14 @@ class SparsityConfig:
     """How to calibrate a plan.
 
     sparsity: target fraction of input channels pruned per token, in [0, 1).
-    method: "teal" scores a channel by |x_i|; "wina" and "wisparse" by |x_i| * ||W[:, i]||_2.
-        "teal" and "wina" split each block's budget greedily over its projections (as both
-        papers' code does); "wisparse" first searches how the budget splits across blocks.
+    method: "teal" and "wisparse" score a channel by |x_i|; "wina" by |x_i| * ||W[:, i]||_2 (see score).
+        "teal" and "wina" split each block's budget greedily over its projections on block-output
+        error (as both papers' code does); "wisparse" weighs that error by the output's
+        sensitivity and splits the budget across blocks (``split_error``, ``across_blocks``).
     score: the channel score thresholds apply to: "method" (default) takes the method's own
-        ("teal": ``|x_i|``; "wina", "wisparse": ``|x_i| * ||W[:, i]||_2``); "activation" or
-        "weight_aware" choose one for any method.
+        ("teal", "wisparse": ``|x_i|``; "wina": ``|x_i| * ||W[:, i]||_2``); "activation" or
+        "weight_aware" choose one for any method. "wisparse" scored weight-aware until issue 19:
+        on SmolLM2 that score lost to ``|x_i|`` at every sparsity under the same allocation.
     uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
         TEAL and WINA papers; the cheapest calibration).
     include: optional regex on linear names (``named_parameters`` name of the weight without
@@ -147,7 +149,7 @@ class SparsityConfig:
         """Whether the score multiplies |x_i| by the column norm ||W[:, i]||_2."""
         if self.score != "method":
             return self.score == "weight_aware"
-        return self.method != "teal"
+        return self.method == "wina"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,10 +3,14 @@
 - ``"teal"`` and ``"wina"``: every block gets the target; inside a block, a greedy split over
   input-sharing groups minimises the block's output reconstruction error (``refine``), as TEAL's
   code does and WINA's released code does too (with its weight-aware score).
-- ``"wisparse"``: an evolutionary search (``search``) splits the parameter-weighted global budget
-  across blocks, with fitness the KL divergence of the model's next-token distribution to the
-  dense model's on held-out tokens; each candidate's blocks are split greedily as in TEAL, with
-  the weight-aware score, while it is scored, so the search ranks the plans it can return.
+- ``"wisparse"``: the same greedy, on block-output errors weighted by the output's sensitivity
+  (``sensitivity``: diagonal Fisher, a second-order estimate of the loss increase), and the
+  parameter-weighted global budget split across blocks (``across_blocks``): by default at one
+  exchange rate of estimated loss increase per pruned parameter, read off every block's greedy
+  path (``search.lagrangian_budgets``; no search, no held-out tokens); or by a search on the KL
+  divergence to the dense model's next-token distribution on held-out tokens, over a smooth depth
+  profile (``search.search_profile``) or one free value per block (``search.evolve``), each
+  candidate's blocks split as the final plan splits them.
 - ``SparsityConfig.uniform``: any method with the target for every linear (no allocation).
 
 Any candidate sparsity becomes thresholds through the per-linear score histograms collected once,
