@@ -160,14 +160,9 @@ def write_outputs(record: dict, args: argparse.Namespace) -> str:
     return table
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "accuracy.json"
-    setup = {
+def make_setup(args: argparse.Namespace) -> dict:
+    """What a result depends on: a rerun resumes only results of the same setup."""
+    return {
         "model": args.model, "calibration": "first half of the gensim 4.4.0 Wikipedia articles (>= 2000 chars)",
         "evaluation": {"wikipedia": "second half of those articles", "news": "Lee corpus (gensim test data)",
                        "newsgroups": "mini_newsgroup, headers dropped (gensim test data)",
@@ -179,6 +174,16 @@ def main() -> None:
         "refinement_tokens": args.refinement_tokens, "refinement_step": args.refinement_step,
         "masking": "eager masked_linears, every planned linear", "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "accuracy.json"
+    setup = make_setup(args)
     record = {"setup": setup, "results": {}}
     if json_path.is_file():
         import json
