@@ -435,3 +435,38 @@ def test_score_option_overrides_the_methods_score():
     assert not wsc.SparsityConfig(method="teal").weight_aware
     with pytest.raises(ValueError, match="score must be one of"):
         wsc.SparsityConfig(score="abs")
+
+
+class _FixedPath:
+    """A greedy path stand-in: its points are revealed as it is extended (first to the target, as
+    ``BlockSplitter`` does)."""
+
+    def __init__(self, budgets, errors, target=0.5):
+        self.all_budgets, self.all_errors = budgets, errors
+        self.extensions = 0
+        self.extend_to(target)
+
+    def extend_to(self, budget):
+        k = next((i for i, b in enumerate(self.all_budgets) if b >= budget - 1e-9), len(self.all_budgets) - 1)
+        if k + 1 > len(getattr(self, "budgets", [])):
+            self.extensions += 1
+        self.budgets, self.errors = self.all_budgets[: k + 1], self.all_errors[: k + 1]
+
+
+def test_trade_by_sensitivity_extends_only_wanted_paths_and_stops_past_the_bound():
+    """A cheap block is extended as far as the exchange rate wants, and a path that steps past
+    max_block_sparsity (0.6 -> 0.95 over a 0.9 bound) stops there instead of extending forever."""
+    from types import SimpleNamespace
+
+    from wisparse_compile.allocation import _trade_by_sensitivity
+    from wisparse_compile.allocation.blocks import Layout
+
+    cheap = _FixedPath([0.0, 0.3, 0.6, 0.95], [0.0, 0.01, 0.02, 0.03])
+    costly = _FixedPath([0.0, 0.2, 0.4, 0.6, 0.8], [0.0, 1.0, 4.0, 9.0, 16.0])
+    blocks = [SimpleNamespace(prefix="a.", size=1), SimpleNamespace(prefix="b.", size=1)]
+    splitters = {"a.": SimpleNamespace(path=cheap), "b.": SimpleNamespace(path=costly)}
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", max_block_sparsity=0.9)
+    budgets = _trade_by_sensitivity(Layout(blocks), splitters, config)
+    assert sum(budgets) / 2 == pytest.approx(0.5, abs=1e-9)
+    assert budgets[0] == pytest.approx(0.6) and budgets[1] == pytest.approx(0.4)
+    assert costly.budgets[-1] <= 0.6  # the costly block's path was not run further than needed

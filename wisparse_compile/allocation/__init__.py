@@ -200,7 +200,7 @@ def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter]
             curves = [curve(b) for b in layout.blocks]
             budgets = lagrangian_budgets(curves, sizes, float(config.sparsity))
             at_end = [b for b, (points, _), chosen in zip(layout.blocks, curves, budgets)
-                      if chosen >= points[-1] - 1e-9 and points[-1] < high - 1e-9]
+                      if chosen >= points[-1] - 1e-9 and splitters[b.prefix].path.budgets[-1] < high - 1e-9]
             bar.update(1)
             if not at_end:
                 break

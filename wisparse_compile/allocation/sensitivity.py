@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..model_io import call_model
 from .blocks import BlockCalls, Layout, first_tensor
@@ -71,7 +72,7 @@ def output_sensitivities(
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="output sensitivities", unit="batch", leave=False):
                 for held in outputs.values():
                     held.clear()
                 out = call_model(model, batch, device)
