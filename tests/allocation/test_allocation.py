@@ -470,3 +470,31 @@ def test_trade_by_sensitivity_extends_only_wanted_paths_and_stops_past_the_bound
     assert sum(budgets) / 2 == pytest.approx(0.5, abs=1e-9)
     assert budgets[0] == pytest.approx(0.6) and budgets[1] == pytest.approx(0.4)
     assert costly.budgets[-1] <= 0.6  # the costly block's path was not run further than needed
+
+
+class _HiddenStateModel(torch.nn.Module):
+    """Decoder blocks, but the output is the hidden state (width 16), not logits over the 256 ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+                                          for _ in range(3))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_without_logits_wisparse_keeps_the_target_per_block_and_says_why(caplog):
+    torch.manual_seed(0)
+    model = _HiddenStateModel().eval()
+    with caplog.at_level("WARNING"):
+        plan = wsc.calibrate(model, token_batches(3, seed=2), wsc.SparsityConfig(sparsity=0.5, refinement_tokens=64))
+    assert "not next-token logits" in caplog.text and 'across_blocks="sensitivity" cannot compare blocks' in caplog.text
+    record = plan.stats["allocation"]
+    assert record["across_blocks"] == "uniform (no output sensitivities)" and record["split_error"] == "mse"
+    assert set(record["block_sparsities"].values()) == {0.5}
+    assert plan.mean_sparsity() == pytest.approx(0.5, abs=0.005)

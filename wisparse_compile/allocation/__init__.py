@@ -142,21 +142,22 @@ def allocate(
     if wisparse and config.split_error == "sensitivity":
         weights = output_sensitivities(model, layout, calls, refinement, device)
         record["split_error"] = "sensitivity" if weights is not None else "mse"
-    if wisparse and config.across_blocks == "sensitivity" and weights is None:
-        raise ValueError(
-            f"{type(model).__name__}: output sensitivities are unavailable (see the warning above), so "
-            'across_blocks="sensitivity" cannot compare blocks; use across_blocks="depth" or "free"'
-        )
+    trade = wisparse and config.across_blocks == "sensitivity"
+    if trade and weights is None:
+        log.warning('%s: no output sensitivities (see above), so across_blocks="sensitivity" cannot compare blocks: '
+                    'every block keeps the target; across_blocks="depth" or "free" search instead', type(model).__name__)
+        trade = False
+        record["across_blocks"] = "uniform (no output sensitivities)"
     splitters = {  # greedy paths to the target now; the search extends them where it goes
         b.prefix: BlockSplitter(b, calls[b.prefix], target, config.refinement_step, thresholds, weight_ids,
                                 None if weights is None else weights[b.prefix])
         for b in tqdm(layout.blocks, desc="within-block greedy paths", unit="block", leave=False)
     }
 
-    if wisparse and config.across_blocks == "sensitivity":
+    if trade:
         budgets = _trade_by_sensitivity(layout, splitters, config)
         record["across_blocks"] = "sensitivity"
-    elif wisparse:
+    elif wisparse and config.across_blocks != "sensitivity":
         result = _search(model, layout, splitters, validation or calibration, config, thresholds, weight_ids, device)
         budgets = result.sparsities
         record["across_blocks"] = config.across_blocks

@@ -48,14 +48,20 @@ def output_sensitivities(
     """Per block, per captured call: the squared gradient of the summed next-token loss with respect to
     the block's output, shaped like that output (aligned with ``calls[prefix].outputs``).
 
-    None (with a warning) when the model offers no input embeddings to start the gradient from, or
-    the blocks are not called once per batch: the caller then falls back to plain output errors."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embeddings, nn.Module):
-        log.warning("%s has no get_input_embeddings(): within-block splits use plain output errors", type(model).__name__)
-        return None
+    The gradient starts at the input of the first block called (a leaf that requires grad), so any
+    model with decoder blocks works. None (with a warning) when the model's output is not next-token
+    logits over the batch's ids, or a block is not called once per forward: the caller then falls back
+    to plain output errors."""
     grads: dict[str, list[torch.Tensor]] = {b.prefix: [] for b in layout.blocks}
     outputs: dict[str, list[torch.Tensor]] = {b.prefix: [] for b in layout.blocks}
+
+    def start_gradient(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        hidden = kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad:
+            return args, {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)}
+        return None
 
     def keep_output(prefix: str):
         def hook(module, args, output):
@@ -65,7 +71,7 @@ def output_sensitivities(
             outputs[prefix].append(hidden)
         return hook
 
-    handles = [embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))]
+    handles = [b.module.register_forward_pre_hook(start_gradient, with_kwargs=True) for b in layout.blocks]
     handles += [b.module.register_forward_hook(keep_output(b.prefix)) for b in layout.blocks]
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -79,6 +85,11 @@ def output_sensitivities(
                 logits = getattr(out, "logits", None)
                 logits = logits if isinstance(logits, torch.Tensor) else first_tensor(out)
                 labels = _labels(batch, device)
+                if (logits.dim() != 3 or logits.shape[:2] != (labels.shape[0], labels.shape[1] + 1)
+                        or int(labels.max()) >= logits.shape[-1]):
+                    log.warning("%s returns %s, not next-token logits [batch, seq, vocab] over the batch's ids: "
+                                "within-block splits use plain output errors", type(model).__name__, tuple(logits.shape))
+                    return None
                 loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=-100, reduction="sum")
                 loss.backward()
