@@ -12,6 +12,8 @@ AcrossBlocks = Literal["sensitivity", "depth", "free"]
 ACROSS_BLOCKS: tuple[str, ...] = ("sensitivity", "depth", "free")
 Score = Literal["method", "activation", "weight_aware"]
 SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
+SensitivityLabels = Literal["sampled", "data"]
+SENSITIVITY_LABELS: tuple[str, ...] = ("sampled", "data")
 SplitError = Literal["sensitivity", "mse"]
 SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
@@ -40,6 +42,11 @@ class SparsityConfig:
         (default) weighs each squared block-output error by the squared gradient of the next-token
         loss there (diagonal Fisher: an estimate of the loss increase, one unit for every block);
         "mse" is TEAL's plain output error ("teal" and "wina" always use it).
+    sensitivity_labels: the next tokens whose loss gradient weighs the errors: "sampled" (default)
+        draws them from the model's own distribution (seeded by ``seed``), estimating the Fisher
+        information, whose quadratic form is KL to the dense model; "data" takes the text's next
+        tokens (empirical Fisher). On SmolLM2 at 50% "sampled" gave the lower rise on three of four
+        text domains (``benchmarks/results/accuracy_levers.md``).
     across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
         split_error="sensitivity"): every block's greedy path gives its estimated loss increase
         against its sparsity, and one exchange rate across blocks meets the budget at the least
@@ -71,6 +78,7 @@ class SparsityConfig:
     # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
     # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
     split_error: SplitError = "sensitivity"
+    sensitivity_labels: SensitivityLabels = "sampled"
     across_blocks: AcrossBlocks = "sensitivity"
     profile_degree: int = 2
     profile_step: float = 0.1
@@ -110,6 +118,8 @@ class SparsityConfig:
             raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
         if self.across_blocks not in ACROSS_BLOCKS:
             raise ValueError(f"across_blocks must be one of {ACROSS_BLOCKS}, got {self.across_blocks!r}")
+        if self.sensitivity_labels not in SENSITIVITY_LABELS:
+            raise ValueError(f"sensitivity_labels must be one of {SENSITIVITY_LABELS}, got {self.sensitivity_labels!r}")
         if self.split_error not in SPLIT_ERRORS:
             raise ValueError(f"split_error must be one of {SPLIT_ERRORS}, got {self.split_error!r}")
         if self.across_blocks == "sensitivity" and self.split_error != "sensitivity":

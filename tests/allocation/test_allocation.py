@@ -343,6 +343,7 @@ def test_depth_search_records_finalists_and_its_fitness_is_the_plans_kl():
 @pytest.mark.parametrize("bad, match", [
     (dict(across_blocks="smooth"), "across_blocks must be one of"),
     (dict(split_error="l1"), "split_error must be one of"),
+    (dict(sensitivity_labels="true"), "sensitivity_labels must be one of"),
     (dict(split_error="mse"), 'needs split_error="sensitivity"'),
     (dict(profile_degree=0), "profile_degree"),
     (dict(profile_step=0.0), "profile_step"),
@@ -364,7 +365,7 @@ def test_output_sensitivities_are_squared_loss_gradients_at_block_outputs():
     model = _sensitive_model()
     batches = token_batches(2, seed=5)
     stats, layout, calls = _sensitivity_setup(model, batches)
-    weights = output_sensitivities(model, layout, calls, batches, torch.device("cpu"))
+    weights = output_sensitivities(model, layout, calls, batches, torch.device("cpu"), sampled=False)
     assert weights is not None and set(weights) == {b.prefix for b in layout.blocks}
     for block in layout.blocks:
         assert [w.shape for w in weights[block.prefix]] == [o.shape for o in calls[block.prefix].outputs]
@@ -498,3 +499,16 @@ def test_without_logits_wisparse_keeps_the_target_per_block_and_says_why(caplog)
     assert record["across_blocks"] == "uniform (no output sensitivities)" and record["split_error"] == "mse"
     assert set(record["block_sparsities"].values()) == {0.5}
     assert plan.mean_sparsity() == pytest.approx(0.5, abs=0.005)
+
+
+def test_sampled_sensitivities_are_seeded_and_differ_from_the_datas():
+    model = _sensitive_model()
+    batches = token_batches(2, seed=5)
+    _, layout, calls = _sensitivity_setup(model, batches)
+    cpu = torch.device("cpu")
+    a = output_sensitivities(model, layout, calls, batches, cpu, sampled=True, seed=3)
+    b = output_sensitivities(model, layout, calls, batches, cpu, sampled=True, seed=3)
+    data = output_sensitivities(model, layout, calls, batches, cpu, sampled=False)
+    last = layout.blocks[-1].prefix
+    assert all(torch.equal(x, y) for x, y in zip(a[last], b[last]))
+    assert not torch.allclose(a[last][0], data[last][0])

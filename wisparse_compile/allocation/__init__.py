@@ -140,7 +140,8 @@ def allocate(
         check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
     weights = None
     if wisparse and config.split_error == "sensitivity":
-        weights = output_sensitivities(model, layout, calls, refinement, device)
+        weights = output_sensitivities(model, layout, calls, refinement, device,
+                                       sampled=config.sensitivity_labels == "sampled", seed=config.seed)
         record["split_error"] = "sensitivity" if weights is not None else "mse"
     trade = wisparse and config.across_blocks == "sensitivity"
     if trade and weights is None:

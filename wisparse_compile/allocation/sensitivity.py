@@ -44,10 +44,14 @@ def _labels(batch: Any, device: torch.device) -> torch.Tensor:
 
 def output_sensitivities(
     model: nn.Module, layout: Layout, calls: Mapping[str, BlockCalls], batches: Sequence[Any], device: torch.device,
+    sampled: bool = True, seed: int = 0,
 ) -> dict[str, list[torch.Tensor]] | None:
     """Per block, per captured call: the squared gradient of the summed next-token loss with respect to
     the block's output, shaped like that output (aligned with ``calls[prefix].outputs``).
 
+    sampled: the loss is on next tokens drawn from the model's own distribution (``seed`` per batch):
+    the squared gradients then estimate the Fisher information, whose quadratic form is the KL
+    divergence to the dense model; False: on the data's next tokens (the empirical Fisher).
     The gradient starts at the input of the first block called (a leaf that requires grad), so any
     model with decoder blocks works. None (with a warning) when the model's output is not next-token
     logits over the batch's ids, or a block is not called once per forward: the caller then falls back
@@ -90,8 +94,12 @@ def output_sensitivities(
                     log.warning("%s returns %s, not next-token logits [batch, seq, vocab] over the batch's ids: "
                                 "within-block splits use plain output errors", type(model).__name__, tuple(logits.shape))
                     return None
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
+                flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+                if sampled:  # the model's own next tokens: the Fisher whose quadratic form is KL to dense
+                    generator = torch.Generator(device=flat.device).manual_seed(seed)
+                    drawn = torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).squeeze(-1)
+                    labels = torch.where(labels.reshape(-1) == -100, labels.reshape(-1), drawn)
+                loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
                 loss.backward()
                 for prefix, held in outputs.items():
                     if len(held) != 1 or held[0].grad is None:
