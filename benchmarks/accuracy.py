@@ -1,13 +1,16 @@
-"""Accuracy table: dense and teal / wina / wisparse at several sparsities on SmolLM2 + held-out Wikipedia.
+"""Accuracy table: dense and teal / wina / wisparse at several sparsities on SmolLM2, on held-out
+Wikipedia and on text of other kinds.
 
-Calibrates on the first half of the gensim Wikipedia articles, evaluates perplexity on the second
-half with every planned linear masked eagerly (``masked_linears``, the math the compiled model
-runs), and measures the achieved sparsity on those same held-out tokens. Results are checkpointed
-per configuration in ``results/accuracy.json`` (a rerun skips what is there); at the end (and after
-each configuration) the markdown table and the plot are rewritten.
+Calibrates on the first half of the gensim Wikipedia articles only, and evaluates perplexity with
+every planned linear masked eagerly (``masked_linears``, the math the compiled model runs) on the
+second half of the articles and on the other domains of ``cli.data.DOMAINS`` (news articles,
+Usenet posts, Python's reference documentation), none of which calibration sees. The achieved
+sparsity is measured on the held-out Wikipedia tokens. Results are checkpointed per configuration
+in ``results/accuracy.json`` (a rerun skips what is there); after each configuration the markdown
+table and the plot are rewritten.
 
-    PYTHONPATH=. python benchmarks/accuracy.py --threads 1   # ~17 min per sparsity (teal 3, wina 3,
-                                                             # wisparse 11) on 2 shared CPU cores
+    PYTHONPATH=. python benchmarks/accuracy.py --threads 1 --sparsities 0.4 0.5 0.6
+    PYTHONPATH=. python benchmarks/accuracy.py --dry-run     # a tiny random model, seconds
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
 from wisparse_compile.files import atomic_write_json, atomic_write_text
-from wisparse_compile.config import METHODS
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.config import ACROSS_BLOCKS, METHODS
+from wisparse_compile.cli.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 log = logging.getLogger("accuracy")
@@ -33,39 +36,78 @@ README_BEGIN, README_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="model folder, .gguf file or 'smollm2'")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    p.add_argument("--domains", nargs="+", default=["wikipedia", *DOMAINS], choices=["wikipedia", *DOMAINS],
+                   help="evaluation text (wikipedia: the held-out half of the articles)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--calibration-batches", type=int, default=16,
+                   help="256-token windows; wisparse's searches (--across-blocks depth/free) hold the last "
+                        "validation (+ selection) tokens out of their statistics")
     p.add_argument("--calibration-length", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="per domain")
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default="sensitivity", help="wisparse's split across blocks")
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=5)
     p.add_argument("--validation-tokens", type=int, default=1024)
-    p.add_argument("--refinement-tokens", type=int, default=256)
+    p.add_argument("--selection-tokens", type=int, default=1024)
+    p.add_argument("--refinement-tokens", type=int, default=512)
     p.add_argument("--refinement-step", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    return p.parse_args()
+    p.add_argument("--dry-run", action="store_true",
+                   help="a tiny random Llama, few tokens, results to a temporary folder: checks the script runs")
+    args = p.parse_args()
+    if args.dry_run:
+        import tempfile
+
+        args.model, args.sparsities, args.methods = "random:llama", [0.5], ["teal", "wisparse"]
+        args.calibration_batches, args.calibration_length, args.eval_tokens, args.window = 8, 32, 128, 64
+        args.validation_tokens, args.selection_tokens, args.refinement_tokens = 64, 64, 64
+        args.out, args.readme = Path(tempfile.mkdtemp(prefix="accuracy-dry-run-")), None
+    return args
+
+
+def _rise(r: dict, dense: dict, domain: str) -> float | None:
+    ppl = r.get("perplexity", {}).get(domain)
+    base = dense.get("perplexity", {}).get(domain)
+    return None if ppl is None or not base else ppl / base - 1
 
 
 def markdown_table(results: dict) -> str:
-    dense = results.get("dense", {}).get("perplexity")
+    """Rows: each sparsity's methods; columns: perplexity per domain (rise over dense in brackets),
+    the achieved sparsity, and per domain the ratio of wisparse's rise to teal's."""
+    dense = results.get("dense", {})
+    domains = list(dense.get("perplexity", {}))
     sparsities = sorted({r["target"] for k, r in results.items() if k != "dense"})
     methods = [m for m in METHODS if any(r.get("method") == m for r in results.values())]
-    head = "| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |"
     lines = [
-        f"Perplexity on held-out Wikipedia (dense: {dense:.2f}); in brackets the achieved sparsity, "
-        "measured on the evaluation tokens with every planned linear masked." if dense else "",
-        "", head, "|---" * (len(sparsities) + 1) + "|",
+        "Perplexity per text domain, in brackets the rise over dense; calibrated on Wikipedia only (the other "
+        "domains are never seen). Achieved: sparsity measured on the held-out Wikipedia tokens with every "
+        "planned linear masked.",
+        "",
+        "| sparsity | method | " + " | ".join(domains) + " | achieved |",
+        "|---" * (len(domains) + 3) + "|",
+        "| 0 | dense | " + " | ".join(f"{dense['perplexity'][d]:.2f}" for d in domains) + " | 0 |",
     ]
-    for m in methods:
-        cells = []
-        for s in sparsities:
+    for s in sparsities:
+        for m in methods:
             r = results.get(f"{m}@{s:g}")
-            cells.append(f"{r['perplexity']:.2f} ({r['achieved_sparsity']:.3f})" if r else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            if not r:
+                continue
+            cells = []
+            for d in domains:
+                rise = _rise(r, dense, d)
+                cells.append("-" if rise is None else f"{r['perplexity'][d]:.2f} ({100 * rise:+.1f}%)")
+            lines.append(f"| {s:g} | {m} | " + " | ".join(cells) + f" | {r['achieved_sparsity']:.3f} |")
+        teal, ws = results.get(f"teal@{s:g}"), results.get(f"wisparse@{s:g}")
+        if teal and ws:
+            ratios = []
+            for d in domains:
+                a, b = _rise(ws, dense, d), _rise(teal, dense, d)
+                ratios.append("-" if a is None or not b else f"{a / b:.2f}x")
+            lines.append(f"| {s:g} | wisparse rise / teal rise | " + " | ".join(ratios) + " | |")
     return "\n".join(lines) + "\n"
 
 
@@ -75,26 +117,31 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
-        pts = sorted((r["achieved_sparsity"], r["perplexity"]) for r in results.values() if r.get("method") == m)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
-    if "dense" in results:
-        ax.axhline(results["dense"]["perplexity"], color="gray", linestyle="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("achieved sparsity (held-out tokens, all linears masked)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("SmolLM2-135M-Instruct, held-out Wikipedia")
-    ax.legend()
+    domains = list(results.get("dense", {}).get("perplexity", {}))
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for m in METHODS:
+            pts = sorted((r["achieved_sparsity"], r["perplexity"][d]) for r in results.values()
+                         if r.get("method") == m and d in r.get("perplexity", {}))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.axhline(results["dense"]["perplexity"][d], color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("achieved sparsity")
+        ax.set_title(d + (" (held out)" if d == "wikipedia" else " (unseen domain)"))
+    axes[0][0].set_ylabel("perplexity")
+    axes[0][-1].legend()
+    fig.suptitle("SmolLM2-135M-Instruct, calibrated on Wikipedia")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
 
 
-def update_readme(readme: Path, table: str) -> None:
+def update_readme(readme: Path | None, table: str) -> None:
+    if readme is None:
+        return
     text = readme.read_text(encoding="utf-8")
     if README_BEGIN not in text:
         log.warning("%s has no %s marker: table not inserted", readme, README_BEGIN)
@@ -113,6 +160,22 @@ def write_outputs(record: dict, args: argparse.Namespace) -> str:
     return table
 
 
+def make_setup(args: argparse.Namespace) -> dict:
+    """What a result depends on: a rerun resumes only results of the same setup."""
+    return {
+        "model": args.model, "calibration": "first half of the gensim 4.4.0 Wikipedia articles (>= 2000 chars)",
+        "evaluation": {"wikipedia": "second half of those articles", "news": "Lee corpus (gensim test data)",
+                       "newsgroups": "mini_newsgroup, headers dropped (gensim test data)",
+                       "python-docs": "pydoc_data.topics (Python's reference docs)"},
+        "domains": args.domains, "calibration_batches": args.calibration_batches,
+        "calibration_length": args.calibration_length, "eval_tokens_per_domain": args.eval_tokens, "window": args.window,
+        "across_blocks": args.across_blocks, "population": args.population, "generations": args.generations,
+        "validation_tokens": args.validation_tokens, "selection_tokens": args.selection_tokens,
+        "refinement_tokens": args.refinement_tokens, "refinement_step": args.refinement_step,
+        "masking": "eager masked_linears, every planned linear", "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -120,15 +183,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "accuracy.json"
-    setup = {
-        "model": args.model, "calibration": "first half of the gensim 4.4.0 Wikipedia articles (>= 2000 chars)",
-        "evaluation": "second half of those articles", "calibration_batches": args.calibration_batches,
-        "calibration_length": args.calibration_length, "eval_tokens": args.eval_tokens, "window": args.window,
-        "population": args.population, "generations": args.generations,
-        "validation_tokens": args.validation_tokens, "refinement_tokens": args.refinement_tokens,
-        "refinement_step": args.refinement_step, "masking": "eager masked_linears, every planned linear",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
+    setup = make_setup(args)
     record = {"setup": setup, "results": {}}
     if json_path.is_file():
         import json
@@ -141,17 +196,21 @@ def main() -> None:
     model, tokenizer = load_causal_lm(args.model)
     calib_texts, eval_texts = split_articles(wikipedia_articles())
     calib = token_windows(tokenizer, calib_texts, args.calibration_length, args.calibration_batches * args.calibration_length)
-    windows = token_windows(tokenizer, eval_texts, args.window, args.eval_tokens)
-    log.info("calibration %d x %d tokens, evaluation %d x %d tokens", len(calib), args.calibration_length, len(windows), args.window)
+    texts = {d: eval_texts if d == "wikipedia" else domain_texts(d) for d in args.domains}
+    windows = {d: token_windows(tokenizer, t, args.window, args.eval_tokens) for d, t in texts.items()}
+    log.info("calibration %d x %d tokens; evaluation %s", len(calib), args.calibration_length,
+             {d: f"{len(w)} x {args.window}" for d, w in windows.items()})
 
     if "dense" not in record["results"]:
         t0 = time.perf_counter()
-        rep = evaluate(model, windows, desc="dense")
-        record["results"]["dense"] = {**rep.to_dict(), "target": 0.0, "achieved_sparsity": 0.0,
+        reps = {d: evaluate(model, w, desc=f"dense {d}") for d, w in windows.items()}
+        record["results"]["dense"] = {"perplexity": {d: r.perplexity for d, r in reps.items()},
+                                      "tokens": {d: r.tokens for d, r in reps.items()},
+                                      "target": 0.0, "achieved_sparsity": 0.0,
                                       "eval_seconds": round(time.perf_counter() - t0, 1)}
         write_outputs(record, args)
-    dense_ppl = record["results"]["dense"]["perplexity"]
-    log.info("dense perplexity %.3f", dense_ppl)
+    dense = record["results"]["dense"]["perplexity"]
+    log.info("dense perplexity %s", {d: round(p, 3) for d, p in dense.items()})
 
     for s in args.sparsities:
         for m in args.methods:
@@ -159,28 +218,35 @@ def main() -> None:
             if key in record["results"]:
                 continue
             config = SparsityConfig(sparsity=s, method=m, population=args.population, generations=args.generations,
-                                    validation_tokens=args.validation_tokens, refinement_tokens=args.refinement_tokens,
+                                    validation_tokens=args.validation_tokens, selection_tokens=args.selection_tokens,
+                                    across_blocks=args.across_blocks, refinement_tokens=args.refinement_tokens,
                                     refinement_step=args.refinement_step)
             t0 = time.perf_counter()
             plan = calibrate(model, calib, config)
             t1 = time.perf_counter()
             attach(model, plan, input_major=False)
-            mode = masked_linears()
+            reps, achieved = {}, None
             try:
-                rep = evaluate(model, windows, context=lambda: mode, desc=key)
+                for d, w in windows.items():
+                    mode = masked_linears()
+                    reps[d] = evaluate(model, w, context=lambda: mode, desc=f"{key} {d}")
+                    if achieved is None:  # the first domain (held-out Wikipedia by default)
+                        achieved = overall_sparsity(mode.sparsity(), plan.shapes)
             finally:
                 detach(model)
-            achieved = overall_sparsity(mode.sparsity(), plan.shapes)
+            allocation = plan.stats.get("allocation", {})
+            search = allocation.get("search", {})
             record["results"][key] = {
-                **rep.to_dict(), "method": m, "target": s, "achieved_sparsity": round(achieved, 4),
-                "increase_over_dense": round(rep.perplexity / dense_ppl - 1, 4),
+                "method": m, "target": s, "achieved_sparsity": round(achieved, 4),
+                "perplexity": {d: r.perplexity for d, r in reps.items()},
+                "increase_over_dense": {d: round(r.perplexity / dense[d] - 1, 4) for d, r in reps.items()},
                 "calibration_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
-                "allocation": {k: v for k, v in plan.stats.get("allocation", {}).items() if k in ("kind", "block_sparsities")}
-                | ({"search_fitness": {k: plan.stats["allocation"]["search"][k] for k in ("best_fitness", "uniform_fitness")}}
-                   if "search" in plan.stats.get("allocation", {}) else {}),
+                "allocation": {k: v for k, v in allocation.items() if k in ("kind", "block_sparsities")}
+                | ({"search": {k: search[k] for k in ("profile", "best_fitness", "uniform_fitness", "coefficients",
+                                                       "finalists") if k in search}} if search else {}),
             }
-            log.info("%s: ppl %.3f (achieved sparsity %.3f), calib %.0fs eval %.0fs", key, rep.perplexity, achieved, t1 - t0,
-                     time.perf_counter() - t1)
+            log.info("%s: ppl %s (achieved sparsity %.3f), calib %.0fs eval %.0fs", key,
+                     {d: round(r.perplexity, 3) for d, r in reps.items()}, achieved, t1 - t0, time.perf_counter() - t1)
             write_outputs(record, args)
     table = write_outputs(record, args)
     update_readme(args.readme, table)

@@ -8,6 +8,14 @@ from typing import Any, Literal
 
 Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
+AcrossBlocks = Literal["sensitivity", "depth", "free"]
+ACROSS_BLOCKS: tuple[str, ...] = ("sensitivity", "depth", "free")
+Score = Literal["method", "activation", "weight_aware"]
+SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
+SensitivityLabels = Literal["sampled", "data"]
+SENSITIVITY_LABELS: tuple[str, ...] = ("sampled", "data")
+SplitError = Literal["sensitivity", "mse"]
+SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
 
 @dataclass(frozen=True)
@@ -15,9 +23,14 @@ class SparsityConfig:
     """How to calibrate a plan.
 
     sparsity: target fraction of input channels pruned per token, in [0, 1).
-    method: "teal" scores a channel by |x_i|; "wina" and "wisparse" by |x_i| * ||W[:, i]||_2.
-        "teal" and "wina" split each block's budget greedily over its projections (as both
-        papers' code does); "wisparse" first searches how the budget splits across blocks.
+    method: "teal" and "wisparse" score a channel by |x_i|; "wina" by |x_i| * ||W[:, i]||_2 (see score).
+        "teal" and "wina" split each block's budget greedily over its projections on block-output
+        error (as both papers' code does); "wisparse" weighs that error by the output's
+        sensitivity and splits the budget across blocks (``split_error``, ``across_blocks``).
+    score: the channel score thresholds apply to: "method" (default) takes the method's own
+        ("teal", "wisparse": ``|x_i|``; "wina": ``|x_i| * ||W[:, i]||_2``); "activation" or
+        "weight_aware" choose one for any method. "wisparse" scored weight-aware until issue 19:
+        on SmolLM2 that score lost to ``|x_i|`` at every sparsity under the same allocation.
     uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
         TEAL and WINA papers; the cheapest calibration).
     include: optional regex on linear names (``named_parameters`` name of the weight without
@@ -25,9 +38,29 @@ class SparsityConfig:
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
-    population, generations, mutation_scale, elite, seed: the "wisparse" evolutionary search over
-        per-block sparsities (same seed, same plan).
+    split_error: the error "wisparse"'s greedy within-block split minimises: "sensitivity"
+        (default) weighs each squared block-output error by the squared gradient of the next-token
+        loss there (diagonal Fisher: an estimate of the loss increase, one unit for every block);
+        "mse" is TEAL's plain output error ("teal" and "wina" always use it).
+    sensitivity_labels: the next tokens whose loss gradient weighs the errors: "sampled" (default)
+        draws them from the model's own distribution (seeded by ``seed``), estimating the Fisher
+        information, whose quadratic form is KL to the dense model; "data" takes the text's next
+        tokens (empirical Fisher). On SmolLM2 at 50% "sampled" gave the lower rise on three of four
+        text domains (``benchmarks/results/accuracy_levers.md``).
+    across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
+        split_error="sensitivity"): every block's greedy path gives its estimated loss increase
+        against its sparsity, and one exchange rate across blocks meets the budget at the least
+        summed increase (no search, nothing fitted to validation tokens). "depth": block sparsity
+        as a smooth function of depth, ``profile_degree`` Legendre coefficients found by a pattern
+        search on KL to dense (``profile_step``, at most ``search_evaluations`` candidates), the
+        winner picked among the best few on ``selection_tokens`` the search never scored. "free":
+        one free value per block, an evolutionary search on KL to dense (``population``,
+        ``generations``, ``mutation_scale``, ``elite``, ``seed``; same seed, same plan). On
+        SmolLM2 the free search fitted its validation tokens and its gain did not carry to other
+        text (issue 19).
     validation_tokens: held-out tokens (the last batches) scoring a candidate by KL to dense.
+    selection_tokens: with ``across_blocks="depth"``, further held-out tokens (the very last
+        batches) on which the search's finalists are compared.
     refinement_tokens, refinement_step: calibration tokens and step of the greedy within-block split.
     min_block_sparsity, max_block_sparsity: bounds on any block's sparsity in the search.
     masked_recalibration: after allocation, collect the scores again with every planned linear
@@ -37,18 +70,26 @@ class SparsityConfig:
 
     sparsity: float = 0.5
     method: Method = "wisparse"
+    score: Score = "method"
     uniform: bool = False
     include: str | None = None
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
     # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
     # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
+    split_error: SplitError = "sensitivity"
+    sensitivity_labels: SensitivityLabels = "sampled"
+    across_blocks: AcrossBlocks = "sensitivity"
+    profile_degree: int = 2
+    profile_step: float = 0.1
+    search_evaluations: int = 12
+    selection_tokens: int = 1024
     population: int = 8
     generations: int = 8
     mutation_scale: float = 0.05
     elite: int = 2
     validation_tokens: int = 1024
-    refinement_tokens: int = 256
+    refinement_tokens: int = 512
     refinement_step: float = 0.1
     min_block_sparsity: float = 0.0
     max_block_sparsity: float = 0.9
@@ -63,6 +104,8 @@ class SparsityConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.max_calibration_tokens is not None and self.max_calibration_tokens <= 0:
             raise ValueError("max_calibration_tokens must be positive or None")
         if self.histogram_bins_per_octave < 4:
@@ -73,6 +116,26 @@ class SparsityConfig:
         """Search knobs in range, and per-block bounds that can meet the global target."""
         if self.population < 2 or not 1 <= self.elite < self.population:
             raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
+        if self.across_blocks not in ACROSS_BLOCKS:
+            raise ValueError(f"across_blocks must be one of {ACROSS_BLOCKS}, got {self.across_blocks!r}")
+        if self.sensitivity_labels not in SENSITIVITY_LABELS:
+            raise ValueError(f"sensitivity_labels must be one of {SENSITIVITY_LABELS}, got {self.sensitivity_labels!r}")
+        if self.split_error not in SPLIT_ERRORS:
+            raise ValueError(f"split_error must be one of {SPLIT_ERRORS}, got {self.split_error!r}")
+        if self.across_blocks == "sensitivity" and self.split_error != "sensitivity":
+            raise ValueError(
+                'across_blocks="sensitivity" trades budget between blocks by their estimated loss increase, which '
+                'needs split_error="sensitivity" (plain output errors of different blocks are not comparable); '
+                'set split_error="sensitivity" or choose across_blocks="depth" or "free"'
+            )
+        if not 1 <= self.profile_degree <= 8:
+            raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
+        if not 0 < self.profile_step <= 1:
+            raise ValueError(f"profile_step must be in (0, 1] (a sparsity change), got {self.profile_step!r}")
+        if self.search_evaluations < 1:
+            raise ValueError(f"search_evaluations must be at least 1 (the uniform split), got {self.search_evaluations!r}")
+        if self.selection_tokens < 0:
+            raise ValueError(f"selection_tokens must be >= 0 (0: select on the search's own tokens), got {self.selection_tokens!r}")
         if self.generations < 0 or self.mutation_scale <= 0:
             raise ValueError("generations must be >= 0 and mutation_scale > 0")
         if self.validation_tokens <= 0 or self.refinement_tokens <= 0 or not 0 < self.refinement_step <= 1:
@@ -94,7 +157,9 @@ class SparsityConfig:
     @property
     def weight_aware(self) -> bool:
         """Whether the score multiplies |x_i| by the column norm ||W[:, i]||_2."""
-        return self.method != "teal"
+        if self.score != "method":
+            return self.score == "weight_aware"
+        return self.method == "wina"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

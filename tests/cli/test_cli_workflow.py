@@ -21,7 +21,7 @@ def test_calibrate_eval_generate(tmp_path, capsys):
     plan_path = tmp_path / "plan.safetensors"
     assert main(["calibrate", "random:llama", "-o", str(plan_path), "--text", str(text), "--tokens", "320",
                  "--length", "32", "--sparsity", "0.5", "--method", "wisparse", "--validation-tokens", "32",
-                 "--population", "3", "--generations", "1"]) == 0
+                 "--population", "3", "--generations", "1", "--across-blocks", "free"]) == 0
     assert "wisparse plan at sparsity 0.5: 14 linears" in capsys.readouterr().out
     plan = SparsityPlan.load(plan_path)
     assert plan.method == "wisparse" and len(plan.names) == 14 and "search" in plan.stats["allocation"]

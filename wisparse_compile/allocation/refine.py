@@ -2,7 +2,9 @@
 
 Greedy, as TEAL does: start every group dense, and repeatedly raise the sparsity of the group
 whose step costs the least block-output reconstruction error (against the dense block, on
-calibration tokens) per unit of budget. Linears in one group share one sparsity.
+calibration tokens) per unit of budget. Linears in one group share one sparsity. The error is
+TEAL's mean squared error, or (``"wisparse"``) the squared error weighted by the output's
+sensitivity (``sensitivity.py``), which estimates the loss increase and so is comparable across blocks.
 
 The greedy is *lazy*: it treats a group's step cost as growing while the block gets sparser (as
 it usually does), so a cost measured at an earlier step is taken as a lower bound; each step
@@ -21,11 +23,12 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .blocks import Block, BlockCalls, first_tensor
+from ..weight_slots import WeightSlot
 from .masking import candidate_masks
 
 log = logging.getLogger(__name__)
@@ -38,17 +41,20 @@ ThresholdFn = Callable[[str, float], torch.Tensor]
 
 def block_error(
     block: Block, calls: BlockCalls, sparsities: Mapping[str, float], thresholds: ThresholdFn,
-    weight_ids: Mapping[str, int],
+    weight_ids: Mapping[str, WeightSlot], weights: Sequence[torch.Tensor] | None = None,
 ) -> float:
-    """Mean squared error of the block's output with ``sparsities`` against its dense output."""
+    """The block's output error with ``sparsities`` against its dense output: the mean squared error,
+    or with ``weights`` (one tensor per call, shaped like the output: ``sensitivity.output_sensitivities``)
+    the weighted sum of squared errors, a second-order estimate of the loss increase."""
     masks = {weight_ids[n]: thresholds(n, sparsities[n]) for n in block.linears if sparsities[n] > 0}
     total, count = 0.0, 0
     with torch.no_grad(), candidate_masks(masks):
-        for (args, kwargs), dense in zip(calls.calls, calls.outputs):
+        for k, ((args, kwargs), dense) in enumerate(zip(calls.calls, calls.outputs)):
             out = first_tensor(block.module(*args, **kwargs))
-            total += float((out.float() - dense.float()).pow(2).sum())
+            squared = (out.float() - dense.float()).pow(2)
+            total += float((squared * weights[k]).sum() if weights is not None else squared.sum())
             count += dense.numel()
-    return total / max(count, 1)
+    return total if weights is not None else total / max(count, 1)
 
 
 @dataclass
@@ -64,7 +70,8 @@ class GreedyPath:
     calls: BlockCalls
     step: float
     thresholds: ThresholdFn
-    weight_ids: Mapping[str, int]
+    weight_ids: Mapping[str, WeightSlot]
+    weights: Sequence[torch.Tensor] | None = None
     budgets: list[float] = field(default_factory=lambda: [0.0])
     group_sparsities: list[list[float]] = field(default_factory=list)
     errors: list[float] = field(default_factory=lambda: [0.0])
@@ -111,7 +118,7 @@ class GreedyPath:
     def _step_cost(self, group_s: list[float], i: int) -> tuple[float, float]:
         """(error increase per unit of budget, block error) of raising group ``i`` by one step."""
         trial = self._raised(group_s, i)
-        err = block_error(self.block, self.calls, _split(self.block, trial), self.thresholds, self.weight_ids)
+        err = block_error(self.block, self.calls, _split(self.block, trial), self.thresholds, self.weight_ids, self.weights)
         return (err - self.errors[-1]) / ((trial[i] - group_s[i]) * self.sizes[i]), err
 
     def group_split(self, budget: float) -> list[float]:
@@ -135,10 +142,10 @@ class GreedyPath:
 
 def greedy_path(
     block: Block, calls: BlockCalls, max_budget: float, step: float, thresholds: ThresholdFn,
-    weight_ids: Mapping[str, int],
+    weight_ids: Mapping[str, WeightSlot], weights: Sequence[torch.Tensor] | None = None,
 ) -> GreedyPath:
     """Run the greedy split from dense until block sparsity ``max_budget`` and record every step."""
-    path = GreedyPath(block, calls, step, thresholds, weight_ids)
+    path = GreedyPath(block, calls, step, thresholds, weight_ids, weights)
     path.extend_to(max_budget)
     return path
 
@@ -152,13 +159,15 @@ class BlockSplitter:
     where that reconstructs the block better (memoised per budget)."""
 
     def __init__(self, block: Block, calls: BlockCalls, budget: float, step: float,
-                 thresholds: ThresholdFn, weight_ids: Mapping[str, int]) -> None:
+                 thresholds: ThresholdFn, weight_ids: Mapping[str, WeightSlot],
+                 weights: Sequence[torch.Tensor] | None = None) -> None:
         self.block, self.calls, self.thresholds, self.weight_ids = block, calls, thresholds, weight_ids
-        self.path = greedy_path(block, calls, budget, step, thresholds, weight_ids)
+        self.weights = weights
+        self.path = greedy_path(block, calls, budget, step, thresholds, weight_ids, weights)
         self.cache: dict[float, dict[str, float]] = {}
 
     def error(self, sparsities: Mapping[str, float]) -> float:
-        return block_error(self.block, self.calls, sparsities, self.thresholds, self.weight_ids)
+        return block_error(self.block, self.calls, sparsities, self.thresholds, self.weight_ids, self.weights)
 
     def __call__(self, budget: float) -> dict[str, float]:
         key = round(float(budget), 6)

@@ -128,3 +128,129 @@ def evolve(
             children.append(_mutate(child, size_arr, mutation_scale, low, high, rng, moves))
         pop = children
     return SearchResult(pop[0].tolist(), scores[0], uniform_fitness, history)
+
+
+def depth_basis(blocks: int, degree: int) -> np.ndarray:
+    """[blocks, degree]: Legendre polynomials P1..P_degree of block depth mapped onto [-1, 1].
+
+    Smooth, nearly orthogonal directions: P1 tilts sparsity towards early or late blocks, P2 moves
+    it between the ends and the middle, and so on."""
+    depth = np.linspace(-1.0, 1.0, blocks)
+    return np.stack([np.polynomial.legendre.Legendre.basis(k)(depth) for k in range(1, degree + 1)], axis=1)
+
+
+@dataclass
+class ProfileSearchResult(SearchResult):
+    """A depth-profile search: the chosen coefficients, and each finalist's fitness on the search
+    split and on the selection split it never scored (their agreement shows the search's noise)."""
+
+    coefficients: list[float] = field(default_factory=list)
+    finalists: list[dict[str, object]] = field(default_factory=list)
+
+
+def search_profile(
+    fitness: Callable[[Sequence[float]], float], sizes: Sequence[int], target: float, *,
+    degree: int, step: float, evaluations: int, low: float, high: float,
+    select: Callable[[Sequence[float]], float] | None = None, finalists: int = 3,
+) -> ProfileSearchResult:
+    """Minimise ``fitness`` over block sparsities ``project(target + basis @ c)``: a smooth function of
+    depth with ``degree`` free coefficients instead of one free value per block.
+
+    Pattern search: from ``c = 0`` (uniform), try each coefficient ``+-step``; move to the best
+    improvement, halve the step when none improves; stop after ``evaluations`` fitness calls. Then
+    the ``finalists`` best distinct candidates (uniform always among them) are scored with
+    ``select`` on tokens the search never scored, and the best there is returned: a few free
+    values and an unseen referee keep the search from fitting its own validation tokens.
+    """
+    check_budget(target, low, high)
+    size_arr = np.asarray(sizes, dtype=np.float64)
+    basis = depth_basis(len(sizes), degree)
+    scored: dict[tuple[float, ...], tuple[float, np.ndarray]] = {}
+
+    def genome(c: np.ndarray) -> np.ndarray:
+        return project(target + basis @ c, size_arr, target, low, high)
+
+    def score(c: np.ndarray) -> float:
+        key = tuple(np.round(c, 6).tolist())
+        if key not in scored:
+            g = genome(c)
+            scored[key] = (float(fitness(g.tolist())), g)
+        return scored[key][0]
+
+    best = np.zeros(degree)
+    best_fit = uniform_fitness = score(best)
+    history: list[dict[str, object]] = [{"evaluation": 1, "best": best_fit, "coefficients": best.tolist()}]
+    bar = tqdm(total=evaluations, desc="allocation search", unit="eval", leave=False)
+    bar.update(1)
+    while len(scored) < evaluations and step > 1e-3 and degree > 0 and len(sizes) > 1:
+        moved = False
+        for k in range(degree):
+            for sign in (1.0, -1.0):
+                if len(scored) >= evaluations:
+                    break
+                trial = best.copy()
+                trial[k] += sign * step
+                before = len(scored)
+                fit = score(trial)
+                bar.update(len(scored) - before)
+                if fit < best_fit:
+                    best, best_fit, moved = trial, fit, True
+        history.append({"evaluation": len(scored), "best": best_fit, "coefficients": best.tolist(), "step": step})
+        log.info("profile search: %d evaluations, best fitness %.6g (uniform %.6g), step %.3g",
+                 len(scored), best_fit, uniform_fitness, step)
+        if not moved:
+            step /= 2
+    bar.close()
+    ranked = sorted(scored.items(), key=lambda kv: kv[1][0])
+    keys = [k for k, _ in ranked[:finalists]]
+    uniform_key = tuple([0.0] * degree)
+    if uniform_key not in keys:
+        keys.append(uniform_key)
+    rows = []
+    for key in keys:
+        fit, g = scored[key]
+        rows.append({"coefficients": list(key), "fitness": fit,
+                     "selection_fitness": float(select(g.tolist())) if select is not None else None,
+                     "block_sparsities": [round(v, 6) for v in g.tolist()]})
+    chosen = min(rows, key=lambda r: r["selection_fitness"] if select is not None else r["fitness"])
+    return ProfileSearchResult(
+        sparsities=list(chosen["block_sparsities"]), fitness=float(chosen["fitness"]),
+        uniform_fitness=uniform_fitness, history=history, coefficients=list(chosen["coefficients"]),
+        finalists=rows,
+    )
+
+
+def lagrangian_budgets(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]], sizes: Sequence[int], target: float,
+) -> list[float]:
+    """Per-block budgets with parameter-weighted mean ``target`` that minimise the summed error, each
+    block's error given as a curve of (budgets, errors) points (its greedy path), errors in one unit.
+
+    At an exchange rate ``lam`` (error per pruned parameter) every block takes the curve point that
+    minimises ``error - lam * budget * size``; ``lam`` is bisected until the budgets straddle the
+    target, and the two straddling choices are blended to meet it exactly. This is the exact optimum
+    on the curves' lower convex hulls: no search, nothing fitted to validation tokens."""
+    size_arr = np.asarray(sizes, dtype=np.float64)
+    if not curves or len(curves) != len(size_arr):
+        raise ValueError(f"need one (budgets, errors) curve per block, got {len(curves)} for {len(size_arr)} blocks")
+    reach = float(np.dot([max(b) for b, _ in curves], size_arr) / size_arr.sum())
+    if reach < target - 1e-9:
+        raise ValueError(f"the blocks' curves reach a mean sparsity of {reach:.4f} only, below the target {target}")
+    arrays = [(np.asarray(b, dtype=np.float64), np.asarray(e, dtype=np.float64)) for b, e in curves]
+
+    def pick(lam: float) -> np.ndarray:
+        return np.array([b[int(np.argmin(e - lam * b * n))] for (b, e), n in zip(arrays, size_arr)])
+
+    def mean(g: np.ndarray) -> float:
+        return float(np.dot(g, size_arr) / size_arr.sum())
+
+    lo, hi = 0.0, 1.0
+    while mean(pick(hi)) < target and hi < 1e30:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean(pick(mid)) < target else (lo, mid)
+    below, above = pick(lo), pick(hi)
+    m_below, m_above = mean(below), mean(above)
+    frac = 0.0 if m_above <= m_below else (target - m_below) / (m_above - m_below)
+    return (below + frac * (above - below)).tolist()

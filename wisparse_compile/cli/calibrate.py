@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import METHODS
+from ..config import ACROSS_BLOCKS, METHODS
 from .session import add_text_arguments, load_model, text_windows
 
 NAME = "calibrate"
@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="wisparse", help="allocation method (default wisparse)")
     parser.add_argument("--uniform", action="store_true", help="no allocation: every linear gets the target sparsity")
     add_text_arguments(parser, tokens=8192, length=512, part="calibration")
-    parser.add_argument("--validation-tokens", type=int, default=None, help="wisparse: held-out tokens scoring the search")
+    parser.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default=None,
+                        help="wisparse: split across blocks by output sensitivity (default), a depth-profile search, or a free search")
+    parser.add_argument("--refinement-tokens", type=int, default=None, help="calibration tokens of the within-block split")
+    parser.add_argument("--validation-tokens", type=int, default=None, help="wisparse searches: held-out tokens scoring the search")
     parser.add_argument("--population", type=int, default=None, help="wisparse: search population")
     parser.add_argument("--generations", type=int, default=None, help="wisparse: search generations")
     parser.add_argument("--seed", type=int, default=0)
@@ -31,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import SparsityConfig, calibrate
 
-    knobs = {k: getattr(args, k) for k in ("validation_tokens", "population", "generations") if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in ("across_blocks", "refinement_tokens", "validation_tokens", "population", "generations")
+             if getattr(args, k) is not None}
     try:
         config = SparsityConfig(sparsity=args.sparsity, method=args.method, uniform=args.uniform, seed=args.seed, **knobs)
     except ValueError as e:

@@ -5,16 +5,25 @@
 - ``wikipedia_articles()``: the real Wikipedia articles in gensim 4.4.0's test data (install the
   wheel, from the ``real`` extra; gensim itself is never imported), cleaned of
   wiki markup with mwparserfromhell.
+- ``domain_texts(name)``: held-out text of other kinds than Wikipedia, for checking that a plan
+  calibrated on Wikipedia carries: ``"news"`` (the 300 Australian Broadcasting Corporation news
+  articles of the Lee corpus, gensim's test data), ``"newsgroups"`` (200 Usenet posts from
+  alt.atheism and sci.space, gensim's test data, headers dropped), ``"python-docs"`` (the
+  language reference topics that ship with Python itself, ``pydoc_data.topics``).
 - ``token_windows``: non-overlapping windows of token ids over a list of texts.
 """
 
 from __future__ import annotations
 
 import bz2
+import copyreg
 import importlib.util
+import io
 import logging
 import os
+import pickle
 import re
+import zlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -102,12 +111,18 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, device: str = 
     return model, tok
 
 
-def wikipedia_dump() -> Path:
-    folder = _package_dir("gensim", "pip install 'wisparse-compile[real]' (or gensim==4.4.0: only its test data is used)")
-    path = folder / "test" / "test_data" / WIKI_DUMP
+GENSIM_HINT = "pip install 'wisparse-compile[real]' (or gensim==4.4.0: only its test data is used)"
+
+
+def _gensim_test_file(name: str) -> Path:
+    path = _package_dir("gensim", GENSIM_HINT) / "test" / "test_data" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall gensim==4.4.0")
     return path
+
+
+def wikipedia_dump() -> Path:
+    return _gensim_test_file(WIKI_DUMP)
 
 
 def clean_wikitext(text: str) -> str:
@@ -143,6 +158,62 @@ def wikipedia_articles(path: str | os.PathLike[str] | None = None, min_chars: in
                 articles.append(text)
     log.info("loaded %d Wikipedia articles from %s", len(articles), path)
     return articles
+
+
+def news_articles() -> list[str]:
+    """The 300 news articles of the Lee background corpus (one per line in gensim's test data)."""
+    text = _gensim_test_file("lee_background.cor").read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class _BunchUnpickler(pickle.Unpickler):
+    """Reads the pickled scikit-learn ``Bunch`` of gensim's ``mini_newsgroup`` without scikit-learn;
+    refuses every class but the few that pickle uses (no code from the file runs)."""
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if name == "_reconstructor" and module in ("copy_reg", "copyreg"):
+            return copyreg._reconstructor
+        if name == "Bunch":
+            return dict
+        if module in ("__builtin__", "builtins") and name in ("dict", "object"):
+            return {"dict": dict, "object": object}[name]
+        if module.startswith("numpy") and name in ("_reconstruct", "ndarray", "dtype"):
+            import numpy as np
+
+            return {"_reconstruct": np._core.multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
+        raise pickle.UnpicklingError(f"mini_newsgroup: refusing to load {module}.{name}")
+
+
+def newsgroup_posts() -> list[str]:
+    """200 Usenet posts (alt.atheism, sci.space) from gensim's test data, mail headers dropped."""
+    raw = zlib.decompress(_gensim_test_file("mini_newsgroup").read_bytes())
+    bunch = _BunchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    posts = []
+    for post in bunch["data"]:
+        body = post.split("\n\n", 1)[1] if "\n\n" in post else post
+        if body.strip():
+            posts.append(body.strip())
+    return posts
+
+
+def python_docs() -> list[str]:
+    """The language reference topics shipped with Python (``pydoc_data.topics``), in key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+#: Text domains besides Wikipedia: name -> loader (each a list of documents).
+DOMAINS = {"news": news_articles, "newsgroups": newsgroup_posts, "python-docs": python_docs}
+
+
+def domain_texts(name: str) -> list[str]:
+    """Documents of one text domain (``DOMAINS``); ``"wikipedia"`` gives the held-out half of the articles."""
+    if name == "wikipedia":
+        return split_articles(wikipedia_articles())[1]
+    if name not in DOMAINS:
+        raise ValueError(f"unknown text domain {name!r}; known: {['wikipedia', *DOMAINS]}")
+    return DOMAINS[name]()
 
 
 def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
