@@ -197,40 +197,41 @@ inline bool channel_kept(float v, float t) { return std::fabs(v) > t || std::isn
 inline void from_f32(float v, float* out) { *out = v; }
 inline void from_f32(float v, uint16_t* out) { *out = c10::BFloat16(v).x; }  // round to nearest even
 
-// W: float or uint16_t (bf16 bits) for x, WT and the output alike.
-template <typename W>
-void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* tp, int64_t m, int64_t k,
-                      int64_t n, W* out) {
-  // Scan: kept channels (union over rows) and per-row coefficients (0 where that row prunes).
-  thread_local std::vector<int64_t> kept;
-  thread_local std::vector<float> coef;
-  thread_local std::vector<float> scratch;
+// Scan: the kept channels (union over the rows) and per-row coefficients (0 where that row prunes);
+// tp == nullptr keeps every channel (a dense call). Returns how many channels are kept.
+template <typename X>
+int64_t gather_kept(const X* xp, const float* tp, int64_t m, int64_t k, std::vector<int64_t>& kept,
+                    std::vector<float>& coef) {
   if (static_cast<int64_t>(kept.size()) < k) kept.resize(k);
   if (static_cast<int64_t>(coef.size()) < k * m) coef.resize(k * m);
   int64_t nkept = 0;
   for (int64_t i = 0; i < k; ++i) {
-    bool any = false;
-    for (int64_t r = 0; r < m; ++r) any |= channel_kept(to_f32(xp[r * k + i]), tp[i]);
+    bool any = tp == nullptr;
+    for (int64_t r = 0; r < m && !any; ++r) any = channel_kept(to_f32(xp[r * k + i]), tp[i]);
     if (!any) continue;
     for (int64_t r = 0; r < m; ++r) {
       const float v = to_f32(xp[r * k + i]);
-      coef[nkept * m + r] = channel_kept(v, tp[i]) ? v : 0.0f;
+      coef[nkept * m + r] = (tp == nullptr || channel_kept(v, tp[i])) ? v : 0.0f;
     }
     kept[nkept++] = i;
   }
+  return nkept;
+}
 
-  // One fp32 partial per chunk of kept rows (each chunk at least 16 rows and bytes_per_thread()).
-  const int64_t bytes = nkept * n * static_cast<int64_t>(sizeof(W));
+// One fp32 partial [m, n] per chunk of kept rows (each chunk at least 16 rows and bytes_per_thread()
+// of weights); stream(begin, end, partial) accumulates kept rows [begin, end) into its partial.
+// Returns the chunk count: the partials lie one after another in scratch.
+template <typename Stream>
+int64_t stream_in_chunks(int64_t nkept, int64_t row_bytes, int64_t m, int64_t n, std::vector<float>& scratch,
+                         const Stream& stream) {
   const int64_t chunks = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), nkept / 16, bytes / bytes_per_thread()}));
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), nkept / 16, nkept * row_bytes / bytes_per_thread()}));
   if (static_cast<int64_t>(scratch.size()) < chunks * m * n) scratch.resize(chunks * m * n);
   float* pp = scratch.data();
-  const int64_t* kp = kept.data();
-  const float* cp = coef.data();
   auto run_chunk = [&](int64_t c) {
     float* partial = pp + c * m * n;
     std::fill(partial, partial + m * n, 0.0f);
-    stream_rows(wt, n, kp, cp, m, nkept * c / chunks, nkept * (c + 1) / chunks, partial);
+    stream(nkept * c / chunks, nkept * (c + 1) / chunks, partial);
   };
   if (chunks == 1) {
     run_chunk(0);
@@ -239,6 +240,24 @@ void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* 
       for (int64_t c = c0; c < c1; ++c) run_chunk(c);
     });
   }
+  return chunks;
+}
+
+// W: float or uint16_t (bf16 bits) for x, WT and the output alike.
+template <typename W>
+void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* tp, int64_t m, int64_t k,
+                      int64_t n, W* out) {
+  thread_local std::vector<int64_t> kept;
+  thread_local std::vector<float> coef;
+  thread_local std::vector<float> scratch;
+  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
+  const int64_t* kp = kept.data();
+  const float* cp = coef.data();
+  const int64_t chunks = stream_in_chunks(nkept, n * static_cast<int64_t>(sizeof(W)), m, n, scratch,
+                                          [&](int64_t begin, int64_t end, float* partial) {
+                                            stream_rows(wt, n, kp, cp, m, begin, end, partial);
+                                          });
+  const float* pp = scratch.data();
 
   // Epilogue: sum partials, [evens, odds] blocks back to natural order (bf16), bias, cast.
   const bool split = kSplitBf16 && sizeof(W) == 2;
@@ -389,38 +408,13 @@ void sparse_gemv_int8_impl(const X* xp, const int8_t* qt, const float* scale, co
   thread_local std::vector<int64_t> kept;
   thread_local std::vector<float> coef;
   thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(kept.size()) < k) kept.resize(k);
-  if (static_cast<int64_t>(coef.size()) < k * m) coef.resize(k * m);
-  int64_t nkept = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    bool any = tp == nullptr;
-    for (int64_t r = 0; r < m && !any; ++r) any = channel_kept(to_f32(xp[r * k + i]), tp[i]);
-    if (!any) continue;
-    for (int64_t r = 0; r < m; ++r) {
-      const float v = to_f32(xp[r * k + i]);
-      coef[nkept * m + r] = (tp == nullptr || channel_kept(v, tp[i])) ? v : 0.0f;
-    }
-    kept[nkept++] = i;
-  }
-  const int64_t bytes = nkept * n;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), nkept / 16, bytes / bytes_per_thread()}));
-  if (static_cast<int64_t>(scratch.size()) < chunks * m * n) scratch.resize(chunks * m * n);
-  float* pp = scratch.data();
+  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
   const int64_t* kp = kept.data();
   const float* cp = coef.data();
-  auto run_chunk = [&](int64_t c) {
-    float* partial = pp + c * m * n;
-    std::fill(partial, partial + m * n, 0.0f);
-    stream_rows_int8(qt, n, kp, cp, m, nkept * c / chunks, nkept * (c + 1) / chunks, partial);
-  };
-  if (chunks == 1) {
-    run_chunk(0);
-  } else {
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) run_chunk(c);
-    });
-  }
+  const int64_t chunks = stream_in_chunks(nkept, n, m, n, scratch, [&](int64_t begin, int64_t end, float* partial) {
+    stream_rows_int8(qt, n, kp, cp, m, begin, end, partial);
+  });
+  const float* pp = scratch.data();
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < n; ++j) {
       float v = 0.0f;
