@@ -445,7 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         "note": "other processes shared these cores during the run; see loadavg",
         "records": records,
     }
-    out = Path(__file__).parent / "results" / f"cpu_{args.machine}{'_quick' if args.quick else ''}.json"
+    # a partial run (--quick, or only the peer table) gets its own file: it must not replace a full run's
+    only_peer = args.peer and args.skip_kernels and args.skip_decode
+    suffix = "_quick" if args.quick else "_peer" if only_peer else ""
+    out = Path(__file__).parent / "results" / f"cpu_{args.machine}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(markdown(records))
