@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..mask import masked_input
 from . import routing, triton_route
 from .cpu_sparse_gemv import cpu_sparse_gemv_int8, uses_cpu_kernel_int8
-from .linear_op import SPARSE_KERNEL_DTYPES, uses_sparse_kernel
+from .linear_op import route_by_device
 
 
 def dequantized_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,13 +75,7 @@ def check_int8_operands(
 
 def route_of_int8(x: torch.Tensor, max_sparse_rows: int) -> str:
     """The route a ``sparse_linear_int8`` call takes (``routing.ROUTES``); the op and reports both ask here."""
-    if x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
-        return routing.MASKED_DENSE
-    if x.device.type in triton_route.TRITON_DEVICES:
-        return routing.TRITON if uses_sparse_kernel(x, max_sparse_rows) else routing.MASKED_DENSE
-    if uses_cpu_kernel_int8(x, max_sparse_rows):
-        return routing.CPU_KERNEL
-    return routing.MASKED_DENSE
+    return route_by_device(x, max_sparse_rows, lambda: uses_cpu_kernel_int8(x, max_sparse_rows))
 
 
 def sparse_gemv_int8(

@@ -17,7 +17,7 @@ so they can be captured in CUDA graphs.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,18 @@ def route_of(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int) -> str
     The op body calls this, and so may a report: both see the same answer, and with a symbolic
     row count both install the same guard (``routing.decode_sized``).
     """
+    return route_by_device(x, max_sparse_rows, lambda: uses_cpu_kernel(x, weight, max_sparse_rows))
+
+
+def route_by_device(x: torch.Tensor, max_sparse_rows: int, takes_cpu_kernel: Callable[[], bool]) -> str:
+    """The routing rule the fp32/bf16 op and the int8 op share: masked dense for dtypes the kernels
+    do not take, the Triton GEMV for decode-sized calls on its devices, else the C++ kernel where
+    ``takes_cpu_kernel()`` (each op's own layout and build check) says so."""
     if x.dtype not in SPARSE_KERNEL_DTYPES or x.shape[-1] == 0:
         return routing.MASKED_DENSE
     if x.device.type in triton_route.TRITON_DEVICES:
         return routing.TRITON if uses_sparse_kernel(x, max_sparse_rows) else routing.MASKED_DENSE
-    if uses_cpu_kernel(x, weight, max_sparse_rows):
+    if takes_cpu_kernel():
         return routing.CPU_KERNEL
     return routing.MASKED_DENSE
 
