@@ -86,6 +86,39 @@ def test_kernel_threshold_rule_and_per_row_masks(kernel):
     assert out[:, 0].tolist() == [20.0 - 300.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [16, 37, 64])
+def test_one_row_scan_keeps_exactly_the_mask_rule(kernel, dtype, k):
+    """A single row takes the vectorised scan (16 channels per step, scalar tail): |x| == t is pruned,
+    NaN kept (the output goes NaN as in the dense op), -Inf kept, NaN thresholds prune; both kernels."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    t = x.abs().float()[0].clone()
+    t[::3] = 0.0  # every third channel kept, the others exactly at threshold: pruned
+    t[1] = float("nan")
+    x[0, 2], t[2] = -float("inf"), 1.0  # kept
+    w = (torch.randn(20, k, generator=g) / k**0.5).to(dtype).t().contiguous().t()
+    b = torch.randn(20, generator=g).to(dtype)
+    for nan_at in (None, k - 2):
+        xi = x.clone()
+        if nan_at is not None:
+            xi[0, nan_at] = float("nan")
+        out = kernel(xi, w.t(), b, t).float()
+        ref = sparse_linear_reference(xi.float(), w.float(), b.float(), t).to(dtype).float()
+        torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype], equal_nan=True)
+        assert out.isnan().all() == (nan_at is not None)
+    # the int8 kernel shares the scan: finite row, kept set = every third channel
+    from wisparse_compile.kernels import sparse_linear_int8_reference
+    from wisparse_compile.quantize import quantize_int8
+
+    q, s = quantize_int8(w.float())
+    xf = x.clone()
+    xf[0, 2] = 0.0
+    out8 = torch.ops.wisparse_cpu.sparse_gemv_int8(xf, q, s, b, t).float()
+    ref8 = sparse_linear_int8_reference(xf.float(), q, s, b.float(), t).to(dtype).float()
+    torch.testing.assert_close(out8, ref8, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
 def test_op_routes_decode_to_kernel_and_prefill_to_reference(kernel):
     x, w, b, t = _operands(2, 40, 50, 0.5, torch.float32)
     assert uses_cpu_kernel(x, w, max_sparse_rows=8)

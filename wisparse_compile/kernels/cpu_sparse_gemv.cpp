@@ -197,15 +197,52 @@ inline bool channel_kept(float v, float t) { return std::fabs(v) > t || std::isn
 inline void from_f32(float v, float* out) { *out = v; }
 inline void from_f32(float v, uint16_t* out) { *out = c10::BFloat16(v).x; }  // round to nearest even
 
+#if defined(__AVX512F__)
+inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_f32(const uint16_t* p) {  // bf16 -> fp32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The one-row scan (decode at batch 1), 16 channels per step: the kept lanes (|x| > t ordered, or x
+// NaN: channel_kept) as a mask, their indices and values compressed in registers and stored whole
+// (the buffers have 16 spare entries; a compress straight to memory is microcoded on AMD Zen 4).
+// Branch-free: at 50% sparsity the scalar loop mispredicts about every other channel, which cost
+// ~0.5 ms of a 30-layer SmolLM2 step. Returns the kept count; channels [i_end, k) are left to the caller.
+template <typename X>
+int64_t gather_kept_row16(const X* xp, const float* tp, int64_t k, int64_t* kept, float* coef, int64_t& i_end) {
+  int64_t nkept = 0, i = 0;
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = load16_f32(xp + i);
+    const __mmask16 keep = tp == nullptr ? static_cast<__mmask16>(0xFFFF)
+        : static_cast<__mmask16>(_mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_loadu_ps(tp + i), _CMP_GT_OQ) |
+                                 _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    _mm512_storeu_ps(coef + nkept, _mm512_maskz_compress_ps(keep, v));
+    const __m512i lo = _mm512_add_epi64(_mm512_set1_epi64(i), iota);
+    const __m512i hi = _mm512_add_epi64(lo, _mm512_set1_epi64(8));
+    const int nlo = __builtin_popcount(keep & 0xFF);
+    _mm512_storeu_si512(kept + nkept, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep & 0xFF), lo));
+    _mm512_storeu_si512(kept + nkept + nlo, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep >> 8), hi));
+    nkept += nlo + __builtin_popcount(keep >> 8);
+  }
+  i_end = i;
+  return nkept;
+}
+#endif
+
 // Scan: the kept channels (union over the rows) and per-row coefficients (0 where that row prunes);
 // tp == nullptr keeps every channel (a dense call). Returns how many channels are kept.
 template <typename X>
 int64_t gather_kept(const X* xp, const float* tp, int64_t m, int64_t k, std::vector<int64_t>& kept,
                     std::vector<float>& coef) {
-  if (static_cast<int64_t>(kept.size()) < k) kept.resize(k);
-  if (static_cast<int64_t>(coef.size()) < k * m) coef.resize(k * m);
-  int64_t nkept = 0;
-  for (int64_t i = 0; i < k; ++i) {
+  if (static_cast<int64_t>(kept.size()) < k + 16) kept.resize(k + 16);  // + 16: gather_kept_row16's whole stores
+  if (static_cast<int64_t>(coef.size()) < k * m + 16) coef.resize(k * m + 16);
+  int64_t nkept = 0, start = 0;
+#if defined(__AVX512F__)
+  if (m == 1) nkept = gather_kept_row16(xp, tp, k, kept.data(), coef.data(), start);
+#endif
+  for (int64_t i = start; i < k; ++i) {
     bool any = tp == nullptr;
     for (int64_t r = 0; r < m && !any; ++r) any = channel_kept(to_f32(xp[r * k + i]), tp[i]);
     if (!any) continue;
