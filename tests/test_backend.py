@@ -1,5 +1,6 @@
 """End to end on a tiny random Llama: calibrate, attach, torch.compile(backend="wisparse")."""
 
+import copy
 import importlib.metadata
 import logging
 import sys
@@ -11,6 +12,7 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
 from torch._dynamo.utils import counters
+from wisparse_compile.attach import WeightLayoutChanged
 from wisparse_compile.backend import COMPILED_REPORTS
 
 
@@ -293,6 +295,61 @@ def test_swapping_plans_on_a_compiled_model_does_not_recompile():
     assert len(COMPILED_REPORTS) == reports, "a plan swap called the backend again"
     assert (outputs[0.6][0] - outputs[0.3][0]).abs().max() > 1e-3  # the swap took effect
     torch.testing.assert_close(outputs[0.6][0], outputs[0.6][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights", [None, "int8"])
+def test_decode_compile_options_skip_module_guards_and_keep_plan_swaps_exact(weights):
+    """With module guards filtered out (``decode_compile_options``) the compiled graph still follows
+    plan swaps exactly, without recompiling; the filter is really applied (fewer guards)."""
+    if not wsc.decode_compile_options():
+        pytest.skip("this torch has no skip_guard_on_all_nn_modules_unsafe")
+    model = tiny_llama()
+    plans = {s: wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=s, method="teal")) for s in (0.3, 0.6)}
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
+    wsc.attach(model, plans[0.3], weights=weights)
+    wsc.attach(reference, plans[0.3], weights=weights)
+    compiled = torch.compile(model, backend="wisparse", options=wsc.decode_compile_options())
+    logits(compiled, ids)
+    graphs = counters["stats"]["unique_graphs"]
+    for s in (0.6, 0.3):
+        wsc.attach(model, plans[s], weights=weights)
+        wsc.attach(reference, plans[s], weights=weights)
+        with MaskingHooks(reference, plans[s].channel_thresholds):
+            torch.testing.assert_close(logits(compiled, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs, "a plan swap recompiled"
+    filtered = _guard_count(compiled)
+    torch._dynamo.reset()
+    plain = torch.compile(model, backend="wisparse")
+    logits(plain, ids)
+    assert filtered < 0.7 * _guard_count(plain), (filtered, _guard_count(plain))  # tiny model: 182 vs 309
+
+
+def _guard_count(compiled) -> int:
+    """Guards of the newest cache entry of ``compiled``'s forward (its guard manager's leaves)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = compiled._orig_mod.forward.__func__.__code__
+    manager = _debug_get_cache_entry_list(code)[0].guard_manager
+
+    def count(node) -> int:
+        return len(node.get_leaf_guards()) + sum(count(child) for child in node.get_child_managers())
+
+    return count(manager.root)
+
+
+def test_weights_swapped_under_a_guard_filtered_graph_raise():
+    """Compiled with module guards skipped, a detached model hands the graph row-major float
+    weights where it was compiled for input-major ones: a clear error, not a silent wrong result."""
+    if not wsc.decode_compile_options():
+        pytest.skip("this torch has no skip_guard_on_all_nn_modules_unsafe")
+    model, _ = _calibrated()
+    compiled = torch.compile(model, backend="wisparse", options=wsc.decode_compile_options())
+    ids = torch.randint(0, 256, (1, 1))
+    logits(compiled, ids)
+    wsc.detach(model)
+    with pytest.raises(WeightLayoutChanged, match="torch._dynamo.reset"):
+        logits(compiled, ids)
 
 
 def test_attach_warns_once_when_eager_reduced_precision_matmuls_get_slow(monkeypatch, caplog):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import last_compile_report, sparse_backend, wisparse_backend
+from .backend import decode_compile_options, last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, SparsityConfig
 from .plan import PlanError, SparsityPlan
@@ -28,6 +28,7 @@ __all__ = [
     "attach",
     "attached_plan",
     "calibrate",
+    "decode_compile_options",
     "detach",
     "last_compile_report",
     "masked_linears",

@@ -152,6 +152,24 @@ def unplanned(weights: Iterable[torch.Tensor]) -> Iterator[None]:
         _bump_generation()
 
 
+class WeightLayoutChanged(RuntimeError):
+    """A compiled graph met a weight of another type, dtype, shape or layout than it was compiled for."""
+
+
+def weight_layout(weight: Any) -> tuple:
+    """What a compiled graph assumes of a weight: its type, dtype, shape and strides."""
+    if not isinstance(weight, torch.Tensor):
+        return (type(weight),)
+    return (type(weight), weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+
+
+def _describe(layout: tuple) -> str:
+    if len(layout) == 1:
+        return layout[0].__name__
+    kind, dtype, shape, stride = layout
+    return f"{kind.__name__} {str(dtype).removeprefix('torch.')} {list(shape)} strides {list(stride)}"
+
+
 class ThresholdFeed:
     """The thresholds of the weights at fixed argument positions, for a compiled graph's extra inputs.
 
@@ -161,11 +179,19 @@ class ThresholdFeed:
     resolution are held only while their model lives (a weak reference to it drops them). A weight
     with no plan gets zero thresholds (runs dense), and ``on_unplanned`` is called; such calls are
     resolved again each time (the backend warns once about them).
+
+    ``compiled_weights`` (the weights the graph was compiled for) make each resolution check that
+    the weights passed still have their type, dtype, shape and strides: Dynamo's guards recompile
+    before that could differ, unless the model was compiled with a guard filter that skips module
+    guards (``decode_compile_options``); then a weight swapped under the compiled graph (``detach``,
+    a new ``weights=`` mode) raises ``WeightLayoutChanged`` instead of running on a wrong layout.
     """
 
     def __init__(
-        self, positions: Sequence[int], examples: Sequence[torch.Tensor], on_unplanned: Callable[[], None]
+        self, positions: Sequence[int], examples: Sequence[torch.Tensor], on_unplanned: Callable[[], None],
+        compiled_weights: Sequence[torch.Tensor] = (),
     ) -> None:
+        self._layouts = [weight_layout(w) for w in compiled_weights]
         self._examples = list(examples)
         self._on_unplanned = on_unplanned
         get = operator.itemgetter(*positions) if positions else (lambda args: ())
@@ -201,6 +227,14 @@ class ThresholdFeed:
         self._weights, self._thresholds = None, ()  # the model died: let its weights and thresholds go
 
     def _resolve(self, weights: tuple) -> None:
+        for j, (weight, layout) in enumerate(zip(weights, self._layouts)):
+            if weight_layout(weight) != layout:
+                raise WeightLayoutChanged(
+                    f"wisparse: weight {j} of a compiled graph was {_describe(layout)} when compiled and is now "
+                    f"{_describe(weight_layout(weight))} (detached, or attached with another weights= mode). "
+                    "Dynamo's guards would recompile, but this model was compiled with a guard filter that skips "
+                    "module guards: call torch._dynamo.reset() and compile again after changing weights"
+                )
         thresholds: list[torch.Tensor] = []
         models: dict[int, nn.Module] = {}
         unplanned_weights, orphaned = 0, False

@@ -14,6 +14,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..backend import decode_compile_options
+
 
 class GreedyDecoder:
     """Greedy decoding with a static cache: the prompt prefilled once (eager), the one-token step compiled.
@@ -30,7 +32,8 @@ class GreedyDecoder:
         from transformers import StaticCache
 
         self.model = model
-        self.step = torch.compile(model, backend=backend)
+        # a decode loop changes no module attribute: skip Dynamo's module guards (dense and sparse alike)
+        self.step = torch.compile(model, backend=backend, options=decode_compile_options())
         if prompt is None:  # random tokens: the speed of a decode step does not depend on them
             prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
         if tuple(prompt.shape) != (1, prompt_len):
