@@ -15,6 +15,8 @@ SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
 SensitivityLabels = Literal["sampled", "data"]
 SENSITIVITY_LABELS: tuple[str, ...] = ("sampled", "data")
 SplitError = Literal["sensitivity", "mse"]
+RoundInputs = Literal["dense", "masked"]
+ROUND_INPUTS: tuple[str, ...] = ("dense", "masked")
 SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
 
@@ -80,6 +82,9 @@ class SparsityConfig:
     split_error: SplitError = "sensitivity"
     sensitivity_labels: SensitivityLabels = "sampled"
     across_blocks: AcrossBlocks = "sensitivity"
+    sensitivity_samples: int = 1
+    sensitivity_rounds: int = 1
+    round_inputs: RoundInputs = "dense"
     profile_degree: int = 2
     profile_step: float = 0.1
     search_evaluations: int = 12
@@ -128,6 +133,12 @@ class SparsityConfig:
                 'needs split_error="sensitivity" (plain output errors of different blocks are not comparable); '
                 'set split_error="sensitivity" or choose across_blocks="depth" or "free"'
             )
+        if self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be at least 1 (sampled next tokens per position), got {self.sensitivity_samples!r}")
+        if self.sensitivity_rounds < 1:
+            raise ValueError(f"sensitivity_rounds must be at least 1 (1: one estimate, no re-estimation), got {self.sensitivity_rounds!r}")
+        if self.round_inputs not in ROUND_INPUTS:
+            raise ValueError(f"round_inputs must be one of {ROUND_INPUTS}, got {self.round_inputs!r}")
         if not 1 <= self.profile_degree <= 8:
             raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
         if not 0 < self.profile_step <= 1:
