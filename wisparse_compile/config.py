@@ -49,6 +49,17 @@ class SparsityConfig:
         information, whose quadratic form is KL to the dense model; "data" takes the text's next
         tokens (empirical Fisher). On SmolLM2 at 50% "sampled" gave the lower rise on three of four
         text domains (``benchmarks/results/accuracy_levers.md``).
+    sensitivity_samples: with "sampled" labels, next tokens drawn per position; the squared gradients
+        are averaged over them (one backward each). 1 (default): 4 draws gave a higher rise on a
+        Wikipedia dev split at 50% (+35.9% vs +34.3%, ``accuracy_levers.md``).
+    sensitivity_rounds: with ``across_blocks="sensitivity"``, estimate the weights this many times:
+        each round after the first re-estimates them on the model masked by the last allocation
+        (next tokens from the dense model) and trades again. 1 (default): a second round raised the
+        dev rise by half (the squared gradient at the masked point has a first-order part, not only
+        curvature; ``accuracy_levers.md``).
+    round_inputs: in those later rounds, the block inputs the within-block errors are measured on:
+        "dense" (default, the dense model's) or "masked" (what the masked model feeds each block,
+        against the block's dense output on them).
     across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
         split_error="sensitivity"): every block's greedy path gives its estimated loss increase
         against its sparsity, and one exchange rate across blocks meets the budget at the least
