@@ -1,7 +1,8 @@
 """Accuracy table: dense and teal / wina / wisparse at several sparsities on SmolLM2, on held-out
 Wikipedia and on text of other kinds.
 
-Calibrates on the first half of the gensim Wikipedia articles only, and evaluates perplexity with
+Calibrates on the first half of the gensim Wikipedia articles only (by default one 256-token window from
+the start of each of its first 16 articles), and evaluates perplexity with
 every planned linear masked eagerly (``masked_linears``, the math the compiled model runs) on the
 second half of the articles and on the other domains of ``cli.data.DOMAINS`` (news articles,
 Usenet posts, Python's reference documentation), none of which calibration sees. The achieved
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
                    help="256-token windows; wisparse's searches (--across-blocks depth/free) hold the last "
                         "validation (+ selection) tokens out of their statistics")
     p.add_argument("--calibration-length", type=int, default=256)
+    p.add_argument("--calibration-windows", choices=["leading", "spread"], default="spread",
+                   help="leading: the first tokens of the calibration half (its first article, for 16 x 256); "
+                        "spread: one window from the start of each of its first --calibration-batches articles")
     p.add_argument("--eval-tokens", type=int, default=4096, help="per domain")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default="sensitivity", help="wisparse's split across blocks")
@@ -160,6 +164,23 @@ def write_outputs(record: dict, args: argparse.Namespace) -> str:
     return table
 
 
+def calibration_windows(tokenizer, texts: list[str], args: argparse.Namespace) -> list[torch.Tensor]:
+    """The calibration batches: ``--calibration-batches`` windows of ``--calibration-length`` tokens."""
+    length, count = args.calibration_length, args.calibration_batches
+    if args.calibration_windows == "leading":
+        return token_windows(tokenizer, texts, length, count * length)
+    windows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            windows.append(torch.tensor(ids[:length]).unsqueeze(0))
+        if len(windows) == count:
+            break
+    if len(windows) < count:
+        raise ValueError(f"--calibration-windows spread needs {count} articles of {length}+ tokens, found {len(windows)}")
+    return windows
+
+
 def make_setup(args: argparse.Namespace) -> dict:
     """What a result depends on: a rerun resumes only results of the same setup."""
     return {
@@ -168,6 +189,7 @@ def make_setup(args: argparse.Namespace) -> dict:
                        "newsgroups": "mini_newsgroup, headers dropped (gensim test data)",
                        "python-docs": "pydoc_data.topics (Python's reference docs)"},
         "domains": args.domains, "calibration_batches": args.calibration_batches,
+        "calibration_windows": args.calibration_windows,
         "calibration_length": args.calibration_length, "eval_tokens_per_domain": args.eval_tokens, "window": args.window,
         "across_blocks": args.across_blocks, "population": args.population, "generations": args.generations,
         "validation_tokens": args.validation_tokens, "selection_tokens": args.selection_tokens,
@@ -195,7 +217,7 @@ def main() -> None:
 
     model, tokenizer = load_causal_lm(args.model)
     calib_texts, eval_texts = split_articles(wikipedia_articles())
-    calib = token_windows(tokenizer, calib_texts, args.calibration_length, args.calibration_batches * args.calibration_length)
+    calib = calibration_windows(tokenizer, calib_texts, args)
     texts = {d: eval_texts if d == "wikipedia" else domain_texts(d) for d in args.domains}
     windows = {d: token_windows(tokenizer, t, args.window, args.eval_tokens) for d, t in texts.items()}
     log.info("calibration %d x %d tokens; evaluation %s", len(calib), args.calibration_length,

@@ -15,6 +15,8 @@ SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
 SensitivityLabels = Literal["sampled", "data"]
 SENSITIVITY_LABELS: tuple[str, ...] = ("sampled", "data")
 SplitError = Literal["sensitivity", "mse"]
+RoundInputs = Literal["dense", "masked"]
+ROUND_INPUTS: tuple[str, ...] = ("dense", "masked")
 SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
 
 
@@ -47,6 +49,17 @@ class SparsityConfig:
         information, whose quadratic form is KL to the dense model; "data" takes the text's next
         tokens (empirical Fisher). On SmolLM2 at 50% "sampled" gave the lower rise on three of four
         text domains (``benchmarks/results/accuracy_levers.md``).
+    sensitivity_samples: with "sampled" labels, next tokens drawn per position; the squared gradients
+        are averaged over them (one backward each). 1 (default): 4 draws gave a higher rise on a
+        Wikipedia dev split at 50% (+35.9% vs +34.3%, ``accuracy_levers.md``).
+    sensitivity_rounds: with ``across_blocks="sensitivity"``, estimate the weights this many times:
+        each round after the first re-estimates them on the model masked by the last allocation
+        (next tokens from the dense model) and trades again. 1 (default): a second round raised the
+        dev rise by half (the squared gradient at the masked point has a first-order part, not only
+        curvature; ``accuracy_levers.md``).
+    round_inputs: in those later rounds, the block inputs the within-block errors are measured on:
+        "dense" (default, the dense model's) or "masked" (what the masked model feeds each block,
+        against the block's dense output on them).
     across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
         split_error="sensitivity"): every block's greedy path gives its estimated loss increase
         against its sparsity, and one exchange rate across blocks meets the budget at the least
@@ -80,6 +93,9 @@ class SparsityConfig:
     split_error: SplitError = "sensitivity"
     sensitivity_labels: SensitivityLabels = "sampled"
     across_blocks: AcrossBlocks = "sensitivity"
+    sensitivity_samples: int = 1
+    sensitivity_rounds: int = 1
+    round_inputs: RoundInputs = "dense"
     profile_degree: int = 2
     profile_step: float = 0.1
     search_evaluations: int = 12
@@ -128,6 +144,12 @@ class SparsityConfig:
                 'needs split_error="sensitivity" (plain output errors of different blocks are not comparable); '
                 'set split_error="sensitivity" or choose across_blocks="depth" or "free"'
             )
+        if self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be at least 1 (sampled next tokens per position), got {self.sensitivity_samples!r}")
+        if self.sensitivity_rounds < 1:
+            raise ValueError(f"sensitivity_rounds must be at least 1 (1: one estimate, no re-estimation), got {self.sensitivity_rounds!r}")
+        if self.round_inputs not in ROUND_INPUTS:
+            raise ValueError(f"round_inputs must be one of {ROUND_INPUTS}, got {self.round_inputs!r}")
         if not 1 <= self.profile_degree <= 8:
             raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
         if not 0 < self.profile_step <= 1:

@@ -13,7 +13,7 @@ from wisparse_compile.allocation.refine import BlockSplitter, block_error, greed
 from wisparse_compile.allocation.search import (
     depth_basis, depth_ramps, evolve, lagrangian_budgets, project, search_profile,
 )
-from wisparse_compile.allocation.sensitivity import output_sensitivities
+from wisparse_compile.allocation.sensitivity import output_sensitivities, sample_next_tokens
 from wisparse_compile.weight_slots import weight_slots
 
 SEARCH = dict(population=6, generations=4, validation_tokens=128, refinement_tokens=128, selection_tokens=64)
@@ -512,3 +512,73 @@ def test_sampled_sensitivities_are_seeded_and_differ_from_the_datas():
     last = layout.blocks[-1].prefix
     assert all(torch.equal(x, y) for x, y in zip(a[last], b[last]))
     assert not torch.allclose(a[last][0], data[last][0])
+
+
+def test_sensitivities_of_given_draws_match_the_own_draws_and_average_several():
+    """``sample_next_tokens`` draws what ``output_sensitivities`` draws itself (same seed); with
+    ``samples`` draws per position the weights are the mean of the single-draw weights."""
+    model = _sensitive_model()
+    batches = token_batches(2, seed=5)
+    _, layout, calls = _sensitivity_setup(model, batches)
+    cpu = torch.device("cpu")
+    own = output_sensitivities(model, layout, calls, batches, cpu, sampled=True, seed=3)
+    given = output_sensitivities(model, layout, calls, batches, cpu, sampled=True,
+                                 drawn=sample_next_tokens(model, batches, cpu, seed=3))
+    last = layout.blocks[-1].prefix
+    assert all(torch.equal(x, y) for x, y in zip(own[last], given[last]))
+    three = sample_next_tokens(model, batches, cpu, seed=3, samples=3)
+    assert [tuple(d.shape) for d in three] == [(b.shape[0] * (b.shape[1] - 1), 3) for b in batches]
+    mean = output_sensitivities(model, layout, calls, batches, cpu, sampled=True, drawn=three)
+    singles = [output_sensitivities(model, layout, calls, batches, cpu, sampled=True, drawn=[d[:, k:k + 1] for d in three])
+               for k in range(3)]
+    for call in range(len(batches)):
+        expected = sum(s[last][call] for s in singles) / 3
+        assert torch.allclose(mean[last][call], expected, rtol=1e-5, atol=1e-12)
+    averaged = output_sensitivities(model, layout, calls, batches, cpu, sampled=True, seed=3, samples=3)
+    assert all(torch.equal(x, y) for x, y in zip(averaged[last], mean[last]))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(sensitivity_samples=0), "sensitivity_samples"),
+    (dict(sensitivity_rounds=0), "sensitivity_rounds"),
+    (dict(round_inputs="sparse"), "round_inputs"),
+])
+def test_sensitivity_config_errors_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        wsc.SparsityConfig(**bad)
+
+
+@pytest.mark.parametrize("round_inputs", ["dense", "masked"])
+def test_second_sensitivity_round_reallocates_and_keeps_the_budget(round_inputs):
+    """A second round re-estimates the weights on the model masked by the first allocation (next
+    tokens still from the dense model) and trades again: the budget holds, the record says so, and
+    the plan differs from the one-round plan."""
+    batches = token_batches(6, seed=5)
+    base = dict(sparsity=0.5, method="wisparse", refinement_tokens=128)
+    one = wsc.calibrate(_sensitive_model(), batches, wsc.SparsityConfig(**base))
+    two = wsc.calibrate(_sensitive_model(), batches, wsc.SparsityConfig(**base, sensitivity_rounds=2, round_inputs=round_inputs))
+    record = two.stats["allocation"]
+    assert record["sensitivity_rounds"] == 2 and record["across_blocks"] == "sensitivity"
+    blocks = record["block_sparsities"]
+    sizes = {b: sum(np.prod(two.shapes[n]) for n in two.names if n.startswith(b)) for b in blocks}
+    assert sum(blocks[b] * sizes[b] for b in blocks) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)
+    assert two.sparsities != one.sparsities
+
+
+def test_masked_block_calls_feed_each_block_the_sparse_model_and_keep_its_dense_output():
+    from wisparse_compile.allocation import _masked_block_calls
+
+    model = _sensitive_model()
+    batches = token_batches(2, seed=5)
+    stats, layout, calls = _sensitivity_setup(model, batches)
+    weight_ids = weight_slots(model, stats)
+    thresholds = _Thresholds(stats, False, torch.device("cpu"))
+    masks = {weight_ids[n]: thresholds(n, 0.5) for n in stats}
+    masked = _masked_block_calls(model, layout, batches, torch.device("cpu"), masks)
+    first, second = layout.blocks[0], layout.blocks[1]
+    assert torch.equal(masked[first.prefix].calls[0][0][0], calls[first.prefix].calls[0][0][0])  # nothing upstream
+    assert not torch.allclose(masked[second.prefix].calls[0][0][0], calls[second.prefix].calls[0][0][0])
+    with torch.no_grad():
+        args, kwargs = masked[second.prefix].calls[0]
+        out = second.module(*args, **kwargs)
+    assert torch.equal(masked[second.prefix].outputs[0], (out[0] if isinstance(out, tuple) else out))

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from ..config import SparsityConfig
 from ..model_io import batch_tokens, call_model
 from ..weight_slots import weight_slots
-from .blocks import Layout, discover_layout, first_tensor
+from .blocks import BlockCalls, Layout, discover_layout, first_tensor
 from .masking import candidate_masks
 from .refine import BlockSplitter
 from .search import check_budget, evolve, lagrangian_budgets, project, search_profile
-from .sensitivity import output_sensitivities
+from .sensitivity import output_sensitivities, sample_next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def allocate(
     weights = None
     if wisparse and config.split_error == "sensitivity":
         weights = output_sensitivities(model, layout, calls, refinement, device,
-                                       sampled=config.sensitivity_labels == "sampled", seed=config.seed)
+                                       sampled=config.sensitivity_labels == "sampled", seed=config.seed,
+                                       samples=config.sensitivity_samples)
         record["split_error"] = "sensitivity" if weights is not None else "mse"
     trade = wisparse and config.across_blocks == "sensitivity"
     if trade and weights is None:
@@ -158,6 +159,29 @@ def allocate(
     if trade:
         budgets = _trade_by_sensitivity(layout, splitters, config)
         record["across_blocks"] = "sensitivity"
+        for round_ in range(1, config.sensitivity_rounds):
+            planned = _planned_sparsities(layout, splitters, budgets, target)
+            masks = {weight_ids[n]: thresholds(n, v) for n, v in planned.items() if v > 0}
+            log.info("sensitivity round %d: re-estimating on the model masked by the last allocation", round_ + 1)
+            if config.round_inputs == "masked":
+                calls = _masked_block_calls(model, layout, refinement, device, masks)
+            sampled = config.sensitivity_labels == "sampled"
+            # next tokens from the dense model: the weights then estimate the rise of KL to dense, not to the masked model
+            drawn = sample_next_tokens(model, refinement, device, config.seed, config.sensitivity_samples) if sampled else None
+            with candidate_masks(masks):
+                again = output_sensitivities(model, layout, calls, refinement, device, sampled=sampled, seed=config.seed,
+                                             samples=config.sensitivity_samples, drawn=drawn)
+            if again is None:
+                break
+            weights = again
+            splitters = {
+                b.prefix: BlockSplitter(b, calls[b.prefix], budget, config.refinement_step, thresholds, weight_ids,
+                                        weights[b.prefix])
+                for b, budget in tqdm(list(zip(layout.blocks, budgets)), desc=f"greedy paths, round {round_ + 1}",
+                                      unit="block", leave=False)
+            }
+            budgets = _trade_by_sensitivity(layout, splitters, config)
+        record["sensitivity_rounds"] = config.sensitivity_rounds
     elif wisparse and config.across_blocks != "sensitivity":
         result = _search(model, layout, splitters, validation or calibration, config, thresholds, weight_ids, device)
         budgets = result.sparsities
@@ -180,6 +204,27 @@ def allocate(
         record["block_sparsities"][block.prefix] = budget
         record["refinement"][block.prefix] = splitters[block.prefix].path.steps()
     return Allocation({n: sparsities[n] for n in names}, record)
+
+
+def _planned_sparsities(layout: Layout, splitters: Mapping[str, BlockSplitter], budgets: Sequence[float],
+                        target: float) -> dict[str, float]:
+    """Per-linear sparsities of block budgets, each block split by its splitter (outside linears: the target)."""
+    sparsities = {n: target for n in layout.outside}
+    for block, budget in zip(layout.blocks, budgets):
+        sparsities.update(splitters[block.prefix](budget))
+    return sparsities
+
+
+def _masked_block_calls(model: nn.Module, layout: Layout, batches: Sequence[Any], device: torch.device,
+                        masks: Mapping[Any, torch.Tensor]) -> dict[str, BlockCalls]:
+    """Each block's calls as the masked model feeds it (upstream blocks sparse), with the block's own
+    dense output on those inputs as its reference: the block's error then counts what its own masks add."""
+    _, masked = discover_layout(model, [n for b in layout.blocks for n in b.linears], batches, device, masks=masks)
+    with torch.no_grad():
+        for block in layout.blocks:
+            calls = masked[block.prefix]
+            calls.outputs = [first_tensor(block.module(*args, **kwargs)).detach() for args, kwargs in calls.calls]
+    return masked
 
 
 def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter], config: SparsityConfig) -> list[float]:

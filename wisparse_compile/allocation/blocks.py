@@ -12,10 +12,11 @@ recycled ``id``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -23,7 +24,8 @@ from torch import nn
 from ..model_io import call_model
 from ..model_structure import decoder_layer_prefixes, find_weight
 from ..observer import LinearCall, LinearObserver
-from ..weight_slots import WatchedWeights, weight_slots
+from ..weight_slots import WatchedWeights, WeightSlot, weight_slots
+from .masking import candidate_masks
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,16 @@ def _plain(value: Any) -> Any:
 
 
 def discover_layout(
-    model: nn.Module, names: Iterable[str], batches: list[Any], device: torch.device
+    model: nn.Module, names: Iterable[str], batches: list[Any], device: torch.device,
+    masks: Mapping[WeightSlot, torch.Tensor] | None = None,
 ) -> tuple[Layout, dict[str, BlockCalls]]:
     """Group planned linears into blocks and input-sharing groups; capture dense block calls.
 
     One dense pass over ``batches`` (no grad) does both: the first batch shows which linears share
     inputs, and every batch records each block's inputs and output for reconstruction errors.
+    With ``masks`` (``masking.candidate_masks`` thresholds) the pass runs the masked model: the
+    calls are what a sparse model feeds each block (the grouping is then not meaningful: masked
+    linears get inputs of their own).
     """
     names = list(names)
     weights = {name: find_weight(model, name) for name in names}
@@ -140,7 +146,7 @@ def discover_layout(
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
     sharing = _InputSharing(watched)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (candidate_masks(masks) if masks else contextlib.nullcontext()):
             for i, batch in enumerate(batches):
                 if i == 0:
                     with sharing:

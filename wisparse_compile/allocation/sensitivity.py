@@ -42,9 +42,29 @@ def _labels(batch: Any, device: torch.device) -> torch.Tensor:
     return labels
 
 
+def _draw(flat_logits: torch.Tensor, seed: int, samples: int) -> torch.Tensor:
+    """[positions, samples] next tokens drawn from the logits' distribution (seeded)."""
+    generator = torch.Generator(device=flat_logits.device).manual_seed(seed)
+    return torch.multinomial(flat_logits.detach().float().softmax(-1), samples, replacement=samples > 1, generator=generator)
+
+
+def sample_next_tokens(model: nn.Module, batches: Sequence[Any], device: torch.device, seed: int = 0,
+                       samples: int = 1) -> list[torch.Tensor]:
+    """Per batch, [positions, samples] next tokens drawn from the model's distribution as it runs now,
+    as ``output_sensitivities`` draws them (same seed, same tokens)."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            output = call_model(model, batch, device)
+            logits = getattr(output, "logits", None)
+            logits = logits if isinstance(logits, torch.Tensor) else first_tensor(output)
+            out.append(_draw(logits[:, :-1].float().reshape(-1, logits.shape[-1]), seed, samples))
+    return out
+
+
 def output_sensitivities(
     model: nn.Module, layout: Layout, calls: Mapping[str, BlockCalls], batches: Sequence[Any], device: torch.device,
-    sampled: bool = True, seed: int = 0,
+    sampled: bool = True, seed: int = 0, samples: int = 1, drawn: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, list[torch.Tensor]] | None:
     """Per block, per captured call: the squared gradient of the summed next-token loss with respect to
     the block's output, shaped like that output (aligned with ``calls[prefix].outputs``).
@@ -52,6 +72,11 @@ def output_sensitivities(
     sampled: the loss is on next tokens drawn from the model's own distribution (``seed`` per batch):
     the squared gradients then estimate the Fisher information, whose quadratic form is the KL
     divergence to the dense model; False: on the data's next tokens (the empirical Fisher).
+    samples: with ``sampled``, the squared gradients are averaged over this many draws per token
+    (one backward each), a less noisy Fisher estimate.
+    drawn: with ``sampled``, the next tokens to use, per batch [positions, samples] (``sample_next_tokens``
+    of another model state, e.g. the dense model's while this one runs masked) instead of drawing them
+    from this forward's distribution.
     The gradient starts at the input of the first block called (a leaf that requires grad), so any
     model with decoder blocks works. None (with a warning) when the model's output is not next-token
     logits over the batch's ids, or a block is not called once per forward: the caller then falls back
@@ -82,7 +107,7 @@ def output_sensitivities(
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            for batch in tqdm(batches, desc="output sensitivities", unit="batch", leave=False):
+            for index, batch in enumerate(tqdm(batches, desc="output sensitivities", unit="batch", leave=False)):
                 for held in outputs.values():
                     held.clear()
                 out = call_model(model, batch, device)
@@ -95,18 +120,24 @@ def output_sensitivities(
                                 "within-block splits use plain output errors", type(model).__name__, tuple(logits.shape))
                     return None
                 flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+                targets = [labels.reshape(-1)]
                 if sampled:  # the model's own next tokens: the Fisher whose quadratic form is KL to dense
-                    generator = torch.Generator(device=flat.device).manual_seed(seed)
-                    drawn = torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).squeeze(-1)
-                    labels = torch.where(labels.reshape(-1) == -100, labels.reshape(-1), drawn)
-                loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
-                loss.backward()
-                for prefix, held in outputs.items():
-                    if len(held) != 1 or held[0].grad is None:
-                        log.warning("block %s was called %d times in one forward (or got no gradient): "
-                                    "within-block splits use plain output errors", prefix, len(held))
-                        return None
-                    grads[prefix].append(held[0].grad.detach().float().pow(2))
+                    tokens = drawn[index].to(flat.device) if drawn is not None else _draw(flat, seed, samples)
+                    targets = [torch.where(targets[0] == -100, targets[0], tokens[:, k]) for k in range(tokens.shape[1])]
+                squares: dict[str, torch.Tensor] = {}
+                for k, target in enumerate(targets):
+                    loss = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
+                    loss.backward(retain_graph=k < len(targets) - 1)
+                    for prefix, held in outputs.items():
+                        if len(held) != 1 or held[0].grad is None:
+                            log.warning("block %s was called %d times in one forward (or got no gradient): "
+                                        "within-block splits use plain output errors", prefix, len(held))
+                            return None
+                        square = held[0].grad.detach().float().pow(2) / len(targets)
+                        squares[prefix] = square if k == 0 else squares[prefix] + square
+                        held[0].grad = None
+                for prefix, square in squares.items():
+                    grads[prefix].append(square)
     finally:
         for h in handles:
             h.remove()
