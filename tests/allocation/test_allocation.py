@@ -466,11 +466,34 @@ def test_trade_by_sensitivity_extends_only_wanted_paths_and_stops_past_the_bound
     costly = _FixedPath([0.0, 0.2, 0.4, 0.6, 0.8], [0.0, 1.0, 4.0, 9.0, 16.0])
     blocks = [SimpleNamespace(prefix="a.", size=1), SimpleNamespace(prefix="b.", size=1)]
     splitters = {"a.": SimpleNamespace(path=cheap), "b.": SimpleNamespace(path=costly)}
-    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", max_block_sparsity=0.9)
+    config = wsc.SparsityConfig(sparsity=0.5, method="wisparse", max_block_sparsity=0.9, block_band=None)
     budgets = _trade_by_sensitivity(Layout(blocks), splitters, config)
     assert sum(budgets) / 2 == pytest.approx(0.5, abs=1e-9)
     assert budgets[0] == pytest.approx(0.6) and budgets[1] == pytest.approx(0.4)
     assert costly.budgets[-1] <= 0.6  # the costly block's path was not run further than needed
+
+
+def test_block_band_holds_traded_budgets_near_the_target():
+    """The exchange rate wants 0.9 / 0.1 for a near-free and a very costly block; block_band=0.1 holds
+    them at 0.6 / 0.4 (the budget still met), while the config's own bounds alone let them go."""
+    from types import SimpleNamespace
+
+    from wisparse_compile.allocation import _trade_by_sensitivity, block_bounds
+    from wisparse_compile.allocation.blocks import Layout
+
+    def paths():
+        grid = [round(0.1 * i, 1) for i in range(10)]
+        return {"a.": SimpleNamespace(path=_FixedPath(grid, [0.001 * b for b in grid])),
+                "b.": SimpleNamespace(path=_FixedPath(grid, [100.0 * b**2 for b in grid]))}
+
+    blocks = Layout([SimpleNamespace(prefix="a.", size=1), SimpleNamespace(prefix="b.", size=1)])
+    free = _trade_by_sensitivity(blocks, paths(), wsc.SparsityConfig(sparsity=0.5, method="wisparse", block_band=None))
+    assert free == pytest.approx([0.9, 0.1])
+    banded = _trade_by_sensitivity(blocks, paths(), wsc.SparsityConfig(sparsity=0.5, method="wisparse", block_band=0.1))
+    assert banded == pytest.approx([0.6, 0.4])
+    assert block_bounds(wsc.SparsityConfig(sparsity=0.05, method="wisparse")) == pytest.approx((0.15, 0.0))
+    with pytest.raises(ValueError, match="block_band"):
+        wsc.SparsityConfig(block_band=0.0)
 
 
 class _HiddenStateModel(torch.nn.Module):

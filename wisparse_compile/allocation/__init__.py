@@ -227,6 +227,16 @@ def _masked_block_calls(model: nn.Module, layout: Layout, batches: Sequence[Any]
     return masked
 
 
+def block_bounds(config: SparsityConfig) -> tuple[float, float]:
+    """(highest, lowest) sparsity one block may get when trading by sensitivity: the config's bounds,
+    narrowed to ``sparsity +- block_band``."""
+    high, low = config.max_block_sparsity, config.min_block_sparsity
+    if config.block_band is not None:
+        target = float(config.sparsity)
+        high, low = min(high, target + config.block_band), max(low, target - config.block_band)
+    return high, low
+
+
 def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter], config: SparsityConfig) -> list[float]:
     """Block budgets at one exchange rate of estimated loss increase per pruned parameter, each block's
     greedy path (sensitivity-weighted errors) read as its cost curve (``search.lagrangian_budgets``).
@@ -235,7 +245,8 @@ def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter]
     for blocks whose chosen budget sits at the end of their path, until no block does: a block that
     stops inside its path would not move with more of it (the curves are near convex), so this reads
     the same budgets as paths run to ``max_block_sparsity``, at a fraction of the block evaluations."""
-    high, sizes = config.max_block_sparsity, [b.size for b in layout.blocks]
+    high, lo = block_bounds(config)
+    sizes = [b.size for b in layout.blocks]
 
     def curve(block) -> tuple[list[float], list[float]]:
         path = splitters[block.prefix].path
@@ -254,7 +265,6 @@ def _trade_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter]
             for block in at_end:
                 path = splitters[block.prefix].path
                 path.extend_to(min(high, path.budgets[-1] + EXTEND_STEP))
-    lo = config.min_block_sparsity
     if any(b < lo - 1e-9 for b in budgets):  # the curves' optimum spares a block below the floor
         budgets = project(np.asarray(budgets), np.asarray(sizes, dtype=np.float64), float(config.sparsity), lo, high).tolist()
     log.info("budgets across blocks by output sensitivity: %s", [round(b, 3) for b in budgets])
