@@ -203,12 +203,18 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
 
     record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
     results = record["results"]
-    assert list(results) == ["fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5"]
-    assert results["int8 dense"]["quantized"] == 15 and results["int8 dense"]["head"] == "lm_head"
-    fp, q = results["fp32 dense"]["perplexity"], results["int8 dense"]["perplexity"]
-    assert q != fp and abs(q / fp - 1) < 0.01  # int8 changes the model, and only slightly
-    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in ("int8 + teal@0.5", "int8 + wisparse@0.5"))
-    assert "| int8 | teal 0.5 |" in (tmp_path / "int8_accuracy_quick.md").read_text()
+    assert list(results) == [
+        "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5", "int4 dense", "int4 + teal@0.5", "int4 + wisparse@0.5",
+    ]
+    for fmt in ("int8", "int4"):
+        assert results[f"{fmt} dense"]["quantized"] == 15 and results[f"{fmt} dense"]["head"] == "lm_head"
+    fp, q8, q4 = (results[k]["perplexity"] for k in ("fp32 dense", "int8 dense", "int4 dense"))
+    assert q8 != fp and abs(q8 / fp - 1) < 0.01  # int8 changes the model, and only slightly
+    assert q4 != q8 and abs(q4 / fp - 1) < 0.1  # int4: coarser, still close on a random tiny model
+    sparse = [k for k in results if "@" in k]
+    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in sparse)
+    table = (tmp_path / "int8_accuracy_quick.md").read_text()
+    assert "| int8 | teal 0.5 |" in table and "| int4 | wisparse 0.5 |" in table
 
 
 # ---- int4 ----

@@ -513,11 +513,16 @@ inline int int4_low(uint8_t b) { return static_cast<int>(static_cast<int8_t>(sta
 inline int int4_high(uint8_t b) { return static_cast<int>(static_cast<int8_t>(b)) >> 4; }
 
 #if defined(__AVX512F__)
-// 16 packed bytes of a full block -> outputs 0-15 (lo) and 16-31 (hi) as fp32.
-inline void unpack_block16(const uint8_t* p, __m512& lo, __m512& hi) {
-  const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
-  hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
+// 16 packed bytes of a full block -> outputs 0-15 (lo) and 16-31 (hi) as fp32: a 16-entry table
+// lookup (vpermps reads only the low 4 bits of each index lane), so no shift-pair sign extension
+// and no int->float conversion.
+inline __m512 int4_table() {
+  return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+}
+inline void unpack_block16(const uint8_t* p, __m512 table, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_permutexvar_ps(v, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // 8 packed bytes (half a full block) -> 8 low-nibble outputs and the 8 high-nibble outputs 16 later.
@@ -528,23 +533,31 @@ inline void unpack_half8(const uint8_t* p, __m256& lo, __m256& hi) {
 }
 #endif
 
-// acc[0:n] += sum_t c[t] * scale[t][g] * code[t][0:n] for R rows; ``ahead`` (or nullptr): R rows to
-// prefetch alongside, one 64-byte line of each per 64 packed bytes (four blocks).
+// acc[0:n] += sum_t c[t] * scale[t][g] * code[t][0:n] for R rows; ``ahead``/``ahead_s`` (or nullptr):
+// the codes and scale rows of R rows to prefetch alongside, a 64-byte line of codes per four blocks and
+// one of scales per sixteen (a scale row is a separate scattered read: unprefetched, its miss stalls
+// every FMA of the row behind it).
 template <int R>
 inline void axpy_int4(float* __restrict acc, const uint8_t* const* w, const float* const* s, const float* c,
-                      int64_t n, const uint8_t* const* ahead) {
+                      int64_t n, const uint8_t* const* ahead, const float* const* ahead_s) {
   const int64_t full = n / kInt4Block;
+#if defined(__AVX512F__)
+  const __m512 table = int4_table();
+#endif
   for (int64_t g = 0; g < full; ++g) {
     const int64_t j = g * kInt4Block, byte = g * (kInt4Block / 2);
     if (ahead && g % 4 == 0) {
       for (int t = 0; t < R; ++t) prefetch_line_i8(reinterpret_cast<const int8_t*>(ahead[t] + byte));
+      if (g % 16 == 0) {
+        for (int t = 0; t < R; ++t) prefetch_line_i8(reinterpret_cast<const int8_t*>(ahead_s[t] + g));
+      }
     }
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
     for (int t = 0; t < R; ++t) {
       const __m512 v = _mm512_set1_ps(c[t] * s[t][g]);
       __m512 lo, hi;
-      unpack_block16(w[t] + byte, lo, hi);
+      unpack_block16(w[t] + byte, table, lo, hi);
       a0 = _mm512_fmadd_ps(v, lo, a0);
       a1 = _mm512_fmadd_ps(v, hi, a1);
     }
@@ -604,6 +617,7 @@ void stream_rows_int4(const uint8_t* packed, const float* scale, int64_t n, cons
   const uint8_t* w[8];
   const float* s[8];
   const uint8_t* pre[8];
+  const float* pre_s[8];
   float c[8];
   auto point = [&](int64_t q, int count) {
     for (int t = 0; t < count; ++t) {
@@ -616,25 +630,28 @@ void stream_rows_int4(const uint8_t* packed, const float* scale, int64_t n, cons
     point(q, G);
     const bool prefetch = q + ahead + G <= end;
     if (prefetch) {
-      for (int t = 0; t < G; ++t) pre[t] = packed + kept[q + ahead + t] * row_bytes;
+      for (int t = 0; t < G; ++t) {
+        pre[t] = packed + kept[q + ahead + t] * row_bytes;
+        pre_s[t] = scale + kept[q + ahead + t] * groups;
+      }
     }
     for (int64_t r = 0; r < m; ++r) {
       for (int t = 0; t < G; ++t) c[t] = coef[(q + t) * m + r];
-      axpy_int4<G>(partial + r * n, w, s, c, n, prefetch && r == 0 ? pre : nullptr);
+      axpy_int4<G>(partial + r * n, w, s, c, n, prefetch && r == 0 ? pre : nullptr, pre_s);
     }
   }
   for (; q + 4 <= end; q += 4) {
     point(q, 4);
     for (int64_t r = 0; r < m; ++r) {
       for (int t = 0; t < 4; ++t) c[t] = coef[(q + t) * m + r];
-      axpy_int4<4>(partial + r * n, w, s, c, n, nullptr);
+      axpy_int4<4>(partial + r * n, w, s, c, n, nullptr, nullptr);
     }
   }
   for (; q < end; ++q) {
     point(q, 1);
     for (int64_t r = 0; r < m; ++r) {
       c[0] = coef[q * m + r];
-      axpy_int4<1>(partial + r * n, w, s, c, n, nullptr);
+      axpy_int4<1>(partial + r * n, w, s, c, n, nullptr, nullptr);
     }
   }
 }
