@@ -40,7 +40,7 @@ INT8_TARGET = 0.01
 #: What each format stores (the record's ``setup["quantization"]``).
 QUANTIZATION = {
     "int8": "symmetric int8 per output channel, planned linears + lm_head (own copy if tied)",
-    "int4": "symmetric 4-bit (codes -7..7), one fp32 scale per input channel and 32 outputs, planned linears + lm_head",
+    "int4": "4-bit codes -8..7, one fp32 scale per input channel and 32 outputs (least-squares among max|W|/6..9), planned linears + lm_head",
 }
 
 

@@ -38,7 +38,7 @@ def kernel():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("sparsity", [None, 0.0, 0.5, 1.0])
-@pytest.mark.parametrize("n,k", [(70, 45), (33, 130), (1041, 67), (40, 13), (96, 8), (15, 21)])
+@pytest.mark.parametrize("n,k", [(70, 45), (33, 130), (1041, 67), (40, 13), (96, 8), (200, 8), (15, 21)])
 def test_cpu_kernel_matches_reference(kernel, dtype, m, sparsity, n, k):
     """k = 8, 13, 21, 45, 67, 130: eight-row groups, a four-row group and single rows all run; n =
     96 is whole 32-output blocks, 70/40/1041/33 end in a partial block (1041 and 33 odd: a spare

@@ -497,8 +497,8 @@ at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const
 }
 
 // ---- int4 weights (wisparse_cpu::sparse_gemv_int4) ----
-// out[r, :] = sum_{i kept for row r} x[r, i] * (code[i, :] * scale[i, group]) + bias: symmetric 4-bit
-// codes (two's complement nibbles, -7..7) grouped along the output dimension (kInt4Block = 32
+// out[r, :] = sum_{i kept for row r} x[r, i] * (code[i, :] * scale[i, group]) + bias: 4-bit codes
+// (two's complement nibbles, -8..7, no zero point) grouped along the output dimension (kInt4Block = 32
 // consecutive outputs share scale[i, g]), input-major so a pruned channel skips one contiguous
 // packed row of ceil(out/2) bytes (wisparse_compile/quantize.py, quantize_int4). Within a block
 // of r outputs (32, or fewer for the last one) h = ceil(r/2): byte b holds output b in its low
