@@ -59,6 +59,7 @@ def test_bench_peer_runs_ours_int8_side_by_side_and_notes_a_missing_peer():
     assert peer["llama.cpp"]["tokens_per_s"] is None and "no GGUF" in peer["llama.cpp"]["note"]
     assert all(peer[k]["tokens_per_s"] > 0 for k in ("dense fp32", "dense int8", "int8 + 50%", "int4 + 50%"))
     assert peer["dense int8"]["graphs_compiled_in_warmup"] == 1 and peer["int8 + 50%"]["graphs_compiled_in_warmup"] == 0
+    assert peer["int4 + 50%"]["graphs_compiled_in_warmup"] == 1  # its own graph, not the int8 one
     (profile,) = [r for r in records if r["kind"] == "profile"]
     assert profile["step_ms"] > 0 and 0 < sum(o["share"] for o in profile["ops"]) <= 1 + 1e-9
     assert any("sparse_gemv_int8" in o["op"] for o in profile["ops"])
