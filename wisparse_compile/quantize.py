@@ -16,7 +16,7 @@ With ``weights="int4"`` each becomes an ``Int4Weight`` instead (``quantize_int4`
   complement nibbles, no zero point), two per byte. Outputs go in blocks of 32 (the last block
   may be shorter, r outputs); within a block, with h = ceil(r/2) (16 for a full block), byte b
   holds output b in its low nibble and output b + h in its high nibble, so one 16-byte load of a
-  full block unpacks into outputs 0-15 and 16-31 with shifts only (no shuffle);
+  full block unpacks into outputs 0-15 and 16-31 without rearranging lanes;
 - ``scale``: fp32 ``[in, ceil(out/32)]``, grouped along the output dimension (so each input
   channel's row stays contiguous): ``scale[i, g] = max |W[o, i]| / d`` over the group's 32
   outputs, d the divisor in ``INT4_SCALE_DIVISORS`` (6 to 9) with the least squared error of the
