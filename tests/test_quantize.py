@@ -204,8 +204,10 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
     record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
     results = record["results"]
     assert list(results) == [
-        "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5", "int4 dense", "int4 + teal@0.5", "int4 + wisparse@0.5",
+        "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5",
+        "int4 dense", "int4 dense, float head", "int4 + teal@0.5", "int4 + wisparse@0.5",
     ]
+    assert results["int4 dense, float head"]["head"] is None and results["int4 dense, float head"]["quantized"] == 14
     for fmt in ("int8", "int4"):
         assert results[f"{fmt} dense"]["quantized"] == 15 and results[f"{fmt} dense"]["head"] == "lm_head"
     fp, q8, q4 = (results[k]["perplexity"] for k in ("fp32 dense", "int8 dense", "int4 dense"))
