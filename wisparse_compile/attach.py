@@ -28,7 +28,7 @@ from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
 from .weight_slots import require_resident
-from .quantize import QuantizeConfig, dequantize_model, quantize_model
+from .quantize import QuantizeConfig, dequantize_model, quantization_of, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,11 @@ def attach(
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
-    weights: ``"int8"`` (or a ``quantize.QuantizeConfig``) also quantizes the planned weights and the
-        output head to int8 (``quantize.quantize_model``: what it quantized is logged and returned by
-        ``quantize.quantization_of(model)``); ``detach`` restores the float weights. ``None`` leaves the
-        weights' storage as it is (a model quantized by an earlier attach stays quantized).
+    weights: ``"int8"`` or ``"int4"`` (or a ``quantize.QuantizeConfig``) also quantizes the planned
+        weights and the output head to that format (``quantize.quantize_model``: what it quantized is
+        logged and returned by ``quantize.quantization_of(model)``); ``detach`` restores the float
+        weights. A model quantized by an earlier attach to another format gets its float weights back
+        first. ``None`` leaves the weights' storage as it is (a model quantized by an earlier attach stays quantized).
 
     A tensor-parallel model (``from_pretrained(..., tp_plan="auto")``, DTensor weights) takes the
     plan of the unsharded model: each rank keeps the thresholds of its shards' input channels
@@ -393,8 +394,11 @@ def attach(
     """
     quantize = weights if isinstance(weights, QuantizeConfig) or weights is None else QuantizeConfig(weights)
     validate_plan(model, plan)
-    if quantize is not None:  # the previous plan off the float weights, then swap in int8 ones (sites go on those)
+    if quantize is not None:  # the previous plan off the float weights, then swap in quantized ones (sites go on those)
         _unregister(model, keep_layout_of=set())
+        previous = quantization_of(model)
+        if previous is not None and previous.get("format", "int8") != quantize.weights:
+            dequantize_model(model)  # another format: back to float, never codes re-quantized
         quantize_model(model, plan.names, quantize, in_dims=plan.in_dims)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
     still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()

@@ -47,7 +47,7 @@ def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):
     assert all(r["speedup"] > 0 and r["dense_ms"] > 0 for r in records)
 
 
-@pytest.mark.slow  # compiles two models (dense Inductor, wisparse int8)
+@pytest.mark.slow  # compiles three models (dense Inductor, wisparse int8, wisparse int4)
 def test_bench_peer_runs_ours_int8_side_by_side_and_notes_a_missing_peer():
     """Without a GGUF file (a tiny random model) the llama.cpp row says why it is empty; ours run
     interleaved, the int8 plan swap compiles nothing new, and the profile breaks a step into ops."""
@@ -57,8 +57,9 @@ def test_bench_peer_runs_ours_int8_side_by_side_and_notes_a_missing_peer():
     peer = {r["setting"]: r for r in records if r["kind"] == "peer"}
     assert list(peer) == list(cpu_bench.PEER_SETTINGS)
     assert peer["llama.cpp"]["tokens_per_s"] is None and "no GGUF" in peer["llama.cpp"]["note"]
-    assert all(peer[k]["tokens_per_s"] > 0 for k in ("dense fp32", "dense int8", "int8 + 50%"))
+    assert all(peer[k]["tokens_per_s"] > 0 for k in ("dense fp32", "dense int8", "int8 + 50%", "int4 + 50%"))
     assert peer["dense int8"]["graphs_compiled_in_warmup"] == 1 and peer["int8 + 50%"]["graphs_compiled_in_warmup"] == 0
+    assert peer["int4 + 50%"]["graphs_compiled_in_warmup"] == 1  # its own graph, not the int8 one
     (profile,) = [r for r in records if r["kind"] == "profile"]
     assert profile["step_ms"] > 0 and 0 < sum(o["share"] for o in profile["ops"]) <= 1 + 1e-9
     assert any("sparse_gemv_int8" in o["op"] for o in profile["ops"])

@@ -496,6 +496,231 @@ at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const
   return out;
 }
 
+// ---- int4 weights (wisparse_cpu::sparse_gemv_int4) ----
+// out[r, :] = sum_{i kept for row r} x[r, i] * (code[i, :] * scale[i, group]) + bias: 4-bit codes
+// (two's complement nibbles, -8..7, no zero point) grouped along the output dimension (kInt4Block = 32
+// consecutive outputs share scale[i, g]), input-major so a pruned channel skips one contiguous
+// packed row of ceil(out/2) bytes (wisparse_compile/quantize.py, quantize_int4). Within a block
+// of r outputs (32, or fewer for the last one) h = ceil(r/2): byte b holds output b in its low
+// nibble and output b + h in its high nibble, so one 16-byte load of a full block gives outputs
+// 0-15 (low nibbles: shift left 28, arithmetic shift right 28) and 16-31 (the sign-extended bytes
+// shifted right by 4) without a shuffle. Same scan, chunking and partials as int8; rows go eight at
+// a time, each row's coefficient x * scale[i, g] set once per block, and the partial block
+// (out % 32 != 0) runs scalar.
+constexpr int64_t kInt4Block = 32;
+
+inline int int4_low(uint8_t b) { return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(b << 4))) >> 4; }
+inline int int4_high(uint8_t b) { return static_cast<int>(static_cast<int8_t>(b)) >> 4; }
+
+#if defined(__AVX512F__)
+// 16 packed bytes of a full block -> outputs 0-15 (lo) and 16-31 (hi) as fp32: a 16-entry table
+// lookup (vpermps reads only the low 4 bits of each index lane), so no shift-pair sign extension
+// and no int->float conversion.
+inline __m512 int4_table() {
+  return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+}
+inline void unpack_block16(const uint8_t* p, __m512 table, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_permutexvar_ps(v, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// 8 packed bytes (half a full block) -> 8 low-nibble outputs and the 8 high-nibble outputs 16 later.
+inline void unpack_half8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+  hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
+}
+#endif
+
+// acc[0:n] += sum_t c[t] * scale[t][g] * code[t][0:n] for R rows; ``ahead``/``ahead_s`` (or nullptr):
+// the codes and scale rows of R rows to prefetch alongside, a 64-byte line of codes per four blocks and
+// one of scales per sixteen (a scale row is a separate scattered read: unprefetched, its miss stalls
+// every FMA of the row behind it).
+template <int R>
+inline void axpy_int4(float* __restrict acc, const uint8_t* const* w, const float* const* s, const float* c,
+                      int64_t n, const uint8_t* const* ahead, const float* const* ahead_s) {
+  const int64_t full = n / kInt4Block;
+#if defined(__AVX512F__)
+  const __m512 table = int4_table();
+#endif
+  for (int64_t g = 0; g < full; ++g) {
+    const int64_t j = g * kInt4Block, byte = g * (kInt4Block / 2);
+    if (ahead && g % 4 == 0) {
+      for (int t = 0; t < R; ++t) prefetch_line_i8(reinterpret_cast<const int8_t*>(ahead[t] + byte));
+      if (g % 16 == 0) {
+        for (int t = 0; t < R; ++t) prefetch_line_i8(reinterpret_cast<const int8_t*>(ahead_s[t] + g));
+      }
+    }
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
+    for (int t = 0; t < R; ++t) {
+      const __m512 v = _mm512_set1_ps(c[t] * s[t][g]);
+      __m512 lo, hi;
+      unpack_block16(w[t] + byte, table, lo, hi);
+      a0 = _mm512_fmadd_ps(v, lo, a0);
+      a1 = _mm512_fmadd_ps(v, hi, a1);
+    }
+    _mm512_storeu_ps(acc + j, a0);
+    _mm512_storeu_ps(acc + j + 16, a1);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
+    __m256 a2 = _mm256_loadu_ps(acc + j + 16), a3 = _mm256_loadu_ps(acc + j + 24);
+    for (int t = 0; t < R; ++t) {
+      const __m256 v = _mm256_set1_ps(c[t] * s[t][g]);
+      __m256 lo, hi;
+      unpack_half8(w[t] + byte, lo, hi);  // outputs 0-7 and 16-23
+      a0 = _mm256_fmadd_ps(v, lo, a0);
+      a2 = _mm256_fmadd_ps(v, hi, a2);
+      unpack_half8(w[t] + byte + 8, lo, hi);  // outputs 8-15 and 24-31
+      a1 = _mm256_fmadd_ps(v, lo, a1);
+      a3 = _mm256_fmadd_ps(v, hi, a3);
+    }
+    _mm256_storeu_ps(acc + j, a0);
+    _mm256_storeu_ps(acc + j + 8, a1);
+    _mm256_storeu_ps(acc + j + 16, a2);
+    _mm256_storeu_ps(acc + j + 24, a3);
+#else
+    for (int64_t b = 0; b < kInt4Block / 2; ++b) {
+      float lo = 0.0f, hi = 0.0f;
+      for (int t = 0; t < R; ++t) {
+        const float v = c[t] * s[t][g];
+        lo += v * static_cast<float>(int4_low(w[t][byte + b]));
+        hi += v * static_cast<float>(int4_high(w[t][byte + b]));
+      }
+      acc[j + b] += lo;
+      acc[j + b + kInt4Block / 2] += hi;
+    }
+#endif
+  }
+  const int64_t rest = n - full * kInt4Block;  // the last, partial block: h = ceil(rest / 2)
+  if (rest > 0) {
+    const int64_t j0 = full * kInt4Block, byte0 = full * (kInt4Block / 2), h = (rest + 1) / 2;
+    for (int64_t b = 0; b < rest; ++b) {
+      float sum = 0.0f;
+      for (int t = 0; t < R; ++t) {
+        const uint8_t packed = w[t][byte0 + (b < h ? b : b - h)];
+        sum += c[t] * s[t][full] * static_cast<float>(b < h ? int4_low(packed) : int4_high(packed));
+      }
+      acc[j0 + b] += sum;
+    }
+  }
+}
+
+// Kept channels [begin, end) of the packed codes into partial [m, n]: groups of eight rows (then 4,
+// then 1), the rows about kInt8PrefetchBytes later prefetched alongside.
+void stream_rows_int4(const uint8_t* packed, const float* scale, int64_t n, const int64_t* kept, const float* coef,
+                      int64_t m, int64_t begin, int64_t end, float* partial) {
+  constexpr int G = kInt8Group;
+  const int64_t row_bytes = (n + 1) / 2, groups = (n + kInt4Block - 1) / kInt4Block;
+  const int64_t ahead = std::max<int64_t>(G, kInt8PrefetchBytes / std::max<int64_t>(row_bytes, 1)) / G * G;
+  const uint8_t* w[8];
+  const float* s[8];
+  const uint8_t* pre[8];
+  const float* pre_s[8];
+  float c[8];
+  auto point = [&](int64_t q, int count) {
+    for (int t = 0; t < count; ++t) {
+      w[t] = packed + kept[q + t] * row_bytes;
+      s[t] = scale + kept[q + t] * groups;
+    }
+  };
+  int64_t q = begin;
+  for (; q + G <= end; q += G) {
+    point(q, G);
+    const bool prefetch = q + ahead + G <= end;
+    if (prefetch) {
+      for (int t = 0; t < G; ++t) {
+        pre[t] = packed + kept[q + ahead + t] * row_bytes;
+        pre_s[t] = scale + kept[q + ahead + t] * groups;
+      }
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      for (int t = 0; t < G; ++t) c[t] = coef[(q + t) * m + r];
+      axpy_int4<G>(partial + r * n, w, s, c, n, prefetch && r == 0 ? pre : nullptr, pre_s);
+    }
+  }
+  for (; q + 4 <= end; q += 4) {
+    point(q, 4);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int t = 0; t < 4; ++t) c[t] = coef[(q + t) * m + r];
+      axpy_int4<4>(partial + r * n, w, s, c, n, nullptr, nullptr);
+    }
+  }
+  for (; q < end; ++q) {
+    point(q, 1);
+    for (int64_t r = 0; r < m; ++r) {
+      c[0] = coef[q * m + r];
+      axpy_int4<1>(partial + r * n, w, s, c, n, nullptr, nullptr);
+    }
+  }
+}
+
+// X: float or uint16_t (bf16 bits) for x and the output; tp == nullptr keeps every channel (dense).
+template <typename X>
+void sparse_gemv_int4_impl(const X* xp, const uint8_t* packed, const float* scale, const float* bias,
+                           const float* tp, int64_t m, int64_t k, int64_t n, X* out) {
+  thread_local std::vector<int64_t> kept;
+  thread_local std::vector<float> coef;
+  thread_local std::vector<float> scratch;
+  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
+  const int64_t* kp = kept.data();
+  const float* cp = coef.data();
+  const int64_t row_bytes = (n + 1) / 2 + (n + kInt4Block - 1) / kInt4Block * 4;  // codes + scales
+  const int64_t chunks = stream_in_chunks(nkept, row_bytes, m, n, scratch, [&](int64_t begin, int64_t end, float* partial) {
+    stream_rows_int4(packed, scale, n, kp, cp, m, begin, end, partial);
+  });
+  const float* pp = scratch.data();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      float v = bias ? bias[j] : 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) v += pp[c * m * n + r * n + j];
+      from_f32(v, out + r * n + j);
+    }
+  }
+}
+
+at::Tensor sparse_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t n,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale.device().is_cpu(),
+              "wisparse_cpu::sparse_gemv_int4: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2, "wisparse_cpu::sparse_gemv_int4: x must be 2-D [rows, in], got ", x.dim(), "-D");
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "wisparse_cpu::sparse_gemv_int4: packed must be the contiguous uint8 input-major codes [in, ceil(out/2)]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "wisparse_cpu::sparse_gemv_int4: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = packed.size(0);
+  TORCH_CHECK(n >= 0 && packed.size(1) == (n + 1) / 2, "wisparse_cpu::sparse_gemv_int4: packed has ", packed.size(1),
+              " bytes per row, ", n, " outputs need ", (n + 1) / 2);
+  TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv_int4: x has ", x.size(1), " channels, packed has ", k);
+  TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv_int4: at most ", kMaxRows, " rows, got ", m);
+  const int64_t groups = (n + kInt4Block - 1) / kInt4Block;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == k && scale.size(1) == groups,
+              "wisparse_cpu::sparse_gemv_int4: scale must be [", k, ", ", groups, "] (one per 32 outputs), got ",
+              scale.sizes());
+  const bool has_t = thresholds.has_value() && thresholds->defined();
+  if (has_t) TORCH_CHECK(thresholds->numel() == k, "wisparse_cpu::sparse_gemv_int4: thresholds must have ", k, " entries");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->numel() == n, "wisparse_cpu::sparse_gemv_int4: bias must have ", n, " entries");
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  const at::Tensor tf = has_t ? thresholds->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
+  const float* tp = has_t ? tf.data_ptr<float>() : nullptr;
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat) {
+    sparse_gemv_int4_impl(xc.data_ptr<float>(), pk, sf.data_ptr<float>(), bp, tp, m, k, n, out.data_ptr<float>());
+  } else {
+    sparse_gemv_int4_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), pk, sf.data_ptr<float>(),
+                          bp, tp, m, k, n, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  }
+  return out;
+}
+
 at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& thresholds) {
   TORCH_CHECK(x.device().is_cpu() && wt.device().is_cpu(), "wisparse_cpu::sparse_gemv: CPU tensors only");
@@ -534,9 +759,11 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10:
 TORCH_LIBRARY(wisparse_cpu, m) {
   m.def("sparse_gemv(Tensor x, Tensor wt, Tensor? bias, Tensor thresholds) -> Tensor");
   m.def("sparse_gemv_int8(Tensor x, Tensor qt, Tensor scale, Tensor? bias, Tensor? thresholds) -> Tensor");
+  m.def("sparse_gemv_int4(Tensor x, Tensor packed, Tensor scale, int n, Tensor? bias, Tensor? thresholds) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(wisparse_cpu, CPU, m) {
   m.impl("sparse_gemv", &sparse_gemv_cpu);
   m.impl("sparse_gemv_int8", &sparse_gemv_int8_cpu);
+  m.impl("sparse_gemv_int4", &sparse_gemv_int4_cpu);
 }

@@ -1,7 +1,9 @@
 """The C++ CPU sparse GEMV (``wisparse_cpu::sparse_gemv``, source beside: ``cpu_sparse_gemv.cpp``):
 its lazy build, fake kernels and routing tests, and the CPU-side compile helpers. The same
 extension holds ``wisparse_cpu::sparse_gemv_int8`` (int8 input-major weights, fp32 scales per
-output channel, applied with the bias in the epilogue; ``thresholds=None`` runs it dense).
+output channel, applied with the bias in the epilogue; ``thresholds=None`` runs it dense) and
+``wisparse_cpu::sparse_gemv_int4`` (4-bit codes packed two per byte, input-major, fp32 scales per
+input channel and 32-output group, applied per kept row; ``quantize.quantize_int4``).
 
 Built on first use (not at import) with ``torch.utils.cpp_extension.load`` into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): about 45 s the first time,
@@ -99,6 +101,15 @@ def _load() -> None:
         torch._check(x.dim() == 2 and qt.dim() == 2 and x.shape[1] == qt.shape[0])
         return x.new_empty(x.shape[0], qt.shape[1])
 
+    @torch.library.register_fake("wisparse_cpu::sparse_gemv_int4")
+    def _(
+        x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, bias: Optional[torch.Tensor],
+        thresholds: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 2 and packed.dim() == 2 and x.shape[1] == packed.shape[0])
+        torch._check(packed.shape[1] == (n + 1) // 2)
+        return x.new_empty(x.shape[0], n)
+
 
 def cpu_kernel_available() -> bool:
     """Build/load the kernel once per process; False (with one warning) if that fails."""
@@ -183,6 +194,16 @@ def cpu_sparse_gemv_int8(
     k, n = qweight.shape
     out = torch.ops.wisparse_cpu.sparse_gemv_int8(x.reshape(-1, k), qweight, scale, bias, thresholds)
     return out.reshape(*x.shape[:-1], n)
+
+
+def cpu_sparse_gemv_int4(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
+    thresholds: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``sparse_linear_int4`` through the C++ kernel: any leading dims, ``packed`` uint8 [in, ceil(out/2)]."""
+    k = packed.shape[0]
+    out = torch.ops.wisparse_cpu.sparse_gemv_int4(x.reshape(-1, k), packed, scale, out_features, bias, thresholds)
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 def cpu_compile_patches(example_inputs) -> dict[str, object]:

@@ -47,6 +47,9 @@ class Route(str, enum.Enum):
     INT8_TRITON = "int8: Triton GEMV"
     INT8_CPU_KERNEL = "int8: C++ GEMV"
     INT8_DENSE = "int8: masked dense"  # prefill-sized: mask, matmul on the widened codes, scale
+    # int4 weights (attach(..., weights="int4")): wisparse::sparse_linear_int4 (no Triton int4 kernel yet)
+    INT4_CPU_KERNEL = "int4: C++ GEMV"
+    INT4_DENSE = "int4: masked dense"  # prefill-sized or a Triton device: mask, matmul on the unpacked weight
 
 
 @dataclass

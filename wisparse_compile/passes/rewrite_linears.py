@@ -16,9 +16,11 @@ placed just before the op); a tensor-parallel (DTensor) parameter, reached throu
 be rewritten is for ``eligibility``; the driver (``sparsify``) replaces the node.
 
 The op follows the weight's storage: a weight that ``attach(..., weights="int8")`` quantized (an
-``Int8Weight``) emits ``sparse_linear_int8(x, W.qdata, W.scale, bias, thresholds, max_sparse_rows)``
-(``qdata``/``scale`` read off the graph input, which AOT autograd flattens into its inner tensors);
-``thresholds=None`` for a quantized weight without a plan (the output head: a dense int8 GEMV).
+``Int8Weight``) emits ``sparse_linear_int8(x, W.qdata, W.scale, bias, thresholds, max_sparse_rows)``,
+one that ``weights="int4"`` quantized (an ``Int4Weight``) emits ``sparse_linear_int4(x, W.qdata,
+W.scale, out_features, bias, thresholds, max_sparse_rows)`` (``qdata``/``scale`` read off the graph
+input, which AOT autograd flattens into its inner tensors); ``thresholds=None`` for a quantized
+weight without a plan (the output head: a dense quantized GEMV).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import torch
 from torch import fx
 
 from ..config import BackendConfig
-from ..kernels import route_of_int8, routing
+from ..kernels import route_of_int4, route_of_int8, routing
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
-from ..quantize import is_int8_weight
+from ..quantize import weight_format
 from ..sharding import local_tensor
 from .decisions import DenseReason, Route
 from .eligibility import expected_route
@@ -73,24 +75,28 @@ class LinearMatch:
         return token_rows(x) if isinstance(x, torch.Tensor) else 0
 
     @property
-    def int8(self) -> bool:
-        """Whether the weight is stored int8 (``quantize.Int8Weight``): the int8 op serves it."""
-        return self.weight is not None and self.in_dim == 1 and is_int8_weight(example_value(self.weight))
+    def quantized(self) -> str | None:
+        """The weight's quantized format (``"int8"``/``"int4"``: ``quantize.Int8Weight``/``Int4Weight``),
+        whose op serves it, or None."""
+        if self.weight is None or self.in_dim != 1:
+            return None
+        return weight_format(example_value(self.weight))
 
     def route(self, config: BackendConfig) -> Route:
         weight = local_tensor(example_value(self.weight)) if self.weight is not None else None
-        if self.int8:
+        if self.quantized:
+            routes, route_of_call, dense = _QUANTIZED_ROUTES[self.quantized]
             x = example_value(self.x)
-            return _INT8_ROUTES[route_of_int8(x, config.max_sparse_rows)] if isinstance(x, torch.Tensor) else Route.INT8_DENSE
+            return routes[route_of_call(x, config.max_sparse_rows)] if isinstance(x, torch.Tensor) else dense
         if isinstance(weight, torch.Tensor) and self.in_dim == 0:
             weight = weight.t()  # the op takes the [out, in] view (see emit)
         return expected_route(example_value(self.x), weight, config)
 
     def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
-        """``sparse_linear`` (``sparse_linear_int8`` for int8 weights; dense when ``thresholds`` is
-        None) before ``node`` (the caller replaces ``node`` by it)."""
-        if self.int8:
-            return self._emit_int8(graph, node, thresholds, config)
+        """``sparse_linear`` (``sparse_linear_int8``/``_int4`` for quantized weights; dense when
+        ``thresholds`` is None) before ``node`` (the caller replaces ``node`` by it)."""
+        if self.quantized:
+            return self._emit_quantized(graph, node, thresholds, config)
         with graph.inserting_before(node):
             weight = local_operand(graph, self.weight)  # a tensor-parallel weight: its local shard
             if self.in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
@@ -102,8 +108,7 @@ class LinearMatch:
                 (self.x, weight, self.bias, thresholds, config.max_sparse_rows),
             )
 
-
-    def _emit_int8(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
+    def _emit_quantized(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
         weight = example_value(self.weight)
         with graph.inserting_before(node):
             parts = []
@@ -111,6 +116,11 @@ class LinearMatch:
                 part = graph.call_function(getattr, (self.weight, attr))
                 part.meta["example_value"] = getattr(weight, attr)
                 parts.append(part)
+            if self.quantized == "int4":  # the output count: an odd one leaves a spare nibble
+                return graph.call_function(
+                    torch.ops.wisparse.sparse_linear_int4.default,
+                    (self.x, parts[0], parts[1], weight.out_features, self.bias, thresholds, config.max_sparse_rows),
+                )
             return graph.call_function(
                 torch.ops.wisparse.sparse_linear_int8.default,
                 (self.x, parts[0], parts[1], self.bias, thresholds, config.max_sparse_rows),
@@ -119,6 +129,11 @@ class LinearMatch:
 
 _INT8_ROUTES = {
     routing.TRITON: Route.INT8_TRITON, routing.CPU_KERNEL: Route.INT8_CPU_KERNEL, routing.MASKED_DENSE: Route.INT8_DENSE,
+}
+_INT4_ROUTES = {routing.CPU_KERNEL: Route.INT4_CPU_KERNEL, routing.MASKED_DENSE: Route.INT4_DENSE}  # route_of_int4 never says TRITON
+#: per format: its routes, its route chooser, and the route of a call with no example input
+_QUANTIZED_ROUTES = {
+    "int8": (_INT8_ROUTES, route_of_int8, Route.INT8_DENSE), "int4": (_INT4_ROUTES, route_of_int4, Route.INT4_DENSE),
 }
 
 

@@ -100,10 +100,10 @@ def rewrite_sparse_linears(
         if decision.reason_kind is DenseReason.NO_PLAN and decision.weight_input is not None:
             result.unplanned_weight_inputs.append(decision.weight_input)
         if decision.decision != Outcome.SPARSE:
-            if decision.reason_kind is DenseReason.NO_PLAN and getattr(match, "int8", False) and node not in under_autocast:
-                replace_node(node, new := match.emit(graph, node, None, config))  # int8 storage, no plan: dense int8 op
+            if decision.reason_kind is DenseReason.NO_PLAN and getattr(match, "quantized", None) and node not in under_autocast:
+                replace_node(node, new := match.emit(graph, node, None, config))  # quantized storage, no plan: dense quantized op
                 decision.node, decision.route = new.name, match.route(config)
-                decision.reason = f"{decision.reason}; int8 weight: dense int8 op"
+                decision.reason = f"{decision.reason}; {match.quantized} weight: dense {match.quantized} op"
             continue
         new = match.emit(graph, node, thresholds_input(decision.weight_input, inputs.example(match.weight)), config)
         replace_node(node, new)
