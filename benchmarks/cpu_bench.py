@@ -263,13 +263,6 @@ def profile_step(decoder: GreedyDecoder, steps: int = 8, top: int = 12) -> dict:
     }
 
 
-def _wisparse_int4_backend(gm, example_inputs, **kwargs):
-    """The wisparse backend under another identity (see bench_peer)."""
-    from wisparse_compile.backend import wisparse_backend
-
-    return wisparse_backend(gm, example_inputs, **kwargs)
-
-
 def bench_peer(
     name: str, make_model, gguf: Path | None, new_tokens: int, rounds: int, sparsity: float = 0.5,
     calib_tokens: int = 128, warmup_tokens: int = 2, profile: bool = False,
@@ -290,9 +283,9 @@ def bench_peer(
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(7))
     dense = GreedyDecoder(dense_model, "inductor", 16, max_tokens, prompt=prompt)
     int8 = GreedyDecoder(int8_model, "wisparse", 16, max_tokens, prompt=prompt)  # prefill before attach (float)
-    # its own backend object: Dynamo keys compiled code on the backend too, and decode graphs skip the
-    # module guards (decode_compile_options), so under "wisparse" the int4 model would reach the int8 graph
-    int4 = GreedyDecoder(int4_model, _wisparse_int4_backend, 16, max_tokens, prompt=prompt)
+    # each decoder compiles on a backend object of its own (decoding.own_backend): with module guards
+    # skipped, the int4 model would otherwise reach the int8 model's graph
+    int4 = GreedyDecoder(int4_model, "wisparse", 16, max_tokens, prompt=prompt)
     wsc.attach(int4_model, plans[sparsity], weights="int4")  # one plan, attached once: nothing to swap per round
     runners: dict[str, object] = {}
     note = "no GGUF file for this model"

@@ -338,6 +338,20 @@ def _guard_count(compiled) -> int:
     return count(manager.root)
 
 
+def test_guard_filtered_models_of_one_class_each_get_their_graph_on_their_own_backend():
+    """Module guards skipped, two tiny Llamas (different configs) compiled on backend objects of their
+    own (GreedyDecoder's own_backend) each run their own graph: outputs equal their eager selves."""
+    if not wsc.decode_compile_options():
+        pytest.skip("this torch has no skip_guard_on_all_nn_modules_unsafe")
+    from wisparse_compile.cli.decoding import own_backend
+
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(2))
+    models = [tiny_llama(seed=0, layers=2), tiny_llama(seed=1, layers=3)]
+    for model in models:
+        compiled = torch.compile(model, backend=own_backend("wisparse"), options=wsc.decode_compile_options())
+        torch.testing.assert_close(logits(compiled, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_weights_swapped_under_a_guard_filtered_graph_raise():
     """Compiled with module guards skipped, a detached model hands the graph row-major float
     weights where it was compiled for input-major ones: a clear error, not a silent wrong result."""

@@ -43,7 +43,10 @@ def decode_compile_options() -> dict[str, Any]:
     changes: a plan swap (``attach`` again) keeps the weights, and a weight replaced under the
     compiled graph (``detach``, another ``weights=`` mode) raises ``WeightLayoutChanged`` for the
     planned weights. Not for models whose attributes change after compiling (``train()``/``eval()``,
-    config flags): Dynamo would not notice. An empty dict on a torch without the filter.
+    config flags): Dynamo would not notice. Nor does it tell two models of one class apart: compile
+    each with a backend object of its own (``wsc.sparse_backend()`` makes a new one;
+    ``cli.decoding.own_backend`` wraps any), or the second runs the first one's graph. An empty dict
+    on a torch without the filter.
     """
     filter_fn = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     return {} if filter_fn is None else {"guard_filter_fn": filter_fn}

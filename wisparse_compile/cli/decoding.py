@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..backend import decode_compile_options
+
+
+def own_backend(backend: str | Callable[..., Any]) -> Callable[..., Any]:
+    """``backend`` as a new callable object: one compiled model per object.
+
+    Dynamo keeps compiled code per code object (``LlamaForCausalLM.forward``), told apart by guards
+    and by the backend. With the module guards skipped (``decode_compile_options``), two models of
+    one class compiled with the same backend would share the first one's graph (another model's
+    weight layout, config constants baked in); a backend of their own keeps them apart.
+    """
+    compile_fn = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def compile_step(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+        return compile_fn(gm, example_inputs, **kwargs)
+
+    return compile_step
 
 
 class GreedyDecoder:
@@ -32,8 +49,9 @@ class GreedyDecoder:
         from transformers import StaticCache
 
         self.model = model
-        # a decode loop changes no module attribute: skip Dynamo's module guards (dense and sparse alike)
-        self.step = torch.compile(model, backend=backend, options=decode_compile_options())
+        # a decode loop changes no module attribute: skip Dynamo's module guards (dense and sparse alike),
+        # on a backend object of this decoder's own (own_backend)
+        self.step = torch.compile(model, backend=own_backend(backend), options=decode_compile_options())
         if prompt is None:  # random tokens: the speed of a decode step does not depend on them
             prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
         if tuple(prompt.shape) != (1, prompt_len):
