@@ -461,6 +461,33 @@ void sparse_gemv_int8_impl(const X* xp, const int8_t* qt, const float* scale, co
   }
 }
 
+// What the int8 and int4 wrappers share once their weight operands are checked: the optional
+// thresholds [k] and bias [n] checked and widened to fp32, the output allocated, and run(xp, bias,
+// thresholds, out) called with x's and the output's element type (float, or uint16_t bf16 bits).
+template <typename Run>
+at::Tensor run_quantized_gemv(const char* op, const at::Tensor& x, int64_t k, int64_t n,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds,
+                              const Run& run) {
+  const bool has_t = thresholds.has_value() && thresholds->defined();
+  if (has_t) TORCH_CHECK(thresholds->numel() == k, op, ": thresholds must have ", k, " entries");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->numel() == n, op, ": bias must have ", n, " entries");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor tf = has_t ? thresholds->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0 || n == 0) return out;
+  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
+  const float* tp = has_t ? tf.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    run(xc.data_ptr<float>(), bp, tp, out.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), bp, tp,
+        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  }
+  return out;
+}
+
 at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& scale,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
   TORCH_CHECK(x.device().is_cpu() && qt.device().is_cpu(), "wisparse_cpu::sparse_gemv_int8: CPU tensors only");
@@ -473,27 +500,12 @@ at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const
   TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv_int8: x has ", x.size(1), " channels, qt has ", k);
   TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv_int8: at most ", kMaxRows, " rows, got ", m);
   TORCH_CHECK(scale.numel() == n, "wisparse_cpu::sparse_gemv_int8: scale must have ", n, " entries");
-  const bool has_t = thresholds.has_value() && thresholds->defined();
-  if (has_t) TORCH_CHECK(thresholds->numel() == k, "wisparse_cpu::sparse_gemv_int8: thresholds must have ", k, " entries");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->numel() == n, "wisparse_cpu::sparse_gemv_int8: bias must have ", n, " entries");
-
-  const at::Tensor xc = x.contiguous();
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  const at::Tensor tf = has_t ? thresholds->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
-  const float* tp = has_t ? tf.data_ptr<float>() : nullptr;
   const int8_t* qp = qt.data_ptr<int8_t>();
-  if (x.scalar_type() == at::kFloat) {
-    sparse_gemv_int8_impl(xc.data_ptr<float>(), qp, sf.data_ptr<float>(), bp, tp, m, k, n, out.data_ptr<float>());
-  } else {
-    sparse_gemv_int8_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), qp, sf.data_ptr<float>(),
-                          bp, tp, m, k, n, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  }
-  return out;
+  return run_quantized_gemv("wisparse_cpu::sparse_gemv_int8", x, k, n, bias, thresholds,
+                            [&](const auto* xp, const float* bp, const float* tp, auto* op) {
+                              sparse_gemv_int8_impl(xp, qp, sf.data_ptr<float>(), bp, tp, m, k, n, op);
+                            });
 }
 
 // ---- int4 weights (wisparse_cpu::sparse_gemv_int4) ----
@@ -698,27 +710,12 @@ at::Tensor sparse_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& packed, c
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == k && scale.size(1) == groups,
               "wisparse_cpu::sparse_gemv_int4: scale must be [", k, ", ", groups, "] (one per 32 outputs), got ",
               scale.sizes());
-  const bool has_t = thresholds.has_value() && thresholds->defined();
-  if (has_t) TORCH_CHECK(thresholds->numel() == k, "wisparse_cpu::sparse_gemv_int4: thresholds must have ", k, " entries");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->numel() == n, "wisparse_cpu::sparse_gemv_int4: bias must have ", n, " entries");
-
-  const at::Tensor xc = x.contiguous();
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  const at::Tensor tf = has_t ? thresholds->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
-  const float* tp = has_t ? tf.data_ptr<float>() : nullptr;
   const uint8_t* pk = packed.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kFloat) {
-    sparse_gemv_int4_impl(xc.data_ptr<float>(), pk, sf.data_ptr<float>(), bp, tp, m, k, n, out.data_ptr<float>());
-  } else {
-    sparse_gemv_int4_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), pk, sf.data_ptr<float>(),
-                          bp, tp, m, k, n, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  }
-  return out;
+  return run_quantized_gemv("wisparse_cpu::sparse_gemv_int4", x, k, n, bias, thresholds,
+                            [&](const auto* xp, const float* bp, const float* tp, auto* op) {
+                              sparse_gemv_int4_impl(xp, pk, sf.data_ptr<float>(), bp, tp, m, k, n, op);
+                            });
 }
 
 at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
