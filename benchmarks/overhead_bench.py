@@ -61,7 +61,7 @@ def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
 
     original = backend._with_thresholds
 
-    def timed_with_thresholds(compiled: Callable[..., Any], result: Any) -> Callable[..., Any]:
+    def timed_with_thresholds(compiled: Callable[..., Any], result: Any, example_inputs: Any) -> Callable[..., Any]:
         timing = GraphTiming(result)
         timings.append(timing)
         clock = time.perf_counter_ns
@@ -74,7 +74,7 @@ def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
             timing.last_extra = args[len(args) - extras:]
             return out
 
-        run = original(timed_compiled, result)
+        run = original(timed_compiled, result, example_inputs)
 
         def timed_run(*args: Any) -> Any:
             t0 = clock()
@@ -123,7 +123,7 @@ def isolated_figures(timing: GraphTiming, repeat: int) -> dict[str, float]:
     def noop(*a: Any) -> None:
         return None
 
-    wrapped = _with_thresholds(noop, timing.result)
+    wrapped = _with_thresholds(noop, timing.result, args)  # the step's own weights as the compiled ones
     base = per_call_ns(lambda: noop(*args), repeat)
     return {
         "wrapper_us_per_call": (per_call_ns(lambda: wrapped(*args), repeat) - base) / 1e3,

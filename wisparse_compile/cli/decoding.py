@@ -21,7 +21,7 @@ from ..backend import decode_compile_options
 def own_backend(backend: str | Callable[..., Any]) -> Callable[..., Any]:
     """``backend`` as a new callable object: one compiled model per object.
 
-    Dynamo keeps compiled code per code object (``LlamaForCausalLM.forward``), told apart by guards
+    Dynamo keeps compiled code per code object (a model class's ``forward``), told apart by guards
     and by the backend. With the module guards skipped (``decode_compile_options``), two models of
     one class compiled with the same backend would share the first one's graph (another model's
     weight layout, config constants baked in); a backend of their own keeps them apart.
