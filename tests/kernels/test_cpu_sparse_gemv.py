@@ -77,6 +77,37 @@ def test_kernel_split_across_threads_matches_reference(kernel):
     assert done.returncode == 0 and "threaded ok" in done.stdout, done.stderr[-3000:]
 
 
+def test_kernel_splits_really_run_on_several_threads(kernel):
+    """The extension is built with OpenMP: without it ATen's parallel_for is a serial loop and a
+    "split" call ran its chunks one after another (the C++ kernel was single-threaded until session 7)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.wisparse_cpu.parallel_threads(4) == 2
+        assert torch.ops.wisparse_cpu.parallel_threads(1) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_build_without_openmp_falls_back_to_one_thread(monkeypatch, caplog):
+    """A toolchain without OpenMP (clang lacking libomp) builds the kernel again without it, and says so."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, **kwargs):
+        builds.append((name, tuple(extra_cflags), tuple(extra_ldflags)))
+        if "-fopenmp" in extra_ldflags:
+            raise RuntimeError("ld: library not found for -lomp")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        cpu_kernel._build()
+    assert [b[1:] for b in builds] == [(cpu_kernel.CFLAGS + ("-fopenmp",), ("-fopenmp",)), (cpu_kernel.CFLAGS, ())]
+    assert builds[0][0] != builds[1][0]  # two cache entries, never one binary for both flag sets
+    assert "single-threaded" in caplog.text
+
+
 def test_kernel_threshold_rule_and_per_row_masks(kernel):
     """Kept iff |x| > t strictly (fp32); each row uses its own mask even when another row keeps a channel."""
     x = torch.tensor([[0.5, 2.0, -3.0], [1.0, 0.1, -0.5]])

@@ -11,9 +11,11 @@
 // a few groups ahead (about kPrefetchBytes) are software-prefetched into L2: kept rows are
 // scattered, and each one is too short a stream for the hardware prefetcher to ramp up on (fp32
 // rows are twice as long, and there the prefetches measured slower).
-// Threads split the kept rows, each into its own partial, but only where each thread gets at least
-// WISPARSE_CPU_BYTES_PER_THREAD bytes of weights (default 16 MiB): a memory-bound stream that one
-// core already saturates gains nothing from a second thread but pays its start and the partials' sum.
+// Threads split the kept rows, each into its own partial, where each thread gets at least
+// WISPARSE_CPU_BYTES_PER_THREAD bytes of weights (default 32 KiB): below that, a thread's start and
+// the partials' sum cost more than the stream it takes over. The extension is built with -fopenmp:
+// without it at::parallel_for compiles to a plain loop (ATen's OpenMP backend is header code) and
+// every "split" call ran its chunks one after another on one thread.
 // Scratch (kept list, coefficients, partials) lives in thread-local buffers that grow once, and one
 // epilogue pass sums the partials, restores column order, adds the bias and casts, so a call
 // allocates only its output.
@@ -47,7 +49,7 @@ int64_t bytes_per_thread() {
   static const int64_t value = [] {
     const char* env = std::getenv("WISPARSE_CPU_BYTES_PER_THREAD");
     const long long v = env ? std::atoll(env) : 0;
-    return v > 0 ? static_cast<int64_t>(v) : static_cast<int64_t>(16) << 20;
+    return v > 0 ? static_cast<int64_t>(v) : static_cast<int64_t>(32) << 10;
   }();
   return value;
 }
@@ -751,12 +753,24 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10:
   return out;
 }
 
+// How many distinct threads an at::parallel_for over ``items`` single items runs on: the check that
+// the extension really runs its chunks in parallel (a build without OpenMP returns 1).
+int64_t parallel_threads(int64_t items) {
+  std::vector<char> seen(std::max<int64_t>(1, at::get_num_threads()), 0);
+  at::parallel_for(0, std::max<int64_t>(items, 1), 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int64_t>(seen.size())) seen[t] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(wisparse_cpu, m) {
   m.def("sparse_gemv(Tensor x, Tensor wt, Tensor? bias, Tensor thresholds) -> Tensor");
   m.def("sparse_gemv_int8(Tensor x, Tensor qt, Tensor scale, Tensor? bias, Tensor? thresholds) -> Tensor");
   m.def("sparse_gemv_int4(Tensor x, Tensor packed, Tensor scale, int n, Tensor? bias, Tensor? thresholds) -> Tensor");
+  m.def("parallel_threads(int items) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(wisparse_cpu, CPU, m) {
