@@ -96,11 +96,14 @@ def test_attach_int8_compiles_every_linear_to_the_int8_op_and_matches_the_masked
         with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized weights
             ref = model(ids).logits
     code = "\n".join(code)
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8.default(") == 15  # 14 sparse + the dense head
+    # per layer: q/k/v in one group call, gate/up in another (passes/group_quantized.py), o and down alone
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8_group.default(") == 4
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8.default(") == 5  # o, down x 2 layers + the dense head
     assert "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     report = wsc.last_compile_report()
     assert [d.route for d in report.decisions].count(Route.INT8_CPU_KERNEL) == 15
+    assert [d.decision for d in report.decisions].count(Outcome.FUSED) == 10  # q, k, v, gate, up x 2 layers
     head = [d for d in report.decisions if d.name is None]
     assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int8" in head[0].reason
 
@@ -291,11 +294,14 @@ def test_attach_int4_compiled_decode_runs_the_int4_kernel_and_matches_the_eager_
         with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized int4 weights
             ref = model(ids).logits
     code = "\n".join(code)
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4.default(") == 15  # 14 sparse + the dense head
+    # per layer: q/k/v in one group call, gate/up in another (passes/group_quantized.py), o and down alone
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4_group.default(") == 4
+    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4.default(") == 5  # o, down x 2 layers + the dense head
     assert "sparse_gemv_int8" not in code and "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     report = wsc.last_compile_report()
     assert [d.route for d in report.decisions].count(Route.INT4_CPU_KERNEL) == 15
+    assert [d.decision for d in report.decisions].count(Outcome.FUSED) == 10  # q, k, v, gate, up x 2 layers
     head = [d for d in report.decisions if d.name is None]
     assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int4" in head[0].reason
 

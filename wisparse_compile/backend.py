@@ -24,6 +24,7 @@ from .kernels import cpu_compile_patches
 from .passes.decisions import CompileReport, DenseReason, RewriteResult
 from .passes.fuse_siblings import FusionResult, fuse_sibling_linears, with_fused_weights
 from .passes.graph_utils import copy_dynamo_graph_module
+from .passes.group_quantized import group_quantized_siblings
 from .passes.sparsify import rewrite_sparse_linears
 from .sharding import process_rank
 
@@ -154,6 +155,7 @@ def sparse_backend(
     *,
     mode: str | None = None,
     fuse_siblings: bool = BackendConfig.fuse_siblings,
+    group_quantized: bool = BackendConfig.group_quantized,
     max_sparse_rows: int = BackendConfig.max_sparse_rows,
     mask_prefill: bool = BackendConfig.mask_prefill,
     debug_dir: str | None = BackendConfig.debug_dir,
@@ -167,7 +169,7 @@ def sparse_backend(
     """
     return WisparseBackend(BackendConfig(
         max_sparse_rows=max_sparse_rows, mask_prefill=mask_prefill, debug_dir=debug_dir,
-        fuse_siblings=fuse_siblings, mode=mode, inductor_options=dict(inductor_options or {}),
+        fuse_siblings=fuse_siblings, group_quantized=group_quantized, mode=mode, inductor_options=dict(inductor_options or {}),
     ))
 
 
@@ -182,7 +184,7 @@ def wisparse_backend(
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendConfig) -> Callable[..., Any]:
-    """Sparsify the planned linears of ``gm`` (and fuse siblings if asked), compile with Inductor."""
+    """Sparsify the planned linears of ``gm`` (fuse siblings if asked, group quantized ones), compile with Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
     patches = config.inductor_patches()
@@ -193,6 +195,8 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendC
         gm = copy_dynamo_graph_module(gm)
     result = rewrite_sparse_linears(gm, example_inputs, config)
     fusion = fuse_sibling_linears(gm, example_inputs, result) if config.fuse_siblings else FusionResult()
+    if config.group_quantized:
+        group_quantized_siblings(gm, result)
     report = result.report
     report.rank = process_rank()  # each rank of a tensor-parallel run compiles (and reports) its own shard
     COMPILED_REPORTS.append(report)

@@ -213,6 +213,9 @@ class BackendConfig:
         mixture-of-experts block the shared expert's projections, its gate and the router) into
         one sparse GEMV over their concatenated weights (``passes/fuse_siblings.py``); costs one
         extra copy of those weights in memory, so it is off by default.
+    group_quantized: run int8 (or int4) linears that read the same input as one call of the C++
+        kernel over each weight's own storage (``passes/group_quantized.py``): no copy, fewer
+        dispatches and a better thread split, so it is on by default.
     mode: an Inductor mode of ``torch.compile`` ("reduce-overhead", "max-autotune", ...).
     inductor_options: Inductor config patches, applied over the mode's.
 
@@ -224,6 +227,7 @@ class BackendConfig:
     mask_prefill: bool = True
     debug_dir: str | None = None
     fuse_siblings: bool = False
+    group_quantized: bool = True
     mode: str | None = None
     inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 

@@ -257,58 +257,129 @@ int64_t gather_kept(const X* xp, const float* tp, int64_t m, int64_t k, std::vec
   return nkept;
 }
 
-// One fp32 partial [m, n] per chunk of kept rows (each chunk at least 16 rows and bytes_per_thread()
-// of weights); stream(begin, end, partial) accumulates kept rows [begin, end) into its partial.
-// Returns the chunk count: the partials lie one after another in scratch.
-template <typename Stream>
-int64_t stream_in_chunks(int64_t nkept, int64_t row_bytes, int64_t m, int64_t n, std::vector<float>& scratch,
-                         const Stream& stream) {
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), nkept / 16, nkept * row_bytes / bytes_per_thread()}));
-  if (static_cast<int64_t>(scratch.size()) < chunks * m * n) scratch.resize(chunks * m * n);
-  float* pp = scratch.data();
-  auto run_chunk = [&](int64_t c) {
-    float* partial = pp + c * m * n;
-    std::fill(partial, partial + m * n, 0.0f);
-    stream(nkept * c / chunks, nkept * (c + 1) / chunks, partial);
+// ---- Segments: the work split of every call ----
+// A call covers one weight, or several sibling weights that read the same x (q/k/v, gate/up: one
+// call instead of three, wisparse::sparse_linear_int8_group). A segment is one weight's share: its
+// own kept channels (its own thresholds) and how many bytes one of its kept rows streams.
+struct Segment {
+  const float* thresholds = nullptr;  // [k]; nullptr keeps every channel (a dense call)
+  int64_t n = 0;                      // outputs
+  int64_t row_bytes = 0;              // weight bytes streamed per kept row
+  int64_t nkept = 0;
+  std::vector<int64_t> kept;
+  std::vector<float> coef;
+};
+
+// A range of one segment's kept rows run by one thread into its own fp32 partial [m, n].
+struct Piece {
+  int64_t segment, begin, end, partial;
+};
+
+// Scans every segment, cuts all their kept rows by bytes into one run of pieces per thread (at most
+// one piece per segment per thread; threads only where each gets at least bytes_per_thread() and 16
+// rows), runs stream(segment, begin, end, partial) for each piece, then finish(segment, partials,
+// count) with that segment's partials. Scratch lives in thread-local buffers that grow once.
+template <typename X, typename Stream, typename Finish>
+void run_segments(const X* xp, int64_t m, int64_t k, Segment* segments, int64_t count, const Stream& stream,
+                  const Finish& finish) {
+  thread_local std::vector<float> scratch;
+  thread_local std::vector<Piece> pieces;
+  thread_local std::vector<const float*> partials;
+  int64_t total_bytes = 0, total_rows = 0;
+  for (int64_t si = 0; si < count; ++si) {
+    Segment& seg = segments[si];
+    seg.nkept = gather_kept(xp, seg.thresholds, m, k, seg.kept, seg.coef);
+    total_bytes += seg.nkept * seg.row_bytes;
+    total_rows += seg.nkept;
+  }
+  const int64_t threads = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), total_rows / 16, total_bytes / bytes_per_thread()}));
+  // Thread t takes the bytes [total * t / threads, total * (t + 1) / threads) of the segments laid
+  // end to end; a boundary inside a segment rounds to the nearest row, the same for both neighbours.
+  pieces.clear();
+  std::vector<int64_t> first_piece(threads + 1, 0);
+  int64_t floats = 0;
+  for (int64_t t = 0; t < threads; ++t) {
+    first_piece[t] = static_cast<int64_t>(pieces.size());
+    const int64_t lo = total_bytes * t / threads, hi = total_bytes * (t + 1) / threads;
+    int64_t start = 0;
+    for (int64_t si = 0; si < count; ++si) {
+      const Segment& seg = segments[si];
+      const int64_t bytes = seg.nkept * seg.row_bytes;
+      auto row_at = [&](int64_t at) {
+        const int64_t into = std::clamp<int64_t>(at - start, 0, bytes);
+        return seg.row_bytes > 0 ? std::min(seg.nkept, (into + seg.row_bytes / 2) / seg.row_bytes) : 0;
+      };
+      const int64_t begin = t == 0 ? 0 : row_at(lo), end = t + 1 == threads ? seg.nkept : row_at(hi);
+      if (begin < end) {
+        pieces.push_back({si, begin, end, floats});
+        floats += m * seg.n;
+      }
+      start += bytes;
+    }
+  }
+  first_piece[threads] = static_cast<int64_t>(pieces.size());
+  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(floats);
+  float* base = scratch.data();
+  const Piece* pp = pieces.data();
+  auto run_thread = [&](int64_t t) {
+    for (int64_t i = first_piece[t]; i < first_piece[t + 1]; ++i) {
+      const Piece& piece = pp[i];
+      float* partial = base + piece.partial;
+      std::fill(partial, partial + m * segments[piece.segment].n, 0.0f);
+      stream(piece.segment, piece.begin, piece.end, partial);
+    }
   };
-  if (chunks == 1) {
-    run_chunk(0);
+  if (threads == 1) {
+    run_thread(0);
   } else {
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) run_chunk(c);
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run_thread(t);
     });
   }
-  return chunks;
+  for (int64_t si = 0; si < count; ++si) {
+    partials.clear();
+    for (const Piece& piece : pieces) {
+      if (piece.segment == si) partials.push_back(base + piece.partial);
+    }
+    finish(si, partials.data(), static_cast<int64_t>(partials.size()));
+  }
+}
+
+// ``count`` segments for a call, from a thread-local pool whose scan buffers are reused across calls.
+Segment* segments_for(int64_t count) {
+  thread_local std::vector<Segment> pool;
+  if (static_cast<int64_t>(pool.size()) < count) pool.resize(count);
+  for (int64_t i = 0; i < count; ++i) pool[i].thresholds = nullptr;
+  return pool.data();
 }
 
 // W: float or uint16_t (bf16 bits) for x, WT and the output alike.
 template <typename W>
 void sparse_gemv_impl(const W* xp, const W* wt, const float* bias, const float* tp, int64_t m, int64_t k,
                       int64_t n, W* out) {
-  thread_local std::vector<int64_t> kept;
-  thread_local std::vector<float> coef;
-  thread_local std::vector<float> scratch;
-  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
-  const int64_t* kp = kept.data();
-  const float* cp = coef.data();
-  const int64_t chunks = stream_in_chunks(nkept, n * static_cast<int64_t>(sizeof(W)), m, n, scratch,
-                                          [&](int64_t begin, int64_t end, float* partial) {
-                                            stream_rows(wt, n, kp, cp, m, begin, end, partial);
-                                          });
-  const float* pp = scratch.data();
-
+  Segment* seg = segments_for(1);
+  seg->thresholds = tp;
+  seg->n = n;
+  seg->row_bytes = n * static_cast<int64_t>(sizeof(W));
   // Epilogue: sum partials, [evens, odds] blocks back to natural order (bf16), bias, cast.
   const bool split = kSplitBf16 && sizeof(W) == 2;
   const int64_t blocked = split ? n / 16 * 16 : 0;
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t src = r * n + (j < blocked ? (j & ~int64_t{15}) + (j & 1) * 8 + ((j & 15) >> 1) : j);
-      float v = bias ? bias[j] : 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) v += pp[c * m * n + src];
-      from_f32(v, out + r * n + j);
-    }
-  }
+  run_segments(
+      xp, m, k, seg, 1,
+      [&](int64_t, int64_t begin, int64_t end, float* partial) {
+        stream_rows(wt, n, seg->kept.data(), seg->coef.data(), m, begin, end, partial);
+      },
+      [&](int64_t, const float* const* partials, int64_t count) {
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t src = r * n + (j < blocked ? (j & ~int64_t{15}) + (j & 1) * 8 + ((j & 15) >> 1) : j);
+            float v = bias ? bias[j] : 0.0f;
+            for (int64_t c = 0; c < count; ++c) v += partials[c][src];
+            from_f32(v, out + r * n + j);
+          }
+        }
+      });
 }
 
 // ---- int8 weights (wisparse_cpu::sparse_gemv_int8) ----
@@ -438,76 +509,6 @@ void stream_rows_int8(const int8_t* qt, int64_t n, const int64_t* kept, const fl
       axpy_int8<1>(partial + r * n, w, c, n, nullptr);
     }
   }
-}
-
-// X: float or uint16_t (bf16 bits) for x and the output; tp == nullptr keeps every channel (dense).
-template <typename X>
-void sparse_gemv_int8_impl(const X* xp, const int8_t* qt, const float* scale, const float* bias, const float* tp,
-                           int64_t m, int64_t k, int64_t n, X* out) {
-  thread_local std::vector<int64_t> kept;
-  thread_local std::vector<float> coef;
-  thread_local std::vector<float> scratch;
-  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
-  const int64_t* kp = kept.data();
-  const float* cp = coef.data();
-  const int64_t chunks = stream_in_chunks(nkept, n, m, n, scratch, [&](int64_t begin, int64_t end, float* partial) {
-    stream_rows_int8(qt, n, kp, cp, m, begin, end, partial);
-  });
-  const float* pp = scratch.data();
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float v = 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) v += pp[c * m * n + r * n + j];
-      from_f32(v * scale[j] + (bias ? bias[j] : 0.0f), out + r * n + j);
-    }
-  }
-}
-
-// What the int8 and int4 wrappers share once their weight operands are checked: the optional
-// thresholds [k] and bias [n] checked and widened to fp32, the output allocated, and run(xp, bias,
-// thresholds, out) called with x's and the output's element type (float, or uint16_t bf16 bits).
-template <typename Run>
-at::Tensor run_quantized_gemv(const char* op, const at::Tensor& x, int64_t k, int64_t n,
-                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds,
-                              const Run& run) {
-  const bool has_t = thresholds.has_value() && thresholds->defined();
-  if (has_t) TORCH_CHECK(thresholds->numel() == k, op, ": thresholds must have ", k, " entries");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->numel() == n, op, ": bias must have ", n, " entries");
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor tf = has_t ? thresholds->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
-  if (x.size(0) == 0 || n == 0) return out;
-  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
-  const float* tp = has_t ? tf.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kFloat) {
-    run(xc.data_ptr<float>(), bp, tp, out.data_ptr<float>());
-  } else {
-    run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), bp, tp,
-        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  }
-  return out;
-}
-
-at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& scale,
-                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
-  TORCH_CHECK(x.device().is_cpu() && qt.device().is_cpu(), "wisparse_cpu::sparse_gemv_int8: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2, "wisparse_cpu::sparse_gemv_int8: x must be 2-D [rows, in], got ", x.dim(), "-D");
-  TORCH_CHECK(qt.dim() == 2 && qt.is_contiguous() && qt.scalar_type() == at::kChar,
-              "wisparse_cpu::sparse_gemv_int8: qt must be the contiguous int8 input-major weight [in, out]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "wisparse_cpu::sparse_gemv_int8: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t m = x.size(0), k = qt.size(0), n = qt.size(1);
-  TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv_int8: x has ", x.size(1), " channels, qt has ", k);
-  TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv_int8: at most ", kMaxRows, " rows, got ", m);
-  TORCH_CHECK(scale.numel() == n, "wisparse_cpu::sparse_gemv_int8: scale must have ", n, " entries");
-  const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  const int8_t* qp = qt.data_ptr<int8_t>();
-  return run_quantized_gemv("wisparse_cpu::sparse_gemv_int8", x, k, n, bias, thresholds,
-                            [&](const auto* xp, const float* bp, const float* tp, auto* op) {
-                              sparse_gemv_int8_impl(xp, qp, sf.data_ptr<float>(), bp, tp, m, k, n, op);
-                            });
 }
 
 // ---- int4 weights (wisparse_cpu::sparse_gemv_int4) ----
@@ -670,54 +671,183 @@ void stream_rows_int4(const uint8_t* packed, const float* scale, int64_t n, cons
   }
 }
 
-// X: float or uint16_t (bf16 bits) for x and the output; tp == nullptr keeps every channel (dense).
-template <typename X>
-void sparse_gemv_int4_impl(const X* xp, const uint8_t* packed, const float* scale, const float* bias,
-                           const float* tp, int64_t m, int64_t k, int64_t n, X* out) {
-  thread_local std::vector<int64_t> kept;
-  thread_local std::vector<float> coef;
-  thread_local std::vector<float> scratch;
-  const int64_t nkept = gather_kept(xp, tp, m, k, kept, coef);
-  const int64_t* kp = kept.data();
-  const float* cp = coef.data();
-  const int64_t row_bytes = (n + 1) / 2 + (n + kInt4Block - 1) / kInt4Block * 4;  // codes + scales
-  const int64_t chunks = stream_in_chunks(nkept, row_bytes, m, n, scratch, [&](int64_t begin, int64_t end, float* partial) {
-    stream_rows_int4(packed, scale, n, kp, cp, m, begin, end, partial);
-  });
-  const float* pp = scratch.data();
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float v = bias ? bias[j] : 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) v += pp[c * m * n + r * n + j];
-      from_f32(v, out + r * n + j);
-    }
+// ---- quantized calls: one weight, or a group of siblings that read the same x ----
+// out = cat([x_i-masked x @ dequantized W_i + b_i for each weight i], -1): each weight keeps its own
+// thresholds, and one run_segments call streams them all, so q/k/v (or gate/up) cost one dispatch,
+// one scan of x per weight and one split between threads.
+
+// One weight of a quantized call, checked: its codes, fp32 scales, optional fp32 bias [n] and
+// thresholds [k] (undefined when absent), and its output count.
+struct QuantizedOperand {
+  at::Tensor codes, scale, bias, thresholds;
+  int64_t n = 0;
+};
+
+void check_x(const char* op, const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, in], got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " channels, the weight has ", k);
+  TORCH_CHECK(x.size(0) <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", x.size(0));
+}
+
+QuantizedOperand quantized_operand(const char* op, const at::Tensor& codes, const at::Tensor& scale, int64_t n,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& thresholds) {
+  TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu(), op, ": CPU tensors only");
+  const int64_t k = codes.size(0);
+  QuantizedOperand operand;
+  operand.codes = codes;
+  operand.scale = scale.to(at::kFloat).contiguous();
+  operand.n = n;
+  if (thresholds.has_value() && thresholds->defined()) {
+    TORCH_CHECK(thresholds->numel() == k, op, ": thresholds must have ", k, " entries");
+    operand.thresholds = thresholds->to(at::kFloat).contiguous();
   }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, op, ": bias must have ", n, " entries");
+    operand.bias = bias->to(at::kFloat).contiguous();
+  }
+  return operand;
+}
+
+QuantizedOperand int8_operand(const char* op, const at::Tensor& qt, const at::Tensor& scale,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
+  TORCH_CHECK(qt.dim() == 2 && qt.is_contiguous() && qt.scalar_type() == at::kChar,
+              op, ": qt must be the contiguous int8 input-major weight [in, out]");
+  TORCH_CHECK(scale.numel() == qt.size(1), op, ": scale must have ", qt.size(1), " entries");
+  return quantized_operand(op, qt, scale, qt.size(1), bias, thresholds);
+}
+
+QuantizedOperand int4_operand(const char* op, const at::Tensor& packed, const at::Tensor& scale, int64_t n,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              op, ": packed must be the contiguous uint8 input-major codes [in, ceil(out/2)]");
+  TORCH_CHECK(n >= 0 && packed.size(1) == (n + 1) / 2, op, ": packed has ", packed.size(1), " bytes per row, ", n,
+              " outputs need ", (n + 1) / 2);
+  const int64_t groups = (n + kInt4Block - 1) / kInt4Block;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == packed.size(0) && scale.size(1) == groups, op, ": scale must be [",
+              packed.size(0), ", ", groups, "] (one per 32 outputs), got ", scale.sizes());
+  return quantized_operand(op, packed, scale, n, bias, thresholds);
+}
+
+// Runs the segments of ``operands`` (all [k, ...] weights of one x) into one [m, sum(n)] output:
+// stream(operand, segment, begin, end, partial) accumulates kept rows, and the epilogue adds the
+// partials, then scale_out[j] (nullptr: 1) and the bias per output column, and casts to x's dtype.
+template <typename Stream>
+at::Tensor run_quantized(const char* op, const at::Tensor& x, const std::vector<QuantizedOperand>& operands,
+                         bool scale_in_epilogue, int64_t (*row_bytes)(int64_t n), const Stream& stream) {
+  TORCH_CHECK(!operands.empty(), op, ": needs at least one weight");
+  const int64_t k = operands[0].codes.size(0), m = x.size(0);
+  check_x(op, x, k);
+  int64_t total = 0;
+  for (const QuantizedOperand& operand : operands) {
+    TORCH_CHECK(operand.codes.size(0) == k, op, ": every weight must have ", k, " input channels (x's), got ",
+                operand.codes.size(0));
+    total += operand.n;
+  }
+  at::Tensor out = at::empty({m, total}, x.options());
+  if (m == 0 || total == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const int64_t count = static_cast<int64_t>(operands.size());
+  auto run = [&](const auto* xp, auto* outp) {
+    Segment* segments = segments_for(count);
+    for (int64_t i = 0; i < count; ++i) {
+      segments[i].thresholds = operands[i].thresholds.defined() ? operands[i].thresholds.data_ptr<float>() : nullptr;
+      segments[i].n = operands[i].n;
+      segments[i].row_bytes = row_bytes(operands[i].n);
+    }
+    std::vector<int64_t> column(count, 0);
+    for (int64_t i = 1; i < count; ++i) column[i] = column[i - 1] + operands[i - 1].n;
+    run_segments(
+        xp, m, k, segments, count,
+        [&](int64_t i, int64_t begin, int64_t end, float* partial) {
+          stream(operands[i], segments[i], begin, end, partial, m);
+        },
+        [&](int64_t i, const float* const* partials, int64_t parts) {
+          const int64_t n = operands[i].n;
+          const float* scale = scale_in_epilogue ? operands[i].scale.data_ptr<float>() : nullptr;
+          const float* bias = operands[i].bias.defined() ? operands[i].bias.data_ptr<float>() : nullptr;
+          for (int64_t r = 0; r < m; ++r) {
+            for (int64_t j = 0; j < n; ++j) {
+              float v = 0.0f;
+              for (int64_t c = 0; c < parts; ++c) v += partials[c][r * n + j];
+              from_f32((scale ? v * scale[j] : v) + (bias ? bias[j] : 0.0f), outp + r * total + column[i] + j);
+            }
+          }
+        });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(xc.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  }
+  return out;
+}
+
+int64_t int8_row_bytes(int64_t n) { return n; }
+int64_t int4_row_bytes(int64_t n) { return (n + 1) / 2 + (n + kInt4Block - 1) / kInt4Block * 4; }  // codes + scales
+
+at::Tensor run_int8(const char* op, const at::Tensor& x, const std::vector<QuantizedOperand>& operands) {
+  return run_quantized(op, x, operands, true, int8_row_bytes,
+                       [](const QuantizedOperand& w, const Segment& seg, int64_t begin, int64_t end, float* partial,
+                          int64_t m) {
+                         stream_rows_int8(w.codes.data_ptr<int8_t>(), w.n, seg.kept.data(), seg.coef.data(), m, begin,
+                                          end, partial);
+                       });
+}
+
+at::Tensor run_int4(const char* op, const at::Tensor& x, const std::vector<QuantizedOperand>& operands) {
+  return run_quantized(op, x, operands, false, int4_row_bytes,
+                       [](const QuantizedOperand& w, const Segment& seg, int64_t begin, int64_t end, float* partial,
+                          int64_t m) {
+                         stream_rows_int4(w.codes.data_ptr<uint8_t>(), w.scale.data_ptr<float>(), w.n, seg.kept.data(),
+                                          seg.coef.data(), m, begin, end, partial);
+                       });
+}
+
+at::Tensor sparse_gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qt, const at::Tensor& scale,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
+  constexpr const char* op = "wisparse_cpu::sparse_gemv_int8";
+  return run_int8(op, x, {int8_operand(op, qt, scale, bias, thresholds)});
 }
 
 at::Tensor sparse_gemv_int4_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t n,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& thresholds) {
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale.device().is_cpu(),
-              "wisparse_cpu::sparse_gemv_int4: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2, "wisparse_cpu::sparse_gemv_int4: x must be 2-D [rows, in], got ", x.dim(), "-D");
-  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
-              "wisparse_cpu::sparse_gemv_int4: packed must be the contiguous uint8 input-major codes [in, ceil(out/2)]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "wisparse_cpu::sparse_gemv_int4: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t m = x.size(0), k = packed.size(0);
-  TORCH_CHECK(n >= 0 && packed.size(1) == (n + 1) / 2, "wisparse_cpu::sparse_gemv_int4: packed has ", packed.size(1),
-              " bytes per row, ", n, " outputs need ", (n + 1) / 2);
-  TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv_int4: x has ", x.size(1), " channels, packed has ", k);
-  TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv_int4: at most ", kMaxRows, " rows, got ", m);
-  const int64_t groups = (n + kInt4Block - 1) / kInt4Block;
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == k && scale.size(1) == groups,
-              "wisparse_cpu::sparse_gemv_int4: scale must be [", k, ", ", groups, "] (one per 32 outputs), got ",
-              scale.sizes());
-  const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  const uint8_t* pk = packed.data_ptr<uint8_t>();
-  return run_quantized_gemv("wisparse_cpu::sparse_gemv_int4", x, k, n, bias, thresholds,
-                            [&](const auto* xp, const float* bp, const float* tp, auto* op) {
-                              sparse_gemv_int4_impl(xp, pk, sf.data_ptr<float>(), bp, tp, m, k, n, op);
-                            });
+  constexpr const char* op = "wisparse_cpu::sparse_gemv_int4";
+  return run_int4(op, x, {int4_operand(op, packed, scale, n, bias, thresholds)});
+}
+
+// The group ops take one list entry per weight; every list must have one entry per weight.
+void check_group_lengths(const char* op, size_t weights, size_t scales, size_t biases, size_t thresholds) {
+  TORCH_CHECK(weights >= 1 && scales == weights && biases == weights && thresholds == weights, op,
+              ": needs one scale, bias (or None) and thresholds (or None) per weight; got ", weights, " weights, ",
+              scales, " scales, ", biases, " biases, ", thresholds, " thresholds");
+}
+
+at::Tensor sparse_gemv_int8_group_cpu(const at::Tensor& x, at::TensorList qts, at::TensorList scales,
+                                      const c10::List<c10::optional<at::Tensor>>& biases,
+                                      const c10::List<c10::optional<at::Tensor>>& thresholds) {
+  constexpr const char* op = "wisparse_cpu::sparse_gemv_int8_group";
+  check_group_lengths(op, qts.size(), scales.size(), biases.size(), thresholds.size());
+  std::vector<QuantizedOperand> operands;
+  for (size_t i = 0; i < qts.size(); ++i) operands.push_back(int8_operand(op, qts[i], scales[i], biases[i], thresholds[i]));
+  return run_int8(op, x, operands);
+}
+
+at::Tensor sparse_gemv_int4_group_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList scales,
+                                      at::IntArrayRef ns, const c10::List<c10::optional<at::Tensor>>& biases,
+                                      const c10::List<c10::optional<at::Tensor>>& thresholds) {
+  constexpr const char* op = "wisparse_cpu::sparse_gemv_int4_group";
+  check_group_lengths(op, packed.size(), scales.size(), biases.size(), thresholds.size());
+  TORCH_CHECK(ns.size() == packed.size(), op, ": needs one output count per weight");
+  std::vector<QuantizedOperand> operands;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    operands.push_back(int4_operand(op, packed[i], scales[i], ns[i], biases[i], thresholds[i]));
+  }
+  return run_int4(op, x, operands);
 }
 
 at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
@@ -770,6 +900,8 @@ TORCH_LIBRARY(wisparse_cpu, m) {
   m.def("sparse_gemv(Tensor x, Tensor wt, Tensor? bias, Tensor thresholds) -> Tensor");
   m.def("sparse_gemv_int8(Tensor x, Tensor qt, Tensor scale, Tensor? bias, Tensor? thresholds) -> Tensor");
   m.def("sparse_gemv_int4(Tensor x, Tensor packed, Tensor scale, int n, Tensor? bias, Tensor? thresholds) -> Tensor");
+  m.def("sparse_gemv_int8_group(Tensor x, Tensor[] qts, Tensor[] scales, Tensor?[] biases, Tensor?[] thresholds) -> Tensor");
+  m.def("sparse_gemv_int4_group(Tensor x, Tensor[] packed, Tensor[] scales, int[] ns, Tensor?[] biases, Tensor?[] thresholds) -> Tensor");
   m.def("parallel_threads(int items) -> int", &parallel_threads);
 }
 
@@ -777,4 +909,6 @@ TORCH_LIBRARY_IMPL(wisparse_cpu, CPU, m) {
   m.impl("sparse_gemv", &sparse_gemv_cpu);
   m.impl("sparse_gemv_int8", &sparse_gemv_int8_cpu);
   m.impl("sparse_gemv_int4", &sparse_gemv_int4_cpu);
+  m.impl("sparse_gemv_int8_group", &sparse_gemv_int8_group_cpu);
+  m.impl("sparse_gemv_int4_group", &sparse_gemv_int4_group_cpu);
 }

@@ -121,6 +121,22 @@ def _load() -> None:
         torch._check(packed.shape[1] == (n + 1) // 2)
         return x.new_empty(x.shape[0], n)
 
+    @torch.library.register_fake("wisparse_cpu::sparse_gemv_int8_group")
+    def _(
+        x: torch.Tensor, qts: list[torch.Tensor], scales: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+        thresholds: list[Optional[torch.Tensor]],
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 2 and all(qt.dim() == 2 and x.shape[1] == qt.shape[0] for qt in qts))
+        return x.new_empty(x.shape[0], sum(qt.shape[1] for qt in qts))
+
+    @torch.library.register_fake("wisparse_cpu::sparse_gemv_int4_group")
+    def _(
+        x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], ns: list[int],
+        biases: list[Optional[torch.Tensor]], thresholds: list[Optional[torch.Tensor]],
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 2 and all(p.dim() == 2 and x.shape[1] == p.shape[0] for p in packed))
+        return x.new_empty(x.shape[0], sum(ns))
+
 
 def cpu_kernel_available() -> bool:
     """Build/load the kernel once per process; False (with one warning) if that fails."""
@@ -215,6 +231,26 @@ def cpu_sparse_gemv_int4(
     k = packed.shape[0]
     out = torch.ops.wisparse_cpu.sparse_gemv_int4(x.reshape(-1, k), packed, scale, out_features, bias, thresholds)
     return out.reshape(*x.shape[:-1], out_features)
+
+
+def cpu_sparse_gemv_int8_group(
+    x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+    thresholds: list[Optional[torch.Tensor]],
+) -> torch.Tensor:
+    """``sparse_linear_int8_group`` through the C++ kernel: one call, outputs concatenated."""
+    k = qweights[0].shape[0]
+    out = torch.ops.wisparse_cpu.sparse_gemv_int8_group(x.reshape(-1, k), qweights, scales, biases, thresholds)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def cpu_sparse_gemv_int4_group(
+    x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], out_features: list[int],
+    biases: list[Optional[torch.Tensor]], thresholds: list[Optional[torch.Tensor]],
+) -> torch.Tensor:
+    """``sparse_linear_int4_group`` through the C++ kernel: one call, outputs concatenated."""
+    k = packed[0].shape[0]
+    out = torch.ops.wisparse_cpu.sparse_gemv_int4_group(x.reshape(-1, k), packed, scales, out_features, biases, thresholds)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def cpu_compile_patches(example_inputs) -> dict[str, object]:

@@ -97,7 +97,7 @@ def same_input(x: Any) -> Any:
     return x
 
 
-def _erase_dead_views(node: Any, root: Any) -> None:
+def erase_dead_views(node: Any, root: Any) -> None:
     """Remove ``node`` and the views above it (up to ``root``) once nothing uses them."""
     while isinstance(node, fx.Node) and node is not root and not node.users:
         source = _identity_view_source(node)
@@ -219,7 +219,7 @@ def _fuse(
         graph.erase_node(member)
         if member_w.op != "placeholder" and not member_w.users:
             graph.erase_node(member_w)
-        _erase_dead_views(member_x, x)
+        erase_dead_views(member_x, x)
     return group
 
 
