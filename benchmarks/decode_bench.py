@@ -56,9 +56,12 @@ class Decoder:
     def __init__(self, model, backend: str, options: dict, prompt_len: int, new_tokens: int):
         from transformers import StaticCache
 
+        from wisparse_compile.model_io import cache_keyword
+
         self.model = model
         self.step = torch.compile(model, backend=backend, options=options or None)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+        self.cache_keyword = cache_keyword(model)  # ``cache`` or ``past_key_values``: what its forward declares
         device = next(model.parameters()).device
         self.prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7)).to(device)
         self.new_tokens = new_tokens
@@ -68,16 +71,16 @@ class Decoder:
         self.cache.reset()
         length = self.prompt.shape[1]
         device = self.prompt.device
-        out = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
-                         cache_position=torch.arange(length, device=device))
+        out = self.model(input_ids=self.prompt, use_cache=True, cache_position=torch.arange(length, device=device),
+                         **{self.cache_keyword: self.cache})
         token = out.logits[:, -1:].argmax(-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(self.new_tokens):
             pos = torch.tensor([length + i], device=device)
-            out = self.step(input_ids=token, past_key_values=self.cache, use_cache=True,
-                            cache_position=pos, position_ids=pos[None])
+            out = self.step(input_ids=token, use_cache=True, cache_position=pos, position_ids=pos[None],
+                            **{self.cache_keyword: self.cache})
             token = out.logits[:, -1:].argmax(-1).clone()
         if device.type == "cuda":
             torch.cuda.synchronize()

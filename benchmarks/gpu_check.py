@@ -267,6 +267,7 @@ def step_tiny_decode(dry: bool, out: Path) -> dict:
     from torch._dynamo.utils import counters
 
     import wisparse_compile as wsc
+    from wisparse_compile.model_io import cache_keyword
 
     device = "cpu" if dry else "cuda"
     torch.manual_seed(0)
@@ -280,17 +281,19 @@ def step_tiny_decode(dry: bool, out: Path) -> dict:
     prompt = torch.randint(0, 512, (1, 8), generator=g).to(device)
     new_tokens = 8 if dry else 24
 
+    cache_name = cache_keyword(model)  # ``cache`` or ``past_key_values``: what its forward declares
+
     def greedy(step) -> list[int]:
         cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 1)
         with torch.no_grad(), wsc.masked_linears():  # the prefill: eager, masked
-            logits = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                           cache_position=torch.arange(prompt.shape[1], device=device)).logits
+            logits = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(prompt.shape[1], device=device),
+                           **{cache_name: cache}).logits
         token, tokens = logits[:, -1:].argmax(-1), []
         with torch.no_grad():
             for i in range(new_tokens):
                 pos = torch.tensor([prompt.shape[1] + i], device=device)
-                logits = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos,
-                              position_ids=pos[None]).logits
+                logits = step(input_ids=token, use_cache=True, cache_position=pos, position_ids=pos[None],
+                              **{cache_name: cache}).logits
                 token = logits[:, -1:].argmax(-1).clone()
                 tokens.append(int(token))
         return tokens

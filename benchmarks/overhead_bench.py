@@ -172,9 +172,12 @@ def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, timin
     """
     from transformers import StaticCache
 
+    from wisparse_compile.model_io import cache_keyword
+
     compiled = torch.compile(model, backend="wisparse")
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 1)
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt.shape[1]))
+    with_cache = {cache_keyword(model): cache}  # ``cache`` or ``past_key_values``: what its forward declares
+    out = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(prompt.shape[1]), **with_cache)
     token = out.logits[:, -1:].argmax(-1)
     records = []
     for i in range(steps):
@@ -184,7 +187,7 @@ def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, timin
         pos = torch.tensor([prompt.shape[1] + i])
         before = sum(t.outer_ns - t.inner_ns for t in timings)
         t0 = time.perf_counter_ns()
-        out = compiled(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None])
+        out = compiled(input_ids=token, use_cache=True, cache_position=pos, position_ids=pos[None], **with_cache)
         token = out.logits[:, -1:].argmax(-1)
         wall = time.perf_counter_ns() - t0
         records.append((wall, sum(t.outer_ns - t.inner_ns for t in timings) - before, fixed))

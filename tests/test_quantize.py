@@ -5,6 +5,7 @@ quantized head), tied heads, detach, switching formats, bad input, and torchao's
 import copy
 import importlib.util
 import logging
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch._inductor.utils import run_and_get_code
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
+from wisparse_compile.attach import unplanned
 from wisparse_compile.passes.decisions import Outcome, Route
 from wisparse_compile.quantize import (
     Int4Weight,
@@ -29,6 +31,8 @@ from wisparse_compile.quantize import (
 )
 
 
+# ---- the quantizers: one layout per format ----
+
 def test_quantize_int8_is_symmetric_per_output_channel():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 40, generator=g) * torch.linspace(0.1, 3, 24)[:, None]
@@ -41,30 +45,39 @@ def test_quantize_int8_is_symmetric_per_output_channel():
     assert (err <= s[:, None] / 2 + 1e-6).all()  # round to nearest: at most half a step per channel
 
 
-def test_quantize_int8_rejects_bad_weights():
-    with pytest.raises(ValueError, match="2-D"):
-        quantize_int8(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="floating-point"):
-        quantize_int8(torch.ones(2, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize_int8(torch.tensor([[1.0, float("nan")]]))
+def test_quantize_int4_groups_32_outputs_per_input_channel_and_packs_the_documented_nibbles():
+    g = torch.Generator().manual_seed(0)
+    n, k = 75, 6  # two full 32-output blocks and a partial one of 11 (h = 6: a spare high nibble)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.1, 3, n)[:, None]
+    w[32:64, 2] = 0  # a zero group: scale 1, zero codes
+    q, s = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (k, 38) and q.is_contiguous()
+    assert s.dtype == torch.float32 and s.shape == (k, 3) and s[2, 1] == 1
+    steps = s.repeat_interleave(32, dim=1)[:, :n]
+    codes = torch.round(w.t() / steps).clamp(-8, 7).to(torch.int64)
+    nib = codes & 0xF
+    assert (codes[2, 32:64] == 0).all()
+    # block 0: byte b = output b (low) | output b + 16 (high); the partial block: h = 6
+    assert torch.equal(q[:, :16].long(), nib[:, :16] | (nib[:, 16:32] << 4))
+    assert torch.equal(q[:, 32:37].long(), nib[:, 64:69] | (nib[:, 70:75] << 4))
+    assert torch.equal(q[:, 37].long(), nib[:, 69])  # the spare high nibble is zero
+    deq = dequantize_int4(q, s, n)
+    assert torch.equal(deq, (codes * steps).t())
+    # each group's scale is the least-squares choice among max|W|/6..9, so no worse than max|W|/7 (no clipping)
+    sq = lambda a: a.t().reshape(k, -1).square()  # noqa: E731
+    for gi, (lo, hi) in enumerate(((0, 32), (32, 64), (64, 75))):
+        plain = (w[lo:hi].abs().amax(0) / 7).clamp_min(1e-30)
+        plain_err = ((torch.round(w[lo:hi] / plain) * plain - w[lo:hi]) ** 2).sum(0)
+        assert ((deq[lo:hi] - w[lo:hi]) ** 2).sum(0).le(plain_err + 1e-6).all(), gi
+    assert (deq - w).abs().max() <= 2 * s.max() + 1e-6  # clipping at max|W|/9 costs at most two steps
 
 
-def test_int8_weight_computes_with_the_dequantized_values_in_eager_code():
-    w = torch.randn(16, 32)
-    qw = Int8Weight.from_float(w)
-    deq = qw.dequantize()
-    x = torch.randn(3, 32)
-    assert qw.shape == (16, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 16)
-    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
-    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
-    torch.testing.assert_close(torch.addmm(torch.zeros(16), x, qw.T), x @ deq.t())
-    assert isinstance(qw.detach(), Int8Weight) and isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), Int8Weight)
-    half = qw.to(torch.bfloat16)
-    assert isinstance(half, Int8Weight) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
-    with pytest.raises(RuntimeError, match="detach\\(model\\) first"):
-        with torch.no_grad():
-            qw.copy_(w)
+def test_int4_weight_checks_its_output_count_and_group_scales():
+    q, s = quantize_int4(torch.randn(40, 8))
+    with pytest.raises(ValueError, match="41 outputs take 21 bytes per row"):
+        Int4Weight(q, s, torch.float32, 41)
+    with pytest.raises(ValueError, match="scale must be fp32 of shape \\[8, 2\\]"):
+        Int4Weight(q, s[:, :1].contiguous(), torch.float32, 40)
 
 
 _CALIBRATED: dict = {}
@@ -82,83 +95,161 @@ def _planned(tied=False):
     return model, _CALIBRATED["plan"]
 
 
-def test_attach_int8_compiles_every_linear_to_the_int8_op_and_matches_the_masked_reference(caplog):
+def assert_compiled_matches_masked_reference(model, plan, ids) -> None:
+    """The compiled model's logits are the eager model's (dequantized weights) with the plan's masks."""
+    with torch.no_grad():
+        out = torch.compile(model, backend="wisparse")(ids).logits
+        with MaskingHooks(model, plan.channel_thresholds):
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- int8 and int4: one test per concern, over both formats ----
+
+class Format(NamedTuple):
+    """What the shared tests need of one weight format; where int8 and int4 differ for a reason, it is here."""
+
+    weight_type: type
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    decode_route: Route
+    prefill_route: Route
+    head_error: float  # the dequantized head's largest error, in max|W|
+    error_bounds: tuple[float, float]  # eager logits' relative error against the float model
+
+
+FORMATS = {
+    "int8": Format(Int8Weight, quantize_int8, Route.INT8_CPU_KERNEL, Route.INT8_DENSE,
+                   head_error=1 / 127, error_bounds=(0, 0.02)),  # one step of max|W| / 127
+    "int4": Format(Int4Weight, quantize_int4, Route.INT4_CPU_KERNEL, Route.INT4_DENSE,  # two steps of at most
+                   head_error=2 / 6, error_bounds=(0.01, 0.2)),  # max|W| / 6; coarser than int8, still close
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_quantizers_reject_bad_weights(fmt):
+    quantize = FORMATS[fmt].quantize
+    with pytest.raises(ValueError, match=f"{fmt} quantization takes a 2-D"):
+        quantize(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=f"{fmt} quantization takes a floating-point"):
+        quantize(torch.ones(2, 3, dtype=torch.int32))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize(torch.tensor([[1.0, bad]]))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_quantized_weight_computes_with_the_dequantized_values_in_eager_code(fmt):
+    weight_type = FORMATS[fmt].weight_type
+    w = torch.randn(33, 32)  # odd out: int4's spare nibble
+    qw = weight_type.from_float(w)
+    deq = qw.dequantize()
+    x = torch.randn(3, 32)
+    assert qw.shape == (33, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 33) and qw.out_features == 33
+    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
+    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
+    torch.testing.assert_close(torch.addmm(torch.zeros(33), x, qw.T), x @ deq.t())
+    assert isinstance(qw.detach(), weight_type) and qw.detach().out_features == 33
+    assert isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), weight_type)
+    half = qw.to(torch.bfloat16)
+    assert isinstance(half, weight_type) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
+    with pytest.raises(RuntimeError, match=f"{fmt}-quantized weight .* detach\\(model\\) first"):
+        with torch.no_grad():
+            qw.copy_(w)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_error_is_bounded_switching_formats_goes_through_float_and_detach_restores_exactly(fmt):
+    """Attach from another format, then the same one again: the codes come from the float originals;
+    detach gives the float model back exactly (row-major), and it attaches again to the same weights."""
+    spec = FORMATS[fmt]
+    other = next(o for o in FORMATS if o != fmt)
+    model, plan = _planned()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense = model(ids).logits
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        wsc.attach(model, plan, weights=QuantizeConfig(weights=other, head=True))
+        wsc.attach(model, plan, weights=fmt)  # other -> fmt: from the float originals, not the other codes
+        assert wsc.attach(model, plan, weights=fmt) is model  # the same format twice
+        w = model.model.layers[1].self_attn.o_proj.weight
+        assert isinstance(w, spec.weight_type)
+        assert torch.equal(w.qdata, spec.quantize(params["model.layers.1.self_attn.o_proj.weight"])[0])
+        with unplanned(list(model.parameters())):
+            quantized = model(ids).logits  # eager, dense, quantized weights
+        wsc.detach(model)
+        assert not any(isinstance(p, (Int4Weight, Int8Weight)) for p in model.parameters())
+        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+        assert all(p.is_contiguous() for p in model.parameters())  # laid back row-major
+        assert quantization_of(model) is None
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+        wsc.attach(model, plan, weights=fmt)
+        with unplanned(list(model.parameters())):
+            torch.testing.assert_close(model(ids).logits, quantized, rtol=0, atol=0)
+    low, high = spec.error_bounds
+    rel = (quantized - dense).norm() / dense.norm()
+    assert low < rel < high, rel
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_attach_compiles_every_linear_to_the_quantized_op_and_matches_the_eager_reference(fmt, caplog):
+    """Decode (2 rows): the 14 planned linears (siblings grouped) and the dense head all run the format's C++ kernels,
+    and the logits match the eager model on the dequantized weights with the plan's masks."""
+    spec = FORMATS[fmt]
     model, plan = _planned()
     ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
     with caplog.at_level(logging.INFO, logger="wisparse_compile.quantize"):
-        wsc.attach(model, plan, weights="int8")
-    assert "int8 weights for 15 linears (with the head)" in caplog.text
+        wsc.attach(model, plan, weights=fmt)
+    assert f"{fmt} weights for 15 linears (with the head)" in caplog.text
     summary = quantization_of(model)
-    assert summary["head"] == "lm_head" and len(summary["quantized"]) == 15 and not summary["skipped"]
-    assert isinstance(model.lm_head.weight, Int8Weight) and isinstance(model.model.layers[0].mlp.up_proj.weight, Int8Weight)
+    assert summary["format"] == fmt and summary["head"] == "lm_head" and len(summary["quantized"]) == 15
+    assert not summary["skipped"]
+    assert isinstance(model.lm_head.weight, spec.weight_type)
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, spec.weight_type)
     with torch.no_grad():
         out, code = run_and_get_code(lambda: torch.compile(model, backend="wisparse")(ids).logits)
         with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized weights
             ref = model(ids).logits
     code = "\n".join(code)
     # per layer: q/k/v in one group call, gate/up in another (passes/group_quantized.py), o and down alone
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8_group.default(") == 4
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int8.default(") == 5  # o, down x 2 layers + the dense head
+    assert code.count(f"torch.ops.wisparse_cpu.sparse_gemv_{fmt}_group.default(") == 4
+    assert code.count(f"torch.ops.wisparse_cpu.sparse_gemv_{fmt}.default(") == 5  # o, down x 2 layers + the dense head
+    assert not any(f"sparse_gemv_{other}" in code for other in FORMATS if other != fmt)
     assert "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     report = wsc.last_compile_report()
-    assert [d.route for d in report.decisions].count(Route.INT8_CPU_KERNEL) == 15
+    assert [d.route for d in report.decisions].count(spec.decode_route) == 15
     assert [d.decision for d in report.decisions].count(Outcome.FUSED) == 10  # q, k, v, gate, up x 2 layers
     head = [d for d in report.decisions if d.name is None]
-    assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int8" in head[0].reason
+    assert len(head) == 1 and head[0].decision == Outcome.DENSE and fmt in head[0].reason
 
 
-def test_int8_prefill_runs_the_masked_dense_int8_route():
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prefill_runs_the_masked_dense_quantized_route(fmt):
+    spec = FORMATS[fmt]
     model, plan = _planned()
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
-    wsc.attach(model, plan, weights="int8")
-    with torch.no_grad():
-        out = torch.compile(model, backend="wisparse")(ids).logits
-        with MaskingHooks(model, plan.channel_thresholds):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert {d.route for d in wsc.last_compile_report().decisions} == {Route.INT8_DENSE}
+    wsc.attach(model, plan, weights=fmt)
+    assert_compiled_matches_masked_reference(model, plan, ids)
+    assert {d.route for d in wsc.last_compile_report().decisions} == {spec.prefill_route}
 
 
-def test_int8_error_against_float_is_small_and_detach_restores_the_float_model_exactly():
-    model, plan = _planned()
-    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        dense = model(ids).logits
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        wsc.attach(model, plan, weights=QuantizeConfig(head=True))
-        wsc.detach(wsc.attach(model, plan, weights="int8"))  # attach twice, then detach
-        assert not any(isinstance(p, Int8Weight) for p in model.parameters())
-        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-        assert all(p.is_contiguous() for p in model.parameters())  # laid back row-major
-        assert quantization_of(model) is None
-        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
-        wsc.attach(model, plan, weights="int8")
-        from wisparse_compile.attach import unplanned
-
-        with unplanned([p for p in model.parameters()]):
-            quantized = model(ids).logits  # eager, dense, int8 weights
-    rel = (quantized - dense).norm() / dense.norm()
-    assert 0 < rel < 0.02, rel
-
-
-def test_tied_head_gets_its_own_int8_copy_and_detach_ties_it_again():
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_tied_head_gets_its_own_quantized_copy_and_detach_ties_it_again(fmt):
+    spec = FORMATS[fmt]
     model, plan = _planned(tied=True)
     emb = model.model.embed_tokens.weight
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(6))
-    wsc.attach(model, plan, weights="int8")
+    wsc.attach(model, plan, weights=fmt)
     assert quantization_of(model)["untied"] is True
     assert model.model.embed_tokens.weight is emb and type(emb) is nn.Parameter  # the embedding stays float
-    assert isinstance(model.lm_head.weight, Int8Weight)
-    torch.testing.assert_close(model.lm_head.weight.dequantize(), emb.detach(), atol=emb.abs().max().item() / 127, rtol=0)
-    with torch.no_grad():
-        out = torch.compile(model, backend="wisparse")(ids).logits
-        with MaskingHooks(model, plan.channel_thresholds):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.lm_head.weight, spec.weight_type)
+    torch.testing.assert_close(model.lm_head.weight.dequantize(), emb.detach(), atol=emb.abs().max().item() * spec.head_error, rtol=0)
+    assert_compiled_matches_masked_reference(model, plan, ids)
     wsc.detach(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight is emb
 
+
+# ---- attach options, bad formats, torchao's tensors, the accuracy script ----
 
 def test_keep_float_false_frees_the_originals_and_detach_restores_dequantized_values(caplog):
     model, plan = _planned()
@@ -194,11 +285,7 @@ def test_torchao_int8_weight_only_tensors_are_taken_without_requantizing():
     assert isinstance(w, Int8Weight) and torch.equal(w.qdata, codes.t())
     assert from_torchao(torch.randn(2, 2)) is None
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        out = torch.compile(model, backend="wisparse")(ids).logits
-        with MaskingHooks(model, plan.channel_thresholds):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert_compiled_matches_masked_reference(model, plan, ids)
 
 
 def test_int8_accuracy_script_quick_mode(tmp_path):
@@ -220,142 +307,6 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
     assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in sparse)
     table = (tmp_path / "int8_accuracy_quick.md").read_text()
     assert "| int8 | teal 0.5 |" in table and "| int4 | wisparse 0.5 |" in table
-
-
-# ---- int4 ----
-
-def test_quantize_int4_groups_32_outputs_per_input_channel_and_packs_the_documented_nibbles():
-    g = torch.Generator().manual_seed(0)
-    n, k = 75, 6  # two full 32-output blocks and a partial one of 11 (h = 6: a spare high nibble)
-    w = torch.randn(n, k, generator=g) * torch.linspace(0.1, 3, n)[:, None]
-    w[32:64, 2] = 0  # a zero group: scale 1, zero codes
-    q, s = quantize_int4(w)
-    assert q.dtype == torch.uint8 and q.shape == (k, 38) and q.is_contiguous()
-    assert s.dtype == torch.float32 and s.shape == (k, 3) and s[2, 1] == 1
-    steps = s.repeat_interleave(32, dim=1)[:, :n]
-    codes = torch.round(w.t() / steps).clamp(-8, 7).to(torch.int64)
-    nib = codes & 0xF
-    assert (codes[2, 32:64] == 0).all()
-    # block 0: byte b = output b (low) | output b + 16 (high); the partial block: h = 6
-    assert torch.equal(q[:, :16].long(), nib[:, :16] | (nib[:, 16:32] << 4))
-    assert torch.equal(q[:, 32:37].long(), nib[:, 64:69] | (nib[:, 70:75] << 4))
-    assert torch.equal(q[:, 37].long(), nib[:, 69])  # the spare high nibble is zero
-    deq = dequantize_int4(q, s, n)
-    assert torch.equal(deq, (codes * steps).t())
-    # each group's scale is the least-squares choice among max|W|/6..9, so no worse than max|W|/7 (no clipping)
-    sq = lambda a: a.t().reshape(k, -1).square()  # noqa: E731
-    for gi, (lo, hi) in enumerate(((0, 32), (32, 64), (64, 75))):
-        plain = (w[lo:hi].abs().amax(0) / 7).clamp_min(1e-30)
-        plain_err = ((torch.round(w[lo:hi] / plain) * plain - w[lo:hi]) ** 2).sum(0)
-        assert ((deq[lo:hi] - w[lo:hi]) ** 2).sum(0).le(plain_err + 1e-6).all(), gi
-    assert (deq - w).abs().max() <= 2 * s.max() + 1e-6  # clipping at max|W|/9 costs at most two steps
-
-
-def test_quantize_int4_rejects_bad_weights():
-    with pytest.raises(ValueError, match="int4 quantization takes a 2-D"):
-        quantize_int4(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize_int4(torch.tensor([[1.0, float("inf")]]))
-    q, s = quantize_int4(torch.randn(40, 8))
-    with pytest.raises(ValueError, match="41 outputs take 21 bytes per row"):
-        Int4Weight(q, s, torch.float32, 41)
-    with pytest.raises(ValueError, match="scale must be fp32 of shape \\[8, 2\\]"):
-        Int4Weight(q, s[:, :1].contiguous(), torch.float32, 40)
-
-
-def test_int4_weight_computes_with_the_dequantized_values_in_eager_code():
-    w = torch.randn(33, 32)  # odd out: a spare nibble
-    qw = Int4Weight.from_float(w)
-    deq = qw.dequantize()
-    x = torch.randn(3, 32)
-    assert qw.shape == (33, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 33) and qw.out_features == 33
-    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
-    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
-    assert isinstance(qw.detach(), Int4Weight) and qw.detach().out_features == 33
-    assert isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), Int4Weight)
-    half = qw.to(torch.bfloat16)
-    assert isinstance(half, Int4Weight) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
-    with pytest.raises(RuntimeError, match="int4-quantized weight .* detach\\(model\\) first"):
-        with torch.no_grad():
-            qw.copy_(w)
-
-
-def test_attach_int4_compiled_decode_runs_the_int4_kernel_and_matches_the_eager_int4_reference(caplog):
-    model, plan = _planned()
-    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
-    with caplog.at_level(logging.INFO, logger="wisparse_compile.quantize"):
-        wsc.attach(model, plan, weights="int4")
-    assert "int4 weights for 15 linears (with the head)" in caplog.text
-    summary = quantization_of(model)
-    assert summary["format"] == "int4" and summary["head"] == "lm_head" and len(summary["quantized"]) == 15
-    assert isinstance(model.lm_head.weight, Int4Weight) and isinstance(model.model.layers[0].mlp.up_proj.weight, Int4Weight)
-    with torch.no_grad():
-        out, code = run_and_get_code(lambda: torch.compile(model, backend="wisparse")(ids).logits)
-        with MaskingHooks(model, plan.channel_thresholds):  # eager: F.linear on the dequantized int4 weights
-            ref = model(ids).logits
-    code = "\n".join(code)
-    # per layer: q/k/v in one group call, gate/up in another (passes/group_quantized.py), o and down alone
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4_group.default(") == 4
-    assert code.count("torch.ops.wisparse_cpu.sparse_gemv_int4.default(") == 5  # o, down x 2 layers + the dense head
-    assert "sparse_gemv_int8" not in code and "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    report = wsc.last_compile_report()
-    assert [d.route for d in report.decisions].count(Route.INT4_CPU_KERNEL) == 15
-    assert [d.decision for d in report.decisions].count(Outcome.FUSED) == 10  # q, k, v, gate, up x 2 layers
-    head = [d for d in report.decisions if d.name is None]
-    assert len(head) == 1 and head[0].decision == Outcome.DENSE and "int4" in head[0].reason
-
-
-def test_int4_prefill_runs_the_masked_dense_int4_route():
-    model, plan = _planned()
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
-    wsc.attach(model, plan, weights="int4")
-    with torch.no_grad():
-        out = torch.compile(model, backend="wisparse")(ids).logits
-        with MaskingHooks(model, plan.channel_thresholds):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert {d.route for d in wsc.last_compile_report().decisions} == {Route.INT4_DENSE}
-
-
-def test_int4_error_is_bounded_switching_formats_goes_through_float_and_detach_restores_exactly():
-    model, plan = _planned()
-    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
-    from wisparse_compile.attach import unplanned
-
-    with torch.no_grad():
-        dense = model(ids).logits
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        wsc.attach(model, plan, weights="int8")
-        wsc.attach(model, plan, weights="int4")  # int8 -> int4: from the float originals, not the int8 codes
-        w = model.model.layers[1].self_attn.o_proj.weight
-        assert isinstance(w, Int4Weight)
-        assert torch.equal(w.qdata, quantize_int4(params["model.layers.1.self_attn.o_proj.weight"])[0])
-        with unplanned([p for p in model.parameters()]):
-            quantized = model(ids).logits  # eager, dense, int4 weights
-        wsc.detach(model)
-        assert not any(isinstance(p, (Int4Weight, Int8Weight)) for p in model.parameters())
-        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
-    rel = (quantized - dense).norm() / dense.norm()
-    assert 0.01 < rel < 0.2, rel  # 4 bits: coarser than int8 (< 2%), still close
-
-
-def test_tied_head_gets_its_own_int4_copy_and_detach_ties_it_again():
-    model, plan = _planned(tied=True)
-    emb = model.model.embed_tokens.weight
-    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(6))
-    wsc.attach(model, plan, weights="int4")
-    assert quantization_of(model)["untied"] is True
-    assert model.model.embed_tokens.weight is emb and type(emb) is nn.Parameter  # the embedding stays float
-    assert isinstance(model.lm_head.weight, Int4Weight)
-    with torch.no_grad():
-        out = torch.compile(model, backend="wisparse")(ids).logits
-        with MaskingHooks(model, plan.channel_thresholds):
-            ref = model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    wsc.detach(model)
-    assert model.lm_head.weight is model.model.embed_tokens.weight is emb
 
 
 def test_quantize_model_refuses_to_requantize_another_format():

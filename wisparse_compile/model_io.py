@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors (``input_ids``, ``attention_mask``, ...) or an ``input_ids`` tensor
 ([seq] or [batch, seq]). Calibration, the allocation's passes and the masked reference all call
-the model through ``call_model`` so they see the same forward.
+the model through ``call_model`` so they see the same forward; decoding loops pass their KV cache
+under ``cache_keyword(model)``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,24 @@ def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return {"use_cache": False} if "use_cache" in params else {}
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache`` or ``past_key_values``.
+
+    transformers renamed ``past_key_values`` to ``cache`` model by model (Llama's forward takes
+    ``cache`` in 5.24 and warns, through ``deprecate_kwarg``, that the old name goes in 5.40; 5.17
+    knows only ``past_key_values``). The version alone does not tell which name a given model's
+    forward has (remote-code and not yet renamed models keep the old one), so the forward's
+    signature decides (``inspect.signature`` follows the decorators' ``__wrapped__`` to the
+    declared parameters). ``past_key_values`` wherever the forward names it, names neither or
+    cannot be inspected: every version still accepts it. Decide once per model, not per step.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
 def call_model(model: nn.Module, batch: Any, device: torch.device) -> Any:

@@ -7,6 +7,7 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
 from wisparse_compile.backend import COMPILED_REPORTS
+from wisparse_compile.model_io import cache_keyword
 from wisparse_compile.passes.fuse_siblings import fused_weight
 
 
@@ -84,16 +85,17 @@ def test_static_cache_decode_matches_masked_reference():
 
     model, plan = _calibrated()
     prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(6))
+    keyword = cache_keyword(model)
 
     def greedy(step, steps=3):
         cache = StaticCache(config=model.config, max_cache_len=8)
         with MaskingHooks(model, plan.channel_thresholds), torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(4))
+            out = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(4), **{keyword: cache})
         token, step_logits = out.logits[:, -1:].argmax(-1), []
         with torch.no_grad():
             for i in range(steps):
                 pos = torch.tensor([4 + i])
-                out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None])
+                out = step(input_ids=token, use_cache=True, cache_position=pos, position_ids=pos[None], **{keyword: cache})
                 step_logits.append(out.logits)
                 token = out.logits[:, -1:].argmax(-1)
         return torch.cat(step_logits, 1)

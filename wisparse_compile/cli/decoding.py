@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backend import decode_compile_options
+from ..model_io import cache_keyword
 
 
 def own_backend(backend: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +42,9 @@ class GreedyDecoder:
     counter) are snapshotted; every run restores them in place, so each one decodes from the same
     state. Build the sparse model's decoder *before* ``wsc.attach``: attach re-lays planned weights
     input-major, and PyTorch's eager bf16 CPU GEMM is 20-40x slower on that layout on CPUs without
-    native bf16 (no compiled graph routes the eager prefill).
+    native bf16 (no compiled graph routes the eager prefill). The cache goes in under the keyword
+    the model's forward declares (``model_io.cache_keyword``: ``cache`` from transformers' rename
+    on, ``past_key_values`` before it), so no deprecation warning comes with each step.
     """
 
     def __init__(self, model: torch.nn.Module, backend: str, prompt_len: int, new_tokens: int,
@@ -61,8 +64,10 @@ class GreedyDecoder:
         prompt = prompt.to(self.device)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
         self.new_tokens = new_tokens
+        self.cache_keyword = cache_keyword(model)
         with torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(prompt_len, device=self.device))
+            out = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(prompt_len, device=self.device),
+                        **{self.cache_keyword: self.cache})
         self.first_token = out.logits[:, -1:].argmax(-1)
         self.last_tokens: list[int] = []
         self.snapshot = [  # (layer, attribute, value): tensors cloned, plain counters (sliding layers) as is
@@ -91,9 +96,10 @@ class GreedyDecoder:
         for i in range(new_tokens):
             pos = self.prompt_len + i
             out = self.step(
-                input_ids=token, past_key_values=self.cache, use_cache=True,
+                input_ids=token, use_cache=True,
                 cache_position=torch.tensor([pos], device=self.device),
                 position_ids=torch.tensor([[pos]], device=self.device),
+                **{self.cache_keyword: self.cache},
             )
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))
