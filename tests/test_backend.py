@@ -325,6 +325,25 @@ def test_decode_compile_options_skip_module_guards_and_keep_plan_swaps_exact(wei
     assert filtered < 0.7 * _guard_count(plain), (filtered, _guard_count(plain))  # tiny model: 182 vs 309
 
 
+def test_decode_compile_options_drop_inductors_per_call_asserts():
+    """The decode options turn off Inductor's size/stride asserts (one per graph input per call);
+    a plain compile keeps them."""
+    if not wsc.decode_compile_options():
+        pytest.skip("this torch has no skip_guard_on_all_nn_modules_unsafe")
+    from torch._inductor.utils import run_and_get_code
+
+    model, _ = _calibrated()
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(5))
+    codes = {}
+    for name, options in (("decode", wsc.decode_compile_options()), ("plain", None)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="wisparse", options=options)
+        out, code = run_and_get_code(lambda: logits(compiled, ids))
+        codes[name] = "\n".join(code)
+    assert "assert_size_stride(" not in codes["decode"] and "assert_size_stride(" in codes["plain"]
+    assert "torch.ops.wisparse_cpu.sparse_gemv" in codes["decode"]  # the same sparse graph, minus the asserts
+
+
 def _guard_count(compiled) -> int:
     """Guards of the newest cache entry of ``compiled``'s forward (its guard manager's leaves)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list

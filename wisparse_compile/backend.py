@@ -46,11 +46,19 @@ def decode_compile_options() -> dict[str, Any]:
     planned weights. Not for models whose attributes change after compiling (``train()``/``eval()``,
     config flags): Dynamo would not notice. Nor does it tell two models of one class apart: compile
     each with a backend object of its own (``wsc.sparse_backend()`` makes a new one;
-    ``cli.decoding.own_backend`` wraps any), or the second runs the first one's graph. An empty dict
-    on a torch without the filter.
+    ``cli.decoding.own_backend`` wraps any), or the second runs the first one's graph.
+
+    The same holds for Inductor's per-call size/stride and alignment asserts, which these options
+    turn off too (Inductor config keys, passed on by the ``wisparse`` and ``inductor`` backends):
+    one assert per graph input, ~940 on SmolLM2 (its parameters, thresholds and cache), 0.5 ms of
+    a 9 ms int8 step. What they would catch is a parameter re-laid after compiling, which the
+    skipped guards already leave to the caller; the planned weights keep the ``WeightLayoutChanged``
+    check. On a torch without the filter the dict is empty: the asserts stay, as the guards do.
     """
     filter_fn = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    return {} if filter_fn is None else {"guard_filter_fn": filter_fn}
+    if filter_fn is None:
+        return {}
+    return {"guard_filter_fn": filter_fn, "size_asserts": False, "alignment_asserts": False}
 
 
 def last_compile_report() -> CompileReport:
