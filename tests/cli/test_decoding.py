@@ -35,3 +35,16 @@ def test_greedy_decoder_passes_the_cache_under_the_forwards_keyword_without_a_de
     assert decoder.cache_keyword == cache_keyword(model)
     expected = _greedy_without_cache(model, prompt, 5)
     assert [int(decoder.first_token)] + decoder.last_tokens == expected
+
+
+def test_greedy_decoder_compiles_dense_inductor_with_the_decode_options():
+    """The dense decoder runs Inductor on a backend object of its own with ``decode_compile_options``
+    (guard filter and Inductor's assert switches as config patches), and decodes the cache-free tokens."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_llama(layers=1)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    decoder = GreedyDecoder(model, "inductor", prompt_len=8, new_tokens=4, prompt=prompt)
+    _, code = run_and_get_code(decoder.tokens_per_s)
+    assert code and all("assert_size_stride(" not in c for c in code)  # the options reached Inductor
+    assert [int(decoder.first_token)] + decoder.last_tokens == _greedy_without_cache(model, prompt, 4)

@@ -27,6 +27,16 @@ def own_backend(backend: str | Callable[..., Any]) -> Callable[..., Any]:
     one class compiled with the same backend would share the first one's graph (another model's
     weight layout, config constants baked in); a backend of their own keeps them apart.
     """
+    if backend == "inductor":  # called by name, torch.compile hands Inductor its options as config patches
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        def compile_step(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+            mode, options = kwargs.pop("mode", None), kwargs.pop("options", None)
+            patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+            return compile_fx(gm, example_inputs, config_patches=patches, **kwargs)
+
+        return compile_step
     compile_fn = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
     def compile_step(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
