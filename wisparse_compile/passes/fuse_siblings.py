@@ -107,6 +107,31 @@ def erase_dead_views(node: Any, root: Any) -> None:
         node = source
 
 
+def member_outputs(graph: fx.Graph, combined: fx.Node, chunk: list[fx.Node], sizes: list[int]) -> list[fx.Node]:
+    """``split(combined, sizes, -1)[i]`` for each member of ``chunk``, at the insertion point, each
+    carrying its member's source and value meta (the combined call's outputs, member by member)."""
+    parts = graph.call_function(torch.split, (combined, sizes), {"dim": -1})
+    outs = []
+    for i, member in enumerate(chunk):
+        out = graph.call_function(operator.getitem, (parts, i))
+        copy_source_meta(member, out, (*SOURCE_META, "example_value", "val"))
+        outs.append(out)
+    return outs
+
+
+def mark_sibling(decision: LinearDecision | None, node: str, count: int) -> None:
+    """Record that a linear now runs as one of ``count`` siblings in ``node``: a sparse one becomes
+    FUSED; a dense one (an unplanned quantized member) keeps its outcome, its reason gains a note."""
+    if decision is None:
+        return
+    note = f"one of {count} siblings in {node}"
+    if decision.decision == Outcome.SPARSE:
+        decision.decision, decision.reason = Outcome.FUSED, note
+    else:
+        decision.reason = f"{decision.reason}; {note}"
+    decision.node = node
+
+
 # Keyed by the first weight (weakly, by identity), then by the whole tuple.
 _PREPARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
@@ -200,21 +225,12 @@ def _fuse(
             (x, operands, [n.args[2] for n in chunk], [n.args[3] for n in chunk], fw_node, rows),
         )
         copy_source_meta(chunk[0], fused, ("stack_trace", "nn_module_stack"))
-        parts = graph.call_function(torch.split, (fused, splits), {"dim": -1})
-        outs = []
-        for i, member in enumerate(chunk):
-            out = graph.call_function(operator.getitem, (parts, i))
-            copy_source_meta(member, out, (*SOURCE_META, "example_value", "val"))
-            outs.append(out)
+        outs = member_outputs(graph, fused, chunk, splits)
     group = FusedGroup(weight_inputs=weight_inputs, transposed=transposed, node=fused.name)
     for member, out in zip(chunk, outs):
         member_x, member_w = member.args[0], member.args[1]
         member.replace_all_uses_with(out)
-        d = decisions.get(member.name)
-        if d is not None:
-            d.decision = Outcome.FUSED
-            d.reason = f"one of {len(chunk)} siblings in {fused.name}"
-            d.node = fused.name
+        mark_sibling(decisions.get(member.name), fused.name, len(chunk))
         group.members.append(member.name)
         graph.erase_node(member)
         if member_w.op != "placeholder" and not member_w.users:

@@ -18,7 +18,6 @@ group saves is the dispatches and a better thread split (``kernels/quantized_gro
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,9 +25,9 @@ import torch
 from torch import fx
 
 from ..kernels import MAX_SEGMENTS
-from .decisions import LinearDecision, Outcome, RewriteResult
-from .fuse_siblings import erase_dead_views, same_input
-from .graph_utils import SOURCE_META, copy_source_meta, example_value
+from .decisions import LinearDecision, RewriteResult
+from .fuse_siblings import erase_dead_views, mark_sibling, member_outputs, same_input
+from .graph_utils import copy_source_meta, example_value
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +115,10 @@ def _group(
             (x, *lists, *constants, [m.args[fmt.bias] for m in chunk], [m.args[fmt.thresholds] for m in chunk], rows),
         )
         copy_source_meta(first, group, ("stack_trace", "nn_module_stack"))
-        parts = graph.call_function(torch.split, (group, sizes), {"dim": -1})
-        outs = []
-        for i, member in enumerate(chunk):
-            out = graph.call_function(operator.getitem, (parts, i))
-            copy_source_meta(member, out, (*SOURCE_META, "example_value", "val"))
-            outs.append(out)
+        outs = member_outputs(graph, group, chunk, sizes)
     for member, out in zip(chunk, outs):
         member_x = member.args[0]
         member.replace_all_uses_with(out)
-        d = decisions.get(member.name)
-        if d is not None:
-            note = f"one of {len(chunk)} siblings in {group.name}"
-            if d.decision == Outcome.SPARSE:
-                d.decision, d.reason = Outcome.FUSED, note
-            else:  # an unplanned (dense quantized) member keeps its outcome and reason
-                d.reason = f"{d.reason}; {note}"
-            d.node = group.name
+        mark_sibling(decisions.get(member.name), group.name, len(chunk))
         graph.erase_node(member)
         erase_dead_views(member_x, x)
