@@ -44,8 +44,8 @@ def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which ``model.forward`` takes its KV cache: ``cache`` or ``past_key_values``.
 
-    transformers renamed ``past_key_values`` to ``cache`` model by model (Llama's forward takes
-    ``cache`` in 5.24 and warns, through ``deprecate_kwarg``, that the old name goes in 5.40; 5.17
+    transformers renamed ``past_key_values`` to ``cache`` model by model (the decoder forwards take
+    ``cache`` in 5.24 and warn, through ``deprecate_kwarg``, that the old name goes in 5.40; 5.17
     knows only ``past_key_values``). The version alone does not tell which name a given model's
     forward has (remote-code and not yet renamed models keep the old one), so the forward's
     signature decides (``inspect.signature`` follows the decorators' ``__wrapped__`` to the
