@@ -3,7 +3,9 @@ its lazy build, fake kernels and routing tests, and the CPU-side compile helpers
 extension holds ``wisparse_cpu::sparse_gemv_int8`` (int8 input-major weights, fp32 scales per
 output channel, applied with the bias in the epilogue; ``thresholds=None`` runs it dense) and
 ``wisparse_cpu::sparse_gemv_int4`` (4-bit codes packed two per byte, input-major, fp32 scales per
-input channel and 32-output group, applied per kept row; ``quantize.quantize_int4``).
+input channel and 32-output group, applied per kept row; ``quantize.quantize_int4``), and their
+``_group`` forms: sibling weights that read one x in one call, outputs concatenated
+(``kernels/quantized_group_op.py``).
 
 Built on first use (not at import) with ``torch.utils.cpp_extension.load`` into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): about 45 s the first time,
