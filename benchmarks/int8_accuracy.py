@@ -4,7 +4,7 @@ Same setup as ``accuracy.py`` (SmolLM2-135M-Instruct; calibration on the first h
 Wikipedia articles, perplexity on the second half, 1024-token windows). Plans are calibrated on the
 float model, as a user would, then ``attach(model, plan, weights="int8")`` quantizes the planned
 linears and the output head (symmetric int8 per output channel, ``wisparse_compile/quantize.py``;
-with ``weights="int4"``: symmetric 4-bit, one scale per input channel and 32 outputs),
+with ``weights="int4"``: 4-bit codes -8..7, one scale per input channel and 32 outputs),
 and perplexity is measured eagerly under ``masked_linears`` (every planned linear masked; the
 quantized weights compute with their dequantized values, the math the compiled ops run). "int8
 dense" / "int4 dense" quantize every decoder linear and the head without masking ("int4 dense,

@@ -139,7 +139,8 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded[:, :n] = w
     blocks = padded.reshape(k, groups, INT4_GROUP_SIZE)
     amax = blocks.abs().amax(dim=2, keepdim=True)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # zero groups: any candidate; scale 1 below
+    nonzero = amax > 0
+    amax = torch.where(nonzero, amax, torch.ones_like(amax))  # zero groups: any candidate; scale 1 below
     best_err = best_scale = None
     for divisor in INT4_SCALE_DIVISORS:  # the group's scale: the candidate with the least squared error
         candidate = amax / divisor
@@ -149,7 +150,7 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             better = err < best_err
             best_err, best_scale = torch.where(better, err, best_err), torch.where(better, candidate, best_scale)
-    scale = torch.where(blocks.abs().amax(dim=2, keepdim=True) > 0, best_scale, torch.ones_like(best_scale)).squeeze(2)
+    scale = torch.where(nonzero, best_scale, torch.ones_like(best_scale)).squeeze(2)
     codes = torch.clamp(torch.round(w / scale.repeat_interleave(INT4_GROUP_SIZE, dim=1)[:, :n]), -8, 7).to(torch.int32)
     byte, high = _block_positions(n, w.device)
     nibbles = (codes & 0xF) << (4 * high.to(torch.int32))

@@ -139,9 +139,9 @@ def allocate(
     if wisparse:
         check_budget(target, config.min_block_sparsity, config.max_block_sparsity)
     weights = None
+    sampled = config.sensitivity_labels == "sampled"
     if wisparse and config.split_error == "sensitivity":
-        weights = output_sensitivities(model, layout, calls, refinement, device,
-                                       sampled=config.sensitivity_labels == "sampled", seed=config.seed,
+        weights = output_sensitivities(model, layout, calls, refinement, device, sampled=sampled, seed=config.seed,
                                        samples=config.sensitivity_samples)
         record["split_error"] = "sensitivity" if weights is not None else "mse"
     trade = wisparse and config.across_blocks == "sensitivity"
@@ -150,11 +150,17 @@ def allocate(
                     'every block keeps the target; across_blocks="depth" or "free" search instead', type(model).__name__)
         trade = False
         record["across_blocks"] = "uniform (no output sensitivities)"
-    splitters = {  # greedy paths to the target now; the search extends them where it goes
-        b.prefix: BlockSplitter(b, calls[b.prefix], target, config.refinement_step, thresholds, weight_ids,
-                                None if weights is None else weights[b.prefix])
-        for b in tqdm(layout.blocks, desc="within-block greedy paths", unit="block", leave=False)
-    }
+
+    def greedy_paths(budgets: Sequence[float], desc: str) -> dict[str, BlockSplitter]:
+        """Each block's greedy path to its budget, on the current calls and sensitivity weights."""
+        return {
+            b.prefix: BlockSplitter(b, calls[b.prefix], budget, config.refinement_step, thresholds, weight_ids,
+                                    None if weights is None else weights[b.prefix])
+            for b, budget in tqdm(list(zip(layout.blocks, budgets)), desc=desc, unit="block", leave=False)
+        }
+
+    # greedy paths to the target now; the search extends them where it goes
+    splitters = greedy_paths([target] * len(layout.blocks), "within-block greedy paths")
 
     if trade:
         budgets = _trade_by_sensitivity(layout, splitters, config)
@@ -165,7 +171,6 @@ def allocate(
             log.info("sensitivity round %d: re-estimating on the model masked by the last allocation", round_ + 1)
             if config.round_inputs == "masked":
                 calls = _masked_block_calls(model, layout, refinement, device, masks)
-            sampled = config.sensitivity_labels == "sampled"
             # next tokens from the dense model: the weights then estimate the rise of KL to dense, not to the masked model
             drawn = sample_next_tokens(model, refinement, device, config.seed, config.sensitivity_samples) if sampled else None
             with candidate_masks(masks):
@@ -174,12 +179,7 @@ def allocate(
             if again is None:
                 break
             weights = again
-            splitters = {
-                b.prefix: BlockSplitter(b, calls[b.prefix], budget, config.refinement_step, thresholds, weight_ids,
-                                        weights[b.prefix])
-                for b, budget in tqdm(list(zip(layout.blocks, budgets)), desc=f"greedy paths, round {round_ + 1}",
-                                      unit="block", leave=False)
-            }
+            splitters = greedy_paths(budgets, f"greedy paths, round {round_ + 1}")
             budgets = _trade_by_sensitivity(layout, splitters, config)
         record["sensitivity_rounds"] = config.sensitivity_rounds
     elif wisparse and config.across_blocks != "sensitivity":
@@ -196,13 +196,9 @@ def allocate(
     else:
         budgets = [target] * len(layout.blocks)
 
-    sparsities = {n: target for n in layout.outside}
-    record["block_sparsities"] = {}
-    record["refinement"] = {}
-    for block, budget in zip(layout.blocks, budgets):
-        sparsities.update(splitters[block.prefix](budget))
-        record["block_sparsities"][block.prefix] = budget
-        record["refinement"][block.prefix] = splitters[block.prefix].path.steps()
+    sparsities = _planned_sparsities(layout, splitters, budgets, target)
+    record["block_sparsities"] = {block.prefix: budget for block, budget in zip(layout.blocks, budgets)}
+    record["refinement"] = {block.prefix: splitters[block.prefix].path.steps() for block in layout.blocks}
     return Allocation({n: sparsities[n] for n in names}, record)
 
 

@@ -42,6 +42,12 @@ def _labels(batch: Any, device: torch.device) -> torch.Tensor:
     return labels
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """The model output's logits (``.logits``, else its first tensor)."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else first_tensor(output)
+
+
 def _draw(flat_logits: torch.Tensor, seed: int, samples: int) -> torch.Tensor:
     """[positions, samples] next tokens drawn from the logits' distribution (seeded)."""
     generator = torch.Generator(device=flat_logits.device).manual_seed(seed)
@@ -55,9 +61,7 @@ def sample_next_tokens(model: nn.Module, batches: Sequence[Any], device: torch.d
     out = []
     with torch.no_grad():
         for batch in batches:
-            output = call_model(model, batch, device)
-            logits = getattr(output, "logits", None)
-            logits = logits if isinstance(logits, torch.Tensor) else first_tensor(output)
+            logits = _logits(call_model(model, batch, device))
             out.append(_draw(logits[:, :-1].float().reshape(-1, logits.shape[-1]), seed, samples))
     return out
 
@@ -110,9 +114,7 @@ def output_sensitivities(
             for index, batch in enumerate(tqdm(batches, desc="output sensitivities", unit="batch", leave=False)):
                 for held in outputs.values():
                     held.clear()
-                out = call_model(model, batch, device)
-                logits = getattr(out, "logits", None)
-                logits = logits if isinstance(logits, torch.Tensor) else first_tensor(out)
+                logits = _logits(call_model(model, batch, device))
                 labels = _labels(batch, device)
                 if (logits.dim() != 3 or logits.shape[:2] != (labels.shape[0], labels.shape[1] + 1)
                         or int(labels.max()) >= logits.shape[-1]):
