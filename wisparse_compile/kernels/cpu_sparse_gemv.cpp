@@ -695,23 +695,24 @@ void check_x(const char* op, const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.size(0) <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", x.size(0));
 }
 
+// An optional per-channel vector (thresholds [k], bias [n]) checked for ``count`` entries and widened
+// to contiguous fp32 (no copy when it already is); undefined when absent.
+at::Tensor fp32_vector(const char* op, const char* what, const c10::optional<at::Tensor>& vector, int64_t count) {
+  if (!vector.has_value() || !vector->defined()) return at::Tensor();
+  TORCH_CHECK(vector->numel() == count, op, ": ", what, " must have ", count, " entries");
+  return vector->to(at::kFloat).contiguous();
+}
+
 QuantizedOperand quantized_operand(const char* op, const at::Tensor& codes, const at::Tensor& scale, int64_t n,
                                    const c10::optional<at::Tensor>& bias,
                                    const c10::optional<at::Tensor>& thresholds) {
   TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu(), op, ": CPU tensors only");
-  const int64_t k = codes.size(0);
   QuantizedOperand operand;
   operand.codes = codes;
   operand.scale = scale.to(at::kFloat).contiguous();
   operand.n = n;
-  if (thresholds.has_value() && thresholds->defined()) {
-    TORCH_CHECK(thresholds->numel() == k, op, ": thresholds must have ", k, " entries");
-    operand.thresholds = thresholds->to(at::kFloat).contiguous();
-  }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, op, ": bias must have ", n, " entries");
-    operand.bias = bias->to(at::kFloat).contiguous();
-  }
+  operand.thresholds = fp32_vector(op, "thresholds", thresholds, codes.size(0));
+  operand.bias = fp32_vector(op, "bias", bias, n);
   return operand;
 }
 
@@ -855,26 +856,19 @@ at::Tensor sparse_gemv_int4_group_cpu(const at::Tensor& x, at::TensorList packed
 
 at::Tensor sparse_gemv_cpu(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& thresholds) {
-  TORCH_CHECK(x.device().is_cpu() && wt.device().is_cpu(), "wisparse_cpu::sparse_gemv: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2, "wisparse_cpu::sparse_gemv: x must be 2-D [rows, in], got ", x.dim(), "-D");
-  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(),
-              "wisparse_cpu::sparse_gemv: wt must be the contiguous input-major weight [in, out] (W.t())");
-  TORCH_CHECK(x.scalar_type() == wt.scalar_type(), "wisparse_cpu::sparse_gemv: x and wt dtypes differ");
-  TORCH_CHECK(wt.scalar_type() == at::kFloat || wt.scalar_type() == at::kBFloat16,
-              "wisparse_cpu::sparse_gemv: float32 and bfloat16 only, got ", wt.scalar_type());
+  constexpr const char* op = "wisparse_cpu::sparse_gemv";
+  TORCH_CHECK(wt.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), op, ": wt must be the contiguous input-major weight [in, out] (W.t())");
+  check_x(op, x, wt.size(0));
+  TORCH_CHECK(x.scalar_type() == wt.scalar_type(), op, ": x and wt dtypes differ");
   const int64_t m = x.size(0), k = wt.size(0), n = wt.size(1);
-  TORCH_CHECK(x.size(1) == k, "wisparse_cpu::sparse_gemv: x has ", x.size(1), " channels, wt has ", k);
-  TORCH_CHECK(m <= kMaxRows, "wisparse_cpu::sparse_gemv: at most ", kMaxRows, " rows, got ", m);
-  TORCH_CHECK(thresholds.numel() == k, "wisparse_cpu::sparse_gemv: thresholds must have ", k, " entries");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->numel() == n, "wisparse_cpu::sparse_gemv: bias must have ", n, " entries");
+  const at::Tensor tf = fp32_vector(op, "thresholds", thresholds, k);
+  const at::Tensor bf = fp32_vector(op, "bias", bias, n);
 
   const at::Tensor xc = x.contiguous();
-  const at::Tensor tf = thresholds.to(at::kFloat).contiguous();  // no copy when already fp32 and contiguous
-  const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
-  const float* bp = has_bias ? bf.data_ptr<float>() : nullptr;
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (wt.scalar_type() == at::kFloat) {
     sparse_gemv_impl(xc.data_ptr<float>(), wt.data_ptr<float>(), bp, tf.data_ptr<float>(), m, k, n,
                      out.data_ptr<float>());
