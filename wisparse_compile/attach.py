@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .experts import make_experts_traceable
 from .kernels import input_major_gemm_is_slow
+from .kernels.layout import input_major as input_major_copy, padded_row_length
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
@@ -316,7 +317,8 @@ def _warn_slow_eager_layout(weight: torch.Tensor) -> None:
 
 def _is_input_major(weight: torch.Tensor) -> bool:
     weight = local_tensor(weight)
-    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) in (weight.shape[0], padded_row_length(weight))
+
 
 
 def _relay(model: nn.Module, weight: torch.Tensor, input_major: bool) -> torch.Tensor:
@@ -329,12 +331,12 @@ def _relay(model: nn.Module, weight: torch.Tensor, input_major: bool) -> torch.T
     """
     with torch.no_grad():
         if not is_dtensor(weight):
-            weight.data = weight.data.t().contiguous().t() if input_major else weight.data.contiguous()
+            weight.data = input_major_copy(weight.data) if input_major else weight.data.contiguous()
             return weight
         from torch.distributed.tensor import DTensor
 
         local = local_tensor(weight)
-        local = local.t().contiguous().t() if input_major else local.contiguous()
+        local = input_major_copy(local) if input_major else local.contiguous()
         relaid = nn.Parameter(
             DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
                                shape=weight.shape, stride=weight.stride()),

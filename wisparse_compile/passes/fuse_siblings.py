@@ -41,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels import MAX_SEGMENTS
+from ..kernels.layout import input_major
 from .decisions import LinearDecision, Outcome, RewriteResult
 from .graph_utils import SOURCE_META, GraphInputs, copy_source_meta, example_value
 
@@ -151,7 +152,7 @@ def fused_weight(weights: Sequence[torch.Tensor], transposed: Sequence[bool]) ->
         return cached[1]
     with torch.no_grad():
         parts = [w.detach().t() if tr else w.detach() for w, tr in zip(weights, transposed)]
-        buffer = torch.cat(parts, dim=0).t().contiguous().t()
+        buffer = input_major(torch.cat(parts, dim=0))
     if cached is not None:
         log.info("wisparse: rebuilt a fused weight %s (a sibling weight changed)", tuple(buffer.shape))
     per_first[key] = (stamp, buffer)
