@@ -1,35 +1,44 @@
 """The Triton sparse GEMV: y = (x * keep) @ W^T + b, loading only the weight rows some token keeps.
 
 For decode (a few token rows). The weight is read input-major: channel k's weights ``W[:, k]``
-are one contiguous row when the weight is stored transposed (see ``attach``). Each program owns a
-block of output columns and a slice of the input channels (split-K); it loads a weight row only if
-some token row keeps that channel (the union of the rows' masks), applies each row's own mask to
-x and accumulates in fp32.
+are one contiguous row (``kernels/layout.py``; on CUDA each row starts on a 16-byte boundary).
 
-Launches per call: with one K slice (``split_k == 1``) the kernel adds the bias, casts and stores
-the output itself: one launch. With ``split_k > 1`` each K slice stores its partial sums (bias in
-slice 0) into its own plane of an fp32 workspace ``[split_k, M, N]``: every element is written
-once, so nothing needs zeroing first and no atomics are used (results are deterministic, which
-CUDA-graph replays and token-for-token checks rely on); the op then sums the planes and casts,
-a reduction Inductor fuses with its consumers where it can. ``split_k`` is chosen on the host
-(``split_k_for``) so that the grid fills the GPU; tests pass it explicitly.
+The loop is the one a memory-bound GEMV wants (checked in the suite from the compiled PTX/TTGIR
+for sm_80 and sm_90, ``kernels/triton_aot.py``): every thread owns ``VEC`` adjacent output
+columns (one 16-byte vector of a weight row: 8 bf16/fp16, 4 fp32, 16 int8) and a block of
+``BLOCK_K`` input rows; a program of ``num_warps`` warps covers ``BLOCK_N = 32 * num_warps * VEC``
+columns. Per step a thread loads its ``BLOCK_K`` row vectors straight into registers (all
+in flight at once: ``BLOCK_K * 16`` bytes per thread), x and the thresholds of those rows once
+(each thread holds the whole, small, K block: a broadcast, not a shuffle), and accumulates
+``x_k * W[k, cols]`` over k inside the thread: no layout conversion, no shared memory, no
+barrier in the loop. A pruned channel's row is a masked-off load: no memory traffic.
+
+Parallelism over N is N / VEC threads (512 for a 4096-wide bf16 GEMV), so the K dimension is
+split over programs (``split_k_for``) until the GPU holds enough warps. Each K slice stores its
+partial sums (bias in slice 0) into its own plane of an fp32 workspace ``[split_k, M, N]``:
+every element is written once, so nothing is zeroed first and no atomics are used (results are
+deterministic, which CUDA-graph replays and token-for-token checks rely on); the op sums the
+planes, a reduction Inductor fuses with its consumers where it can. With one slice the kernel
+adds the bias, casts and stores the output itself.
 
 Fused siblings (``passes/fuse_siblings.py``): the weight may be the concatenation of up to
-``MAX_SEGMENTS`` weights that read the same input, each with its own thresholds and bias. Output
-column n belongs to segment ``seg(n)`` (columns ``[SEG_END_{g-1}, SEG_END_g)`` are segment g); a
-program loads a weight row if any token row keeps that channel under the thresholds of any segment
-its block of columns touches, and each segment's columns see x masked by that segment's own
-thresholds. With one segment this is the plain sparse GEMV.
+``MAX_SEGMENTS`` weights that read the same input, each with its own thresholds and bias. The
+column-block programs are laid out per segment (a block never straddles two), so each program
+masks x with its one segment's thresholds and adds its one bias.
 
-Autotuning: block sizes and warps come from a small set per bucket of (rows, N, K) (``gemv_configs``,
-at most ``MAX_CONFIGS``); under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tests) only the
-first config of the bucket runs. Offsets into the weight are 64-bit (an output head over a large
-vocabulary passes 2^31 elements).
+Autotuning: per bucket of (rows, dtype) a short list of ``BLOCK_K`` values that pass the
+register and loop budgets (``gemv_configs``); under the Triton interpreter (``TRITON_INTERPRET=1``,
+CPU tests) only the first config runs. ``NUM_STAGES > 1`` pipelines the loop through ``cp.async``
+(``tl.range``): compiled and modelled, but not in the autotune set (its shared-memory stages
+need a barrier per step, and register streaming already keeps enough bytes in flight:
+``benchmarks/gpu_model.py``). Offsets into the weight are 64-bit.
 
-int8 weights (``sparse_gemv_int8_triton``): the same kernel reads int8 codes stored ``[K, N]`` (an
-input-major row per channel, as for float weights), widens them to fp32 and multiplies each output
-column by its fp32 scale (``SCALED``) before the bias, in every K slice (the scale is linear, so the
-summed slices come out scaled once).
+int8 weights (``sparse_gemv_int8_triton``): the same kernel reads int8 codes stored ``[K, N]``,
+widens them to fp32 and multiplies each output column by its fp32 scale (``SCALED``) before the
+bias, in every K slice (the scale is linear, so the summed slices come out scaled once).
+int4 weights (``sparse_gemv_int4_triton``): ``_sparse_gemv_int4_kernel`` reads the project's
+packed layout (``quantize.py``): a thread's 16-byte vector is one block of 32 outputs, unpacked
+in registers, each row scaled by its group's scale.
 
 Imported only where the Triton route is taken (``triton_route.py`` keeps Triton optional).
 """
@@ -47,62 +56,88 @@ import triton.language as tl
 
 from .triton_route import MAX_SEGMENTS
 
-#: Most configs one bucket autotunes over (each compiles once per (M, N, K) key on a GPU).
-MAX_CONFIGS = 4
-#: K_PER_SPLIT is a multiple of this (the largest BLOCK_K of any config).
-K_GRANULE = 128
-#: A K slice is never shorter than this many channels (shorter slices pay more per-program overhead than they gain).
-MIN_K_PER_SPLIT = 512
+#: Bytes one thread loads from a weight row per step: one 16-byte vector (``ld.global.v4``); int4
+#: rows take 8 bytes (16 outputs unpack to 16 fp32 values per row, twice a 16-byte int8 vector's 16
+#: codes, so a 16-byte int4 vector would double the accumulator and spill).
+VECTOR_BYTES = {"float": 16, "int8": 16, "int4": 8}
+#: Whether int4 decode on CUDA takes ``_sparse_gemv_int4_kernel``. Not yet: compiled for sm_80/sm_90
+#: its loop keeps shared-memory barriers (8-byte vectors) or exceeds the register ceiling (16-byte
+#: vectors) in every row bucket, so it fails the budgets every routed config meets.
+INT4_ROUTED = False
+#: Register ceiling of every autotuned config (ptxas, sm_80 and sm_90): 4 CTAs of 4 warps per SM.
+MAX_REGISTERS = 128
+#: ``BLOCK_K`` candidates per kernel form and power-of-two row bucket, best first: the deepest
+#: blocks (most bytes in flight per thread) whose compiled kernel stays within ``MAX_REGISTERS``
+#: with no spills on sm_80 and sm_90 for every dtype (tests/kernels/test_triton_aot.py compiles
+#: each). The accumulator grows with the rows (``BLOCK_M * VEC`` fp32 per thread), so deeper K
+#: fits only at few rows.
+BLOCK_K_BY_ROWS = {
+    "float": {1: (16, 8), 2: (8, 4), 4: (4, 2)},
+    "int8": {1: (8, 4), 2: (4, 2), 4: (2,)},
+    "int4": {1: (8, 4), 2: (4, 2), 4: (2,)},
+}
+#: Most token rows one launch takes. No config of 8 rows passes the budgets (the accumulator alone
+#: is 64-128 registers: 147 registers for a padded bf16 weight, 254 for int8, or layout
+#: conversions at BLOCK_K = 1), so 5-8 rows run as launches of 4: their kept rows are read once per
+#: launch. (At 5-8 tokens the union of their masks keeps most rows anyway.)
+ROWS_PER_LAUNCH = 4
+#: Warps per program, most first; a program covers ``32 * warps * VEC`` columns.
+WARPS = (4, 2, 1)
+#: A K slice is a multiple of this many channels (the deepest BLOCK_K).
+K_GRANULE = 16
+#: A K slice is never shorter than this many channels (each slice costs a workspace plane).
+MIN_K_PER_SPLIT = 64
+#: Resident warps per SM the K split aims for: the bandwidth model's Little's-law target
+#: (benchmarks/gpu_model.py: 16 warps of 16-row blocks keep ~4x the bytes HBM latency needs).
+TARGET_WARPS_PER_SM = 16
 #: Fallback SM count where no CUDA device can be queried (the interpreter, codegen-only tests): an H100 SXM.
 DEFAULT_SMS = 132
-#: Values of the BLOCK_M x BLOCK_K x BLOCK_N product one thread may hold (registers; more spills).
-PRODUCT_PER_THREAD = 64
-
-#: (BLOCK_N, BLOCK_K) by preference: 8-32 KiB of bf16 weights per loop step in flight per program,
-#: wide rows first (coalesced loads of the input-major weight), then deeper K.
-_TILES = ((64, 128), (128, 64), (128, 128), (64, 64), (32, 128), (128, 32), (64, 32), (32, 64), (32, 32), (16, 32))
+#: Most configs one bucket autotunes over (each compiles once per (M, N, K) key on a GPU).
+MAX_CONFIGS = 2
 
 
 @dataclass(frozen=True)
 class Launch:
-    """An explicit config (tests, benchmarks): block sizes, warps, and how many K slices."""
+    """An explicit config (tests, benchmarks): block sizes, warps, K slices and pipeline stages.
 
-    block_n: int
+    ``block_n`` None means the GPU layout's ``32 * num_warps * VEC``; the interpreter tests pass
+    small blocks to run the segment and split-K paths on small shapes."""
+
+    block_n: int | None
     block_k: int
     split_k: int
     num_warps: int = 4
+    num_stages: int = 1
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemv_configs(block_m: int, n: int, k: int) -> list[triton.Config]:
-    """The autotuning set for one bucket: at most ``MAX_CONFIGS`` tiles that fit the registers.
+def vector_width(element_bytes: int, form: str = "float") -> int:
+    """Weight elements (int4: packed bytes) per thread vector: the columns one thread owns."""
+    return max(1, VECTOR_BYTES[form] // element_bytes)
 
-    Tiles are clamped to the weight (no block wider than N or deeper than K, rounded up to a
-    power of two), and a tile is kept only if its ``BLOCK_M x BLOCK_K x BLOCK_N`` product fits
-    ``PRODUCT_PER_THREAD`` values per thread at 4 or 8 warps (the fewer warps that fit). So the set
-    depends on the row bucket (BLOCK_M) and, for small weights, on N and K: e.g. 4 configs for a
-    4096x4096 GEMV at any batch, 1-2 for a 64x128 test weight.
-    """
-    n_cap = max(16, triton.next_power_of_2(n))
-    k_cap = max(16, triton.next_power_of_2(k))
-    seen: set[tuple[int, int, int]] = set()
-    configs = []
-    for block_n, block_k in _TILES:
-        block_n, block_k = min(block_n, n_cap), min(block_k, k_cap)
-        product = block_m * block_n * block_k
-        warps = next((w for w in (4, 8) if product <= PRODUCT_PER_THREAD * 32 * w), None)
-        if warps is None or (block_n, block_k, warps) in seen:
-            continue
-        seen.add((block_n, block_k, warps))
-        configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps))
-        if len(configs) == MAX_CONFIGS:
-            break
-    if not configs:  # a huge BLOCK_M: the smallest tile, most warps
-        configs.append(triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=8))
-    return configs
+
+def block_n_for(num_warps: int, element_bytes: int, form: str = "float") -> int:
+    """Columns (int4: packed bytes) one program covers: every thread one vector of each weight row."""
+    return 32 * num_warps * vector_width(element_bytes, form)
+
+
+def warps_for(n: int, element_bytes: int, form: str = "float") -> int:
+    """The most warps (of ``WARPS``) whose program is no wider than the weight (narrow weights
+    would leave threads idle); one warp at least."""
+    return next((w for w in WARPS if block_n_for(w, element_bytes, form) <= n), WARPS[-1])
+
+
+def gemv_configs(block_m: int, n: int, element_bytes: int, form: str = "float") -> list[triton.Config]:
+    """The autotuning set of one bucket: the ``BLOCK_K`` values of ``BLOCK_K_BY_ROWS`` (at most
+    ``MAX_CONFIGS``) at the warps ``warps_for`` picks, register-streamed (one stage)."""
+    warps = warps_for(n, element_bytes, form)
+    block_n = block_n_for(warps, element_bytes, form)
+    depths = BLOCK_K_BY_ROWS[form][min(block_m, ROWS_PER_LAUNCH)][:MAX_CONFIGS]
+    return [triton.Config({"BLOCK_N": block_n, "BLOCK_K": bk, "NUM_STAGES": 1}, num_warps=warps, num_stages=1)
+            for bk in depths]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -111,118 +146,200 @@ def _sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def split_k_for(n: int, k: int, sms: int) -> int:
-    """K slices for an N x K GEMV: double while the grid (at 64-wide column blocks) has fewer than
-    two programs per SM and each slice keeps at least ``MIN_K_PER_SPLIT`` channels."""
-    blocks = triton.cdiv(n, 64)
-    split = 1
-    while blocks * split < 2 * sms and k // (2 * split) >= MIN_K_PER_SPLIT:
-        split *= 2
-    return split
+def split_k_for(column_blocks: int, num_warps: int, k: int, sms: int) -> int:
+    """K slices: enough programs for ``TARGET_WARPS_PER_SM`` warps on every SM, each slice at
+    least ``MIN_K_PER_SPLIT`` channels."""
+    wanted = triton.cdiv(TARGET_WARPS_PER_SM * sms, column_blocks * num_warps)
+    return max(1, min(wanted, k // MIN_K_PER_SPLIT))
 
 
 @triton.jit
-def _segment_keep(x, t_ptr, offs_k, k_ok, seg, g: tl.constexpr, n_ok):
-    """Masked x of segment g, and the channels it needs in this block (none if no column of g)."""
-    t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
-    keep = (tl.abs(x) > t[None, :]) | (x != x)  # NaN is kept (wisparse_compile/mask.py)
-    # 1 if a column of segment g lies in this block. Combined by arithmetic, not `&` with the
-    # reduced scalar: triton >= 3.9's interpreter rejects the mask dtype that `&` produces.
-    in_block = tl.max(((seg == g) & n_ok).to(tl.int32), axis=0)
-    needed = (tl.max(keep.to(tl.int32), axis=0) * in_block) > 0  # union over token rows
-    return tl.where(keep, x, 0.0), needed
+def _segment_of(pid_n, N, SEG_END_0, SEG_END_1, SEG_END_2, NUM_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column-block program ``pid_n``'s segment: (index, first column, end column, the block's first column).
+
+    Blocks are numbered segment after segment, ``cdiv(segment width, BLOCK_N)`` each."""
+    g = 0
+    start = 0
+    end = SEG_END_0
+    first = pid_n * BLOCK_N
+    if NUM_SEGMENTS > 1:
+        blocks_0 = tl.cdiv(SEG_END_0, BLOCK_N)
+        if pid_n >= blocks_0:
+            g = 1
+            start = SEG_END_0
+            end = SEG_END_1
+            first = SEG_END_0 + (pid_n - blocks_0) * BLOCK_N
+        if NUM_SEGMENTS > 2:
+            blocks_1 = blocks_0 + tl.cdiv(SEG_END_1 - SEG_END_0, BLOCK_N)
+            if pid_n >= blocks_1:
+                g = 2
+                start = SEG_END_1
+                end = SEG_END_2
+                first = SEG_END_1 + (pid_n - blocks_1) * BLOCK_N
+            if NUM_SEGMENTS > 3:
+                blocks_2 = blocks_1 + tl.cdiv(SEG_END_2 - SEG_END_1, BLOCK_N)
+                if pid_n >= blocks_2:
+                    g = 3
+                    start = SEG_END_2
+                    end = N
+                    first = SEG_END_2 + (pid_n - blocks_2) * BLOCK_N
+    return g, start, end, first
 
 
 @triton.jit
-def _segment_bias(b_ptr, offs_n, seg, g: tl.constexpr, seg_start, n_ok):
-    """Bias of segment g's columns in this block (0 elsewhere); ``b_ptr`` indexed from the segment's start."""
-    in_seg = (seg == g) & n_ok
-    return tl.load(b_ptr + (offs_n - seg_start), mask=in_seg, other=0.0).to(tl.float32)
+def _pick(g, p0, p1, p2, p3, NUM_SEGMENTS: tl.constexpr):
+    """Segment g's pointer of four (a scalar select: every program reads one segment's data)."""
+    p = p0
+    if NUM_SEGMENTS > 1:
+        if g == 1:
+            p = p1
+    if NUM_SEGMENTS > 2:
+        if g == 2:
+            p = p2
+    if NUM_SEGMENTS > 3:
+        if g == 3:
+            p = p3
+    return p
+
+
+@triton.jit
+def _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t):
+    """Token row m's x over this K block (fp32, 0 past the rows) and which of its channels are kept.
+
+    NaN is kept (wisparse_compile/mask.py), so a NaN input gives the dense op's NaN output."""
+    # The row bound as a block, not a scalar `&`: triton >= 3.9's interpreter rejects the mask dtype that makes.
+    row_ok = (offs_k * 0 + m) < M
+    xm = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=k_ok & row_ok, other=0.0).to(tl.float32)
+    return xm, (tl.abs(xm) > t) | (xm != xm)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, s_ptr, b_ptr, pid_k, g, seg_start, offs_m, offs_n, m_ok, n_ok,
+              stride_os, stride_om, BIAS_SEGMENTS: tl.constexpr, SCALED: tl.constexpr):
+    """Scale (int8/int4 codes), the bias in K slice 0, then store this slice's plane."""
+    if SCALED:  # per output column, on each K slice's partial (the sum over slices is linear)
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if BIAS_SEGMENTS != 0:
+        has_bias = ((BIAS_SEGMENTS >> g) & 1) * (pid_k == 0).to(tl.int32)
+        bias = tl.load(b_ptr + (offs_n - seg_start), mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(has_bias > 0, bias, 0.0)[None, :]  # selected, not masked: see _kept
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, s_ptr, out_ptr,
-    M, N, K, SEG_END_0, SEG_END_1, SEG_END_2,
-    stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_os, stride_om, stride_on,
+    M, N, K, N_LOAD, SEG_END_0, SEG_END_1, SEG_END_2,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om,
     K_PER_SPLIT: tl.constexpr, NUM_SEGMENTS: tl.constexpr, BIAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr = 0, NUM_STAGES: tl.constexpr = 1,
 ):
+    """One (column block, K slice) program. ``N_LOAD`` bounds the weight loads: ``N``, or the
+    padded row length (a multiple of 16) when the rows are padded, so the load mask is constant
+    over every 16-byte vector and the loads stay vectorized whatever N is; columns past N are
+    computed and never stored."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    g, seg_start, seg_end, first = _segment_of(pid_n, N, SEG_END_0, SEG_END_1, SEG_END_2, NUM_SEGMENTS, BLOCK_N)
+    t_ptr = _pick(g, t0_ptr, t1_ptr, t2_ptr, t3_ptr, NUM_SEGMENTS)
+    offs_n = first + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seg_end
+    load_ok = offs_n < N_LOAD
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < N
-    offs_n64 = offs_n.to(tl.int64)
-    # Segment of each output column: columns [0, SEG_END_0) are weight 0, [SEG_END_0, SEG_END_1) weight 1, ...
-    seg = (offs_n >= SEG_END_0).to(tl.int32) + (offs_n >= SEG_END_1).to(tl.int32) + (offs_n >= SEG_END_2).to(tl.int32)
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     # A constexpr trip count (triton 3.6's interpreter takes no runtime loop bound); the last
-    # slice's steps past K load nothing (no channel there is kept).
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    # slice's steps past K load nothing.
+    for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
-        ).to(tl.float32)
-        x0, needed = _segment_keep(x, t0_ptr, offs_k, k_ok, seg, 0, n_ok)
-        if NUM_SEGMENTS > 1:
-            x1, needed1 = _segment_keep(x, t1_ptr, offs_k, k_ok, seg, 1, n_ok)
-            needed = needed | needed1
-        if NUM_SEGMENTS > 2:
-            x2, needed2 = _segment_keep(x, t2_ptr, offs_k, k_ok, seg, 2, n_ok)
-            needed = needed | needed2
-        if NUM_SEGMENTS > 3:
-            x3, needed3 = _segment_keep(x, t3_ptr, offs_k, k_ok, seg, 3, n_ok)
-            needed = needed | needed3
-        w = tl.load(
-            w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n64[None, :] * stride_wn,
-            mask=needed[:, None] & n_ok[None, :], other=0.0,
-        ).to(tl.float32)
-        # Each segment's product over the whole tile, kept only in its own columns: selecting after
-        # the sum (not zeroing w first) keeps an Inf input of one segment from turning the other
-        # segments' columns into Inf * 0 = NaN.
-        if NUM_SEGMENTS == 1:
-            acc += tl.sum(x0[:, :, None] * w[None, :, :], axis=1)
-        else:
-            acc += tl.where(seg == 0, tl.sum(x0[:, :, None] * w[None, :, :], axis=1), 0.0)
-            acc += tl.where(seg == 1, tl.sum(x1[:, :, None] * w[None, :, :], axis=1), 0.0)
-            if NUM_SEGMENTS > 2:
-                acc += tl.where(seg == 2, tl.sum(x2[:, :, None] * w[None, :, :], axis=1), 0.0)
-            if NUM_SEGMENTS > 3:
-                acc += tl.where(seg == 3, tl.sum(x3[:, :, None] * w[None, :, :], axis=1), 0.0)
-    if SCALED:  # int8 codes: the per-output-channel scale, on each K slice's partial (the sum is linear)
-        acc = acc * tl.load(s_ptr + offs_n64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if BIAS_SEGMENTS != 0:  # the bias enters once, in K slice 0 (a multiply, not a mask: see _segment_keep)
-        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if BIAS_SEGMENTS & 1:
-            bias += _segment_bias(b0_ptr, offs_n, seg, 0, 0, n_ok)
-        if BIAS_SEGMENTS & 2:
-            bias += _segment_bias(b1_ptr, offs_n, seg, 1, SEG_END_0, n_ok)
-        if BIAS_SEGMENTS & 4:
-            bias += _segment_bias(b2_ptr, offs_n, seg, 2, SEG_END_1, n_ok)
-        if BIAS_SEGMENTS & 8:
-            bias += _segment_bias(b3_ptr, offs_n, seg, 3, SEG_END_2, n_ok)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    tl.store(
-        out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n64[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :],
-    )
+        t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
+        needed = offs_k < 0
+        for m in tl.static_range(BLOCK_M):  # the union of the token rows' masks
+            _, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
+            needed = needed | keep
+        w = tl.load(w_cols + offs_k[:, None].to(tl.int64) * stride_wk,
+                    mask=needed[:, None] & load_ok[None, :], other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):  # x re-read from L1: cheaper in registers than keeping it
+            xm, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
+            row = tl.sum(tl.where(keep, xm, 0.0)[:, None] * w, axis=0)  # over k, inside the thread
+            acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+    b_ptr = _pick(g, b0_ptr, b1_ptr, b2_ptr, b3_ptr, NUM_SEGMENTS)
+    _epilogue(acc, out_ptr, s_ptr, b_ptr, pid_k, g, seg_start, offs_m, offs_n, m_ok, n_ok,
+              stride_os, stride_om, BIAS_SEGMENTS, SCALED)
+
+
+@triton.jit
+def _sparse_gemv_int4_kernel(
+    x_ptr, q_ptr, t_ptr, b_ptr, s_ptr, out_ptr,
+    M, N, K, B_LOAD, stride_xm, stride_xk, stride_qk, stride_sk, stride_os, stride_om,
+    K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
+):
+    """The sparse GEMV on packed int4 rows: ``BLOCK_N`` bytes (2 * BLOCK_N outputs) per program.
+
+    Byte c of a row is in block ``c // 16`` of 32 outputs (first output ``32 * (c // 16)``); its low
+    nibble is output ``c % 16`` of the block, its high nibble output ``c % 16 + h``, h = 16 for a
+    full block and ceil(r / 2) for a last block of r outputs (``quantize.py``). A thread's 8-byte
+    vector of a row unpacks in registers into 16 outputs, each scaled by ``scale[k, c // 16]``.
+    Correct under the interpreter and AOT-compiled in the suite, but no config yet meets the loop
+    budgets (see ``INT4_ROUTED``), so the op does not route to it."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # byte columns
+    block_first = (offs_c // 16) * 32
+    half = tl.where(block_first + 32 <= N, 16, (N - block_first + 1) // 2)
+    lo_n = block_first + offs_c % 16
+    hi_n = lo_n + half
+    lo_ok = (offs_c % 16 < half) & (lo_n < N)
+    hi_ok = (offs_c % 16 < half) & (hi_n < N)
+    load_ok = offs_c < B_LOAD
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
+        needed = offs_k < 0
+        for m in tl.static_range(BLOCK_M):
+            _, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
+            needed = needed | keep
+        rows = offs_k[:, None].to(tl.int64)
+        wanted = needed[:, None] & load_ok[None, :]
+        packed = tl.load(q_ptr + rows * stride_qk + offs_c[None, :], mask=wanted, other=0).to(tl.int32)
+        scale = tl.load(s_ptr + rows * stride_sk + (offs_c // 16)[None, :], mask=wanted, other=0.0).to(tl.float32)
+        lo = ((packed << 28) >> 28).to(tl.float32) * scale  # sign-extended nibbles: codes -8..7
+        hi = ((packed << 24) >> 28).to(tl.float32) * scale
+        for m in tl.static_range(BLOCK_M):
+            xm, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
+            xk = tl.where(keep, xm, 0.0)[:, None]
+            acc_lo = tl.where(offs_m[:, None] == m, acc_lo + tl.sum(xk * lo, axis=0)[None, :], acc_lo)
+            acc_hi = tl.where(offs_m[:, None] == m, acc_hi + tl.sum(xk * hi, axis=0)[None, :], acc_hi)
+    if HAS_BIAS:
+        first_slice = pid_k == 0
+        acc_lo += tl.where(first_slice, tl.load(b_ptr + lo_n, mask=lo_ok, other=0.0).to(tl.float32), 0.0)[None, :]
+        acc_hi += tl.where(first_slice, tl.load(b_ptr + hi_n, mask=hi_ok, other=0.0).to(tl.float32), 0.0)[None, :]
+    plane = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None] * stride_om
+    tl.store(plane + lo_n[None, :], acc_lo.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & lo_ok[None, :])
+    tl.store(plane + hi_n[None, :], acc_hi.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & hi_ok[None, :])
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(block_m: int, n: int, k: int) -> Callable:
-    """The kernel autotuned over its bucket's configs (one Autotuner per bucket, built once)."""
-    configs = gemv_configs(block_m, n, k)
+def _autotuned(form: str, block_m: int, n: int, element_bytes: int) -> Callable:
+    """A kernel autotuned over its bucket's configs (one Autotuner per bucket, built once)."""
+    kernel = _sparse_gemv_int4_kernel if form == "int4" else _sparse_gemv_kernel
+    configs = gemv_configs(block_m, n, element_bytes, form)
     if _interpreted():
         configs = configs[:1]  # autotuning in the interpreter only costs time
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(_sparse_gemv_kernel)
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
 
 
 def _block_m(m: int | torch.SymInt, max_rows: int) -> int:
@@ -246,6 +363,50 @@ def _check_thresholds(ts: Sequence[torch.Tensor], k: int, device: torch.device) 
     return checked
 
 
+def padded_load_bound(rows: torch.Tensor, width: int) -> int:
+    """How far along a row of ``rows`` ([K, row stride], unit column stride) the kernel may load:
+    the row stride where the rows are padded (``kernels/layout.py``) and the storage holds the last
+    row's padding too, else ``width``. Loading the padding keeps every load a full 16-byte vector."""
+    k, stride = int(rows.shape[0]), int(rows.stride(0))
+    if rows.stride(1) != 1 or stride <= width or stride % 16 != 0:
+        return width
+    try:
+        storage_elements = rows.untyped_storage().nbytes() // rows.element_size()
+    except (RuntimeError, NotImplementedError):  # a tensor without a plain storage
+        return width
+    return stride if rows.storage_offset() + k * stride <= storage_elements else width
+
+
+@dataclass(frozen=True)
+class _Slices:
+    """How a call splits K: slices, channels per slice, and the output (or fp32 workspace) planes."""
+
+    split_k: int
+    k_per_split: int
+    out: torch.Tensor
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.out[0] if self.split_k == 1 else self.out.sum(0).to(dtype)
+
+
+def _slices(x2d: torch.Tensor, m, n: int, k: int, column_blocks: int, num_warps: int, launch: Launch | None) -> _Slices:
+    split_k = launch.split_k if launch is not None else split_k_for(column_blocks, num_warps, k, _sm_count(x2d.device))
+    granule = launch.block_k if launch is not None else K_GRANULE
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), granule) * granule
+    split_k = triton.cdiv(k, k_per_split)  # no empty slice: every workspace plane is written
+    dtype = x2d.dtype if split_k == 1 else torch.float32
+    return _Slices(split_k, k_per_split, torch.empty(split_k, m, n, dtype=dtype, device=x2d.device))
+
+
+def _in_row_chunks(x2d: torch.Tensor, max_rows: int, launch: Launch | None, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """``run`` over chunks of ``ROWS_PER_LAUNCH`` rows, concatenated, where the rows (or, symbolic,
+    ``max_rows``) exceed it and the config is autotuned; None where one launch takes them all."""
+    rows = x2d.shape[0] if isinstance(x2d.shape[0], int) else max_rows
+    if launch is not None or rows <= ROWS_PER_LAUNCH:
+        return None
+    return torch.cat([run(x2d[start:start + ROWS_PER_LAUNCH]) for start in range(0, rows, ROWS_PER_LAUNCH)])
+
+
 def sparse_gemv_triton(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -267,6 +428,10 @@ def sparse_gemv_triton(
     (or None) per segment. ``launcher`` is ``torch.library.wrap_triton`` inside a triton_op, an
     identity for direct (interpreter) calls. ``launch`` fixes the config instead of autotuning.
     """
+    chunked = _in_row_chunks(x2d, max_rows, launch, lambda rows: sparse_gemv_triton(
+        rows, weight, thresholds, biases, splits, launcher, ROWS_PER_LAUNCH, None, scale))
+    if chunked is not None:
+        return chunked
     # Weight sizes are compile-time constants of the kernel (a symbolic one, e.g. a fused weight
     # Inductor fakified dynamically, is specialized to its value); only the row count may stay symbolic.
     n, k = int(weight.shape[0]), int(weight.shape[1])
@@ -277,49 +442,51 @@ def sparse_gemv_triton(
             f"sparse GEMV: {len(thresholds)} threshold tensors and {len(biases)} biases for output splits {splits} "
             f"of a weight with {n} rows (need one of each per split, at most {MAX_SEGMENTS} splits, summing to {n})"
         )
+    if any(s <= 0 for s in splits):
+        raise ValueError(f"sparse GEMV: output splits {splits} must all be positive")
     ts = _check_thresholds(thresholds, k, x2d.device)
     for b, s in zip(biases, splits):
         if b is not None and tuple(b.shape) != (s,):
             raise ValueError(f"sparse GEMV: a bias of shape {tuple(b.shape)} for a segment of {s} outputs")
-    bs = [b if b is None or b.stride(0) == 1 else b.contiguous() for b in biases]
+    # A program picks its segment's pointers at run time, so all have one type: fp32 thresholds
+    # (exact for any floating input), biases in one dtype, unread placeholders for absent ones.
+    ts = [t if t.dtype == torch.float32 else t.float() for t in ts]
+    present = [b for b in biases if b is not None]
+    bias_dtype = present[0].dtype if present and all(b.dtype == present[0].dtype for b in present) else torch.float32
+    bs = [None if b is None else b.to(bias_dtype).contiguous() for b in biases]
     bias_segments = sum(1 << i for i, b in enumerate(bs) if b is not None)
     ends = [sum(splits[: i + 1]) for i in range(len(splits) - 1)]
     ends += [n] * (MAX_SEGMENTS - 1 - len(ends))
     ts += [ts[0]] * (MAX_SEGMENTS - len(ts))
-    bs = [b if b is not None else ts[0] for b in bs] + [ts[0]] * (MAX_SEGMENTS - len(bs))  # unread placeholders
-
-    split_k = launch.split_k if launch is not None else split_k_for(n, k, _sm_count(x2d.device))
-    granule = launch.block_k if launch is not None else K_GRANULE
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), granule) * granule
-    split_k = triton.cdiv(k, k_per_split)  # no empty slice: every workspace plane is written
-    if split_k == 1:
-        out = torch.empty(1, m, n, dtype=x2d.dtype, device=x2d.device)
-    else:
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x2d.device)
+    placeholder = next((b for b in bs if b is not None), ts[0])
+    bs = [b if b is not None else placeholder for b in bs] + [placeholder] * (MAX_SEGMENTS - len(bs))
+    element_bytes = weight.element_size()
+    form = "int8" if scale is not None else "float"
+    n_load = padded_load_bound(weight.t(), n)
     block_m = _block_m(m, max_rows)
+    num_warps = launch.num_warps if launch is not None else warps_for(n, element_bytes, form)
+    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, element_bytes, form)
+    column_blocks = sum(triton.cdiv(s, block_n) for s in splits)
+    sliced = _slices(x2d, m, n, k, column_blocks, num_warps, launch)
+    out = sliced.out
     args = (
         x2d, weight, *ts, *bs, scale if scale is not None else ts[0], out,
-        m, n, k, *ends,
-        x2d.stride(0), x2d.stride(1),
-        weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        m, n, k, n_load, *ends,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
     )
     constants = {
-        "K_PER_SPLIT": k_per_split, "NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments, "BLOCK_M": block_m,
-        "SCALED": int(scale is not None),
+        "K_PER_SPLIT": sliced.k_per_split, "NUM_SEGMENTS": len(splits), "BIAS_SEGMENTS": bias_segments,
+        "BLOCK_M": block_m, "SCALED": int(scale is not None),
     }
+    grid = (column_blocks, sliced.split_k)
     if launch is not None:
-        grid = (triton.cdiv(n, launch.block_n), split_k)
         launcher(_sparse_gemv_kernel)[grid](
-            *args, **constants, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps
+            *args, **constants, BLOCK_N=block_n, BLOCK_K=launch.block_k, NUM_STAGES=launch.num_stages,
+            num_warps=num_warps, num_stages=launch.num_stages,
         )
     else:
-        launcher(_autotuned(block_m, n, k_per_split))[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k)](
-            *args, **constants
-        )
-    if split_k == 1:
-        return out[0]
-    return out.sum(0).to(x2d.dtype)
+        launcher(_autotuned(form, block_m, n, element_bytes))[grid](*args, **constants)
+    return sliced.result(x2d.dtype)
 
 
 def sparse_gemv_int8_triton(
@@ -345,3 +512,63 @@ def sparse_gemv_int8_triton(
     return sparse_gemv_triton(
         x2d, qweight.t(), [thresholds], [bias], [int(qweight.shape[1])], launcher, max_rows, launch, scale=scale
     )
+
+
+def sparse_gemv_int4_triton(
+    x2d: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    out_features: int,
+    thresholds: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    launcher: Callable = lambda kernel: kernel,
+    max_rows: int = 8,
+    launch: Launch | None = None,
+) -> torch.Tensor:
+    """``(x2d * keep) @ dequantized(qdata, scale)^T + bias`` for the packed int4 layout of
+    ``quantize.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
+    ``[K, ceil(N/32)]``. A pruned channel's packed row and its scales are never loaded; codes are
+    unpacked and scaled in registers, accumulation in fp32. ``thresholds=None`` keeps every channel."""
+    chunked = _in_row_chunks(x2d, max_rows, launch, lambda rows: sparse_gemv_int4_triton(
+        rows, qdata, scale, out_features, thresholds, bias, launcher, ROWS_PER_LAUNCH, None))
+    if chunked is not None:
+        return chunked
+    n = int(out_features)
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.stride(1) != 1 or qdata.shape[1] != (n + 1) // 2:
+        raise ValueError(
+            f"int4 sparse GEMV: qdata must be uint8 [in, ceil({n}/2)] with contiguous rows, got {qdata.dtype} "
+            f"{tuple(qdata.shape)} strides {tuple(qdata.stride())}"
+        )
+    k, row_bytes = int(qdata.shape[0]), int(qdata.shape[1])
+    groups = triton.cdiv(n, 32)
+    if tuple(scale.shape) != (k, groups):
+        raise ValueError(f"int4 sparse GEMV: scale must be [{k}, {groups}] (one per input channel and 32 outputs), got {tuple(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"int4 sparse GEMV: a bias of shape {tuple(bias.shape)} for {n} outputs")
+    if thresholds is None:
+        thresholds = torch.full((k,), float("-inf"), device=x2d.device)
+    (t,) = _check_thresholds([thresholds], k, x2d.device)
+    scale = scale if scale.dtype == torch.float32 and scale.stride(1) == 1 else scale.float().contiguous()
+    bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+    m = x2d.shape[0]
+    block_m = _block_m(m, max_rows)
+    num_warps = launch.num_warps if launch is not None else warps_for(row_bytes, 1, "int4")
+    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, 1, "int4")
+    column_blocks = triton.cdiv(row_bytes, block_n)
+    sliced = _slices(x2d, m, n, k, column_blocks, num_warps, launch)
+    out = sliced.out
+    args = (
+        x2d, qdata, t, bias if bias is not None else t, scale, out,
+        m, n, k, padded_load_bound(qdata, row_bytes), x2d.stride(0), x2d.stride(1), qdata.stride(0), scale.stride(0),
+        out.stride(0), out.stride(1),
+    )
+    constants = {"K_PER_SPLIT": sliced.k_per_split, "HAS_BIAS": int(bias is not None), "BLOCK_M": block_m}
+    grid = (column_blocks, sliced.split_k)
+    if launch is not None:
+        launcher(_sparse_gemv_int4_kernel)[grid](
+            *args, **constants, BLOCK_N=block_n, BLOCK_K=launch.block_k, NUM_STAGES=launch.num_stages,
+            num_warps=num_warps, num_stages=launch.num_stages,
+        )
+    else:
+        launcher(_autotuned("int4", block_m, row_bytes, 1))[grid](*args, **constants)
+    return sliced.result(x2d.dtype)
