@@ -210,3 +210,65 @@ def test_split_k_fills_the_gpu_without_short_slices():
         s = split_k_for(blocks, 4, k, 132)
         assert blocks * 4 * s >= TARGET_WARPS_PER_SM * 132 or k // s == MIN_K_PER_SPLIT
         assert k // s >= MIN_K_PER_SPLIT
+
+
+# ---- the int4 kernel (packed codes, per-group scales) ----
+
+INT4_LAUNCHES = {"autotuned": None, "split3": Launch(block_n=16, block_k=8, split_k=3, num_warps=1),
+                 "rows8": Launch(block_n=32, block_k=4, split_k=2, num_warps=2)}
+
+
+def _int4_operands(m, n, k, sparsity, dtype, seed=0):
+    from wisparse_compile.quantize import quantize_int4
+
+    x, w, b, t = linear_operands(m, n, k, sparsity, dtype, seed=seed)
+    q, s = quantize_int4(w.float())
+    return x, q, s, b, t
+
+
+def _int4_reference(x, q, s, n, b, t):
+    from wisparse_compile.kernels import sparse_linear_int4_reference
+
+    return sparse_linear_int4_reference(x.float(), q, s, n, None if b is None else b.float(), t)
+
+
+@pytest.mark.parametrize("launch", list(INT4_LAUNCHES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(64, 45), (70, 301)])
+def test_int4_kernel_matches_reference(launch, dtype, m, n, k):
+    """70 outputs: blocks of 32, 32 and a last one of 6 (its high nibbles start at 3, not 16);
+    split3 runs 3 K slices over 1-warp 16-byte programs; autotuned runs rows one launch each."""
+    from wisparse_compile.kernels.triton_sparse_gemv import sparse_gemv_int4_triton
+
+    x, q, s, b, t = _int4_operands(m, n, k, 0.5, dtype)
+    out = sparse_gemv_int4_triton(x, q, s, n, t, b, launch=INT4_LAUNCHES[launch])
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_matches(out, _int4_reference(x, q, s, n, b, t), dtype)
+
+
+@pytest.mark.parametrize("launch", ["autotuned", "split3"])
+def test_int4_kernel_dense_no_bias_and_nan(launch):
+    from wisparse_compile.kernels.triton_sparse_gemv import sparse_gemv_int4_triton
+
+    x, q, s, b, _t = _int4_operands(2, 70, 45, 0.0, torch.float32)
+    out = sparse_gemv_int4_triton(x, q, s, 70, None, None, launch=INT4_LAUNCHES[launch])
+    assert_matches(out, _int4_reference(x, q, s, 70, None, None), torch.float32)
+    x, q, s, b, t = _int4_operands(2, 70, 45, 0.5, torch.float32)
+    x[1, 3] = float("nan")
+    t[3] = 1e9
+    out = sparse_gemv_int4_triton(x, q, s, 70, t, b, launch=INT4_LAUNCHES[launch])
+    assert out[1].isnan().all() and out[0].isfinite().all()
+    assert_matches(out[:1], _int4_reference(x[:1], q, s, 70, b, t), torch.float32)
+
+
+def test_int4_kernel_rejects_bad_operands():
+    from wisparse_compile.kernels.triton_sparse_gemv import sparse_gemv_int4_triton
+
+    x, q, s, b, t = _int4_operands(1, 64, 32, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="uint8 \\[in, ceil\\(64/2\\)\\]"):
+        sparse_gemv_int4_triton(x, q.to(torch.int8), s, 64, t, b)
+    with pytest.raises(ValueError, match="scale must be \\[32, 2\\]"):
+        sparse_gemv_int4_triton(x, q, s[:, :1], 64, t, b)
+    with pytest.raises(ValueError, match="bias of shape"):
+        sparse_gemv_int4_triton(x, q, s, 64, t, b[:3])

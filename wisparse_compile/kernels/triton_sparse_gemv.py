@@ -56,14 +56,14 @@ import triton.language as tl
 
 from .triton_route import MAX_SEGMENTS
 
-#: Bytes one thread loads from a weight row per step: one 16-byte vector (``ld.global.v4``); int4
-#: rows take 8 bytes (16 outputs unpack to 16 fp32 values per row, twice a 16-byte int8 vector's 16
-#: codes, so a 16-byte int4 vector would double the accumulator and spill).
-VECTOR_BYTES = {"float": 16, "int8": 16, "int4": 8}
-#: Whether int4 decode on CUDA takes ``_sparse_gemv_int4_kernel``. Not yet: compiled for sm_80/sm_90
-#: its loop keeps shared-memory barriers (8-byte vectors) or exceeds the register ceiling (16-byte
-#: vectors) in every row bucket, so it fails the budgets every routed config meets.
-INT4_ROUTED = False
+#: Bytes one thread loads from a weight row per step: one 16-byte vector (``ld.global.v4``). The
+#: compiler's coalescing picks the widest vector the pointers allow, so a program is exactly as
+#: wide as its threads' vectors (any narrower and warps would spread over K, reducing through
+#: shared memory).
+VECTOR_BYTES = 16
+#: Whether int4 decode on CUDA takes ``_sparse_gemv_int4_kernel`` (its kept configs meet the same
+#: budgets as the others: tests/kernels/test_triton_aot.py).
+INT4_ROUTED = True
 #: Register ceiling of every autotuned config (ptxas, sm_80 and sm_90): 4 CTAs of 4 warps per SM.
 MAX_REGISTERS = 128
 #: ``BLOCK_K`` candidates per kernel form and power-of-two row bucket, best first: the deepest
@@ -74,13 +74,15 @@ MAX_REGISTERS = 128
 BLOCK_K_BY_ROWS = {
     "float": {1: (16, 8), 2: (8, 4), 4: (4, 2)},
     "int8": {1: (8, 4), 2: (4, 2), 4: (2,)},
-    "int4": {1: (8, 4), 2: (4, 2), 4: (2,)},
+    "int4": {1: (2,)},
 }
-#: Most token rows one launch takes. No config of 8 rows passes the budgets (the accumulator alone
-#: is 64-128 registers: 147 registers for a padded bf16 weight, 254 for int8, or layout
-#: conversions at BLOCK_K = 1), so 5-8 rows run as launches of 4: their kept rows are read once per
-#: launch. (At 5-8 tokens the union of their masks keeps most rows anyway.)
-ROWS_PER_LAUNCH = 4
+#: Most token rows one launch takes, per kernel form: the largest bucket with a config. No 8-row
+#: config passes the budgets (the accumulator alone is 64-128 registers: 147 registers for a padded
+#: bf16 weight, 254 for int8, or layout conversions at BLOCK_K = 1), nor any int4 config past one
+#: row (a 16-byte int4 vector unpacks to 32 fp32 values per row: 168 registers at 2 rows), so more
+#: rows run as several launches, each reading its kept rows. (At 5-8 tokens the union of their
+#: masks keeps most rows anyway; int4 rows are a quarter of bf16's bytes.)
+ROWS_PER_LAUNCH = {"float": 4, "int8": 4, "int4": 1}
 #: Warps per program, most first; a program covers ``32 * warps * VEC`` columns.
 WARPS = (4, 2, 1)
 #: A K slice is a multiple of this many channels (the deepest BLOCK_K).
@@ -114,28 +116,28 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def vector_width(element_bytes: int, form: str = "float") -> int:
-    """Weight elements (int4: packed bytes) per thread vector: the columns one thread owns."""
-    return max(1, VECTOR_BYTES[form] // element_bytes)
+def vector_width(element_bytes: int) -> int:
+    """Weight elements (int4: packed bytes) per 16-byte vector: the columns one thread owns."""
+    return max(1, VECTOR_BYTES // element_bytes)
 
 
-def block_n_for(num_warps: int, element_bytes: int, form: str = "float") -> int:
+def block_n_for(num_warps: int, element_bytes: int) -> int:
     """Columns (int4: packed bytes) one program covers: every thread one vector of each weight row."""
-    return 32 * num_warps * vector_width(element_bytes, form)
+    return 32 * num_warps * vector_width(element_bytes)
 
 
-def warps_for(n: int, element_bytes: int, form: str = "float") -> int:
+def warps_for(n: int, element_bytes: int) -> int:
     """The most warps (of ``WARPS``) whose program is no wider than the weight (narrow weights
     would leave threads idle); one warp at least."""
-    return next((w for w in WARPS if block_n_for(w, element_bytes, form) <= n), WARPS[-1])
+    return next((w for w in WARPS if block_n_for(w, element_bytes) <= n), WARPS[-1])
 
 
 def gemv_configs(block_m: int, n: int, element_bytes: int, form: str = "float") -> list[triton.Config]:
     """The autotuning set of one bucket: the ``BLOCK_K`` values of ``BLOCK_K_BY_ROWS`` (at most
     ``MAX_CONFIGS``) at the warps ``warps_for`` picks, register-streamed (one stage)."""
-    warps = warps_for(n, element_bytes, form)
-    block_n = block_n_for(warps, element_bytes, form)
-    depths = BLOCK_K_BY_ROWS[form][min(block_m, ROWS_PER_LAUNCH)][:MAX_CONFIGS]
+    warps = warps_for(n, element_bytes)
+    block_n = block_n_for(warps, element_bytes)
+    depths = BLOCK_K_BY_ROWS[form][min(block_m, ROWS_PER_LAUNCH[form])][:MAX_CONFIGS]
     return [triton.Config({"BLOCK_N": block_n, "BLOCK_K": bk, "NUM_STAGES": 1}, num_warps=warps, num_stages=1)
             for bk in depths]
 
@@ -284,10 +286,9 @@ def _sparse_gemv_int4_kernel(
 
     Byte c of a row is in block ``c // 16`` of 32 outputs (first output ``32 * (c // 16)``); its low
     nibble is output ``c % 16`` of the block, its high nibble output ``c % 16 + h``, h = 16 for a
-    full block and ceil(r / 2) for a last block of r outputs (``quantize.py``). A thread's 8-byte
-    vector of a row unpacks in registers into 16 outputs, each scaled by ``scale[k, c // 16]``.
-    Correct under the interpreter and AOT-compiled in the suite, but no config yet meets the loop
-    budgets (see ``INT4_ROUTED``), so the op does not route to it."""
+    full block and ceil(r / 2) for a last block of r outputs (``quantize.py``): a thread's 16-byte
+    vector of a row is one whole block, unpacked in registers into its 32 outputs, each scaled by
+    the block's ``scale[k, c // 16]``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # byte columns
@@ -398,13 +399,15 @@ def _slices(x2d: torch.Tensor, m, n: int, k: int, column_blocks: int, num_warps:
     return _Slices(split_k, k_per_split, torch.empty(split_k, m, n, dtype=dtype, device=x2d.device))
 
 
-def _in_row_chunks(x2d: torch.Tensor, max_rows: int, launch: Launch | None, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-    """``run`` over chunks of ``ROWS_PER_LAUNCH`` rows, concatenated, where the rows (or, symbolic,
-    ``max_rows``) exceed it and the config is autotuned; None where one launch takes them all."""
+def _in_row_chunks(x2d: torch.Tensor, max_rows: int, launch: Launch | None, form: str,
+                   run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """``run`` over chunks of ``ROWS_PER_LAUNCH[form]`` rows, concatenated, where the rows (or,
+    symbolic, ``max_rows``) exceed it and the config is autotuned; None where one launch takes them all."""
     rows = x2d.shape[0] if isinstance(x2d.shape[0], int) else max_rows
-    if launch is not None or rows <= ROWS_PER_LAUNCH:
+    per_launch = ROWS_PER_LAUNCH[form]
+    if launch is not None or rows <= per_launch:
         return None
-    return torch.cat([run(x2d[start:start + ROWS_PER_LAUNCH]) for start in range(0, rows, ROWS_PER_LAUNCH)])
+    return torch.cat([run(x2d[start:start + per_launch]) for start in range(0, rows, per_launch)])
 
 
 def sparse_gemv_triton(
@@ -428,8 +431,9 @@ def sparse_gemv_triton(
     (or None) per segment. ``launcher`` is ``torch.library.wrap_triton`` inside a triton_op, an
     identity for direct (interpreter) calls. ``launch`` fixes the config instead of autotuning.
     """
-    chunked = _in_row_chunks(x2d, max_rows, launch, lambda rows: sparse_gemv_triton(
-        rows, weight, thresholds, biases, splits, launcher, ROWS_PER_LAUNCH, None, scale))
+    form = "int8" if scale is not None else "float"
+    chunked = _in_row_chunks(x2d, max_rows, launch, form, lambda rows: sparse_gemv_triton(
+        rows, weight, thresholds, biases, splits, launcher, ROWS_PER_LAUNCH[form], None, scale))
     if chunked is not None:
         return chunked
     # Weight sizes are compile-time constants of the kernel (a symbolic one, e.g. a fused weight
@@ -461,11 +465,10 @@ def sparse_gemv_triton(
     placeholder = next((b for b in bs if b is not None), ts[0])
     bs = [b if b is not None else placeholder for b in bs] + [placeholder] * (MAX_SEGMENTS - len(bs))
     element_bytes = weight.element_size()
-    form = "int8" if scale is not None else "float"
     n_load = padded_load_bound(weight.t(), n)
     block_m = _block_m(m, max_rows)
-    num_warps = launch.num_warps if launch is not None else warps_for(n, element_bytes, form)
-    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, element_bytes, form)
+    num_warps = launch.num_warps if launch is not None else warps_for(n, element_bytes)
+    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, element_bytes)
     column_blocks = sum(triton.cdiv(s, block_n) for s in splits)
     sliced = _slices(x2d, m, n, k, column_blocks, num_warps, launch)
     out = sliced.out
@@ -529,8 +532,8 @@ def sparse_gemv_int4_triton(
     ``quantize.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
     ``[K, ceil(N/32)]``. A pruned channel's packed row and its scales are never loaded; codes are
     unpacked and scaled in registers, accumulation in fp32. ``thresholds=None`` keeps every channel."""
-    chunked = _in_row_chunks(x2d, max_rows, launch, lambda rows: sparse_gemv_int4_triton(
-        rows, qdata, scale, out_features, thresholds, bias, launcher, ROWS_PER_LAUNCH, None))
+    chunked = _in_row_chunks(x2d, max_rows, launch, "int4", lambda rows: sparse_gemv_int4_triton(
+        rows, qdata, scale, out_features, thresholds, bias, launcher, ROWS_PER_LAUNCH["int4"], None))
     if chunked is not None:
         return chunked
     n = int(out_features)
@@ -552,8 +555,8 @@ def sparse_gemv_int4_triton(
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
     m = x2d.shape[0]
     block_m = _block_m(m, max_rows)
-    num_warps = launch.num_warps if launch is not None else warps_for(row_bytes, 1, "int4")
-    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, 1, "int4")
+    num_warps = launch.num_warps if launch is not None else warps_for(row_bytes, 1)
+    block_n = (launch.block_n if launch is not None else None) or block_n_for(num_warps, 1)
     column_blocks = triton.cdiv(row_bytes, block_n)
     sliced = _slices(x2d, m, n, k, column_blocks, num_warps, launch)
     out = sliced.out
