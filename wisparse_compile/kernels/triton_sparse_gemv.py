@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .triton_route import MAX_SEGMENTS
+from .triton_toolchain import configure_ptxas
 
 #: Bytes one thread loads from a weight row per step: one 16-byte vector (``ld.global.v4``). The
 #: compiler's coalescing picks the widest vector the pointers allow, so a program is exactly as
@@ -575,3 +576,8 @@ def sparse_gemv_int4_triton(
     else:
         launcher(_autotuned("int4", block_m, row_bytes, 1))[grid](*args, **constants)
     return sliced.result(x2d.dtype)
+
+
+if torch.cuda.is_available():  # a cubin this host's driver can load (triton_toolchain.py)
+    _major, _minor = torch.cuda.get_device_capability()
+    configure_ptxas(10 * _major + _minor)
