@@ -75,8 +75,29 @@ def step_env(dry: bool, out: Path) -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         record.update(device=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        arch = 10 * props.major + props.minor
     else:
         record["device"] = "cpu (dry run: Triton interpreter)"
+        arch = 90
+    record["toolchain"] = _toolchain(arch)
+    print(record["toolchain"]["choice"], flush=True)
+    return record
+
+
+def _toolchain(arch: int) -> dict:
+    """Driver CUDA version, the ptxas versions Triton has, the PTX version it emits, and which ptxas
+    assembles for ``sm_{arch}`` on this host (triton_toolchain.configure_ptxas's one line)."""
+    from wisparse_compile.kernels import triton_toolchain as tc
+
+    fmt = lambda v: None if v is None else f"{v[0]}.{v[1]}"  # noqa: E731
+    record: dict = {"driver_cuda": fmt(tc.driver_cuda_version()),
+                    "ptxas": {p.path.rsplit("/", 1)[-1]: fmt(p.cuda) for p in tc.bundled_ptxas()}}
+    choice = tc.configure_ptxas(arch)
+    record["choice"] = choice.line
+    if choice.ptxas is not None:
+        from triton.backends.nvidia.compiler import ptx_get_version
+
+        record["ptx_version"] = ptx_get_version(fmt(choice.ptxas.cuda))
     return record
 
 
@@ -88,11 +109,24 @@ def _max_rel_err(out, ref) -> float:
     return ((out.float() - ref)[finite].abs().max().item() / scale) if finite.any() else 0.0
 
 
+def _deployed_launches(n: int, k: int, m: int, element_bytes: int, form: str, one_slice: bool) -> list:
+    """Explicit launches of every config the autotuner keeps for this call, at the K split the host
+    picks on an H100 (and one K slice too where ``one_slice``)."""
+    import triton
+
+    from wisparse_compile.kernels import triton_sparse_gemv as g
+
+    block_m = triton.next_power_of_2(min(m, g.ROWS_PER_LAUNCH[form]))
+    warps = g.warps_for(n, element_bytes)
+    split = g.split_k_for(triton.cdiv(n, g.block_n_for(warps, element_bytes)), warps, k, g.DEFAULT_SMS)
+    return [g.Launch(None, c.kwargs["BLOCK_K"], s, warps) for c in g.gemv_configs(block_m, n, element_bytes, form)
+            for s in sorted({split, 1} if one_slice else {split})]
+
+
 def step_kernel_tests(dry: bool, out: Path) -> dict:
     import torch
 
     from wisparse_compile.kernels import sparse_gemv, sparse_gemv_fused, sparse_linear_reference
-    from wisparse_compile.kernels.triton_sparse_gemv import Launch, split_k_for
     from wisparse_compile.passes.fuse_siblings import fused_weight
 
     device = "cpu" if dry else "cuda"
@@ -123,10 +157,11 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
                 ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)
                 # the split the op would choose (and, in bf16, one K slice) with a fixed tile: one
                 # compile per case, no autotuning (the autotuned path follows, and the benchmarks use it)
-                splits = {split_k_for(n, k, 132), 1} if dtype == torch.bfloat16 else {split_k_for(n, k, 132)}
-                for split in sorted(splits):
-                    launch = Launch(block_n=64, block_k=32 if m > 2 else 64, split_k=split, num_warps=4)
-                    check(f"{n}x{k} {str(dtype)[6:]} M={m} split={split}", sparse_gemv(x, w, b, t, launch=launch), ref, dtype)
+                # each config the autotuner may keep, at the split the op would choose (and, in bf16,
+                # one K slice): one compile per case (the autotuned path follows, and the benchmarks use it)
+                for launch in _deployed_launches(n, k, m, w.element_size(), "float", one_slice=dtype == torch.bfloat16):
+                    check(f"{n}x{k} {str(dtype)[6:]} M={m} BLOCK_K={launch.block_k} split={launch.split_k}",
+                          sparse_gemv(x, w, b, t, launch=launch), ref, dtype)
     # autotuned (the deployed path), bf16, batch 1 and 4
     for n, k in shapes:
         for m in (1, 4):
@@ -155,10 +190,20 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
             x, w, b, t = operands(m, n, k, torch.bfloat16, seed=3)
             q, sc = quantize_int8(w.float())
             ref = sparse_linear_int8_reference(x.float(), q, sc, b.float(), t)
-            for split in sorted({split_k_for(n, k, 132), 1}):
-                launch = Launch(block_n=64, block_k=32 if m > 2 else 64, split_k=split, num_warps=4)
-                check(f"int8 {n}x{k} bfloat16 M={m} split={split}", sparse_gemv_int8(x, q, sc, b, t, launch=launch), ref,
-                      torch.bfloat16)
+            for launch in _deployed_launches(n, k, m, 1, "int8", one_slice=True):
+                check(f"int8 {n}x{k} bfloat16 M={m} BLOCK_K={launch.block_k} split={launch.split_k}",
+                      sparse_gemv_int8(x, q, sc, b, t, launch=launch), ref, torch.bfloat16)
+    # int4 weights (packed codes, per-group scales): the autotuned path, rows one launch each
+    from wisparse_compile.kernels import sparse_linear_int4_reference
+    from wisparse_compile.kernels.triton_sparse_gemv import sparse_gemv_int4_triton
+    from wisparse_compile.quantize import quantize_int4
+
+    for n, k in shapes:
+        for m in (1, 3):
+            x, w, b, t = operands(m, n, k, torch.bfloat16, seed=4)
+            q, sc = quantize_int4(w.float())
+            ref = sparse_linear_int4_reference(x.float(), q, sc, n, b.float(), t)
+            check(f"int4 {n}x{k} bfloat16 M={m} autotuned", sparse_gemv_int4_triton(x, q, sc, n, t, b), ref, torch.bfloat16)
 
     record: dict = {"cases": cases}
     if not dry:
@@ -361,10 +406,35 @@ def step_kernel_bench(dry: bool, out: Path) -> dict:
     int8 = _int8_speed(dry)
     (out / "gpu_check").mkdir(parents=True, exist_ok=True)
     (out / "gpu_check" / "int8_kernel.json").write_text(json.dumps(int8, indent=2))
+    model = _measured_vs_modelled(result["records"])
+    (out / "gpu_check" / "model_vs_measured.json").write_text(json.dumps(model, indent=2))
+    for row in model:
+        print(f"model: {row['shape'][0]}x{row['shape'][1]} batch {row['batch']} sparsity {row['sparsity']}: measured "
+              f"{row['measured_us']} us, modelled {row['modelled_us']} us ({row['measured_over_modelled']}x)", flush=True)
     return {"records": len(result["records"]), "smoke": result["smoke"],
+            "measured_over_modelled": [row["measured_over_modelled"] for row in model],
             "speedup_50pct_batch1": at(0.5), "speedup_0pct_batch1": at(0.0),
             "int8_speedup_0pct_batch1": [r["speedup"] for r in int8 if r["sparsity"] == 0.0],
             "int8_speedup_50pct_batch1": [r["speedup"] for r in int8 if r["sparsity"] == 0.5], "ok": True}
+
+
+def _measured_vs_modelled(records: list[dict]) -> list[dict]:
+    """benchmarks/gpu_model.py's time for each measured point, next to the measurement. The model
+    compiles the kernels for the device's target, which the Triton interpreter cannot: it runs in a
+    process of its own without TRITON_INTERPRET (in a dry run too, for an sm_90 profile)."""
+    import torch
+
+    name = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "H100 (dry run)"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    code = ("import json, sys; from benchmarks import gpu_model; "
+            "print(json.dumps(gpu_model.modelled_points(json.loads(sys.stdin.read()), sys.argv[1], int(sys.argv[2]))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code, name, str(sms)], input=json.dumps(records), env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"gpu_model failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _int8_speed(dry: bool) -> list[dict]:
