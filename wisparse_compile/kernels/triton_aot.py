@@ -10,8 +10,8 @@ GEMV must be (tests/kernels/test_triton_aot.py) and the bandwidth model can read
   spills shows few registers and a stack: 0 means no spills);
 - ``loop_layout_conversions``: ``ttg.convert_layout`` ops inside the K loop's ``scf.for`` in the
   TTGIR (each one a shared-memory round trip);
-- ``barriers``, ``loop_barriers``, ``cp_async``: ``bar.sync`` in the PTX, in its loops (LLVM marks
-  each loop header), and ``cp.async`` instructions;
+- ``barriers``, ``loop_barriers``, ``cp_async``, ``atomics``: ``bar.sync`` in the PTX, in its loops
+  (LLVM marks each loop header), ``cp.async`` and atomic instructions;
 - ``vector_loads``/``scalar_16bit_loads``/``scalar_8bit_loads``: ``ld.global`` of 16 bytes
   (``.v4.b32``) and of one 2- or 1-byte element.
 
@@ -58,6 +58,7 @@ class Artefact:
     barriers: int
     loop_barriers: int
     cp_async: int
+    atomics: int
     vector_loads: int
     scalar_16bit_loads: int
     scalar_8bit_loads: int
@@ -160,7 +161,7 @@ def compile_launch(launch: _Launch, cc: int) -> list[Artefact]:
         out.append(Artefact(
             cc=cc, config=config, num_warps=warps, num_stages=stages, registers=registers, local_bytes=local,
             shared_bytes=shared, loop_layout_conversions=loop_body(ttgir).count("ttg.convert_layout"),
-            barriers=len(_BARRIER.findall(ptx)), loop_barriers=sum(len(_BARRIER.findall(loop)) for loop in ptx_loops(ptx)), cp_async=ptx.count("cp.async.ca") + ptx.count("cp.async.cg"),
+            barriers=len(_BARRIER.findall(ptx)), loop_barriers=sum(len(_BARRIER.findall(loop)) for loop in ptx_loops(ptx)), cp_async=ptx.count("cp.async.ca") + ptx.count("cp.async.cg"), atomics=len(re.findall(r"\batom\.|\bred\.", ptx)),
             vector_loads=len(re.findall(r"ld\.global[\w.]*\.v4\.b32", ptx)),
             scalar_16bit_loads=len(re.findall(r"ld\.global[\w.]*\.(?:b16|u16)\b", ptx)),
             scalar_8bit_loads=len(re.findall(r"ld\.global[\w.]*\.(?:b8|u8|s8)\b", ptx)),
@@ -183,7 +184,7 @@ def compile_call(call: Callable[[Callable], Any], cc: int) -> list[Artefact]:
 class Case:
     """One host call of the standard matrix: a kernel form, a weight dtype, rows and a weight shape."""
 
-    form: str  # "float", "fused3", "int8", "int4"
+    form: str  # "float", "fused3" (3 segments, all biased), "fused4" (4, biases on 0 and 2), "int8", "int4"
     dtype: str  # activations (and float weights): "bfloat16", "float16", "float32"
     rows: int
     n: int
@@ -203,6 +204,7 @@ def standard_cases() -> list[Case]:
         for dtype in ("bfloat16", "float16", "float32"):
             cases.append(Case("float", dtype, rows, 4096, 1024, False))
         cases += [Case("fused3", "bfloat16", rows, 4096 + 1024 + 1024, 1024, False),
+                  Case("fused4", "float16", rows, 4 * 1024, 1024, False),
                   Case("int8", "bfloat16", rows, 4096, 1024, False), Case("int4", "bfloat16", rows, 4096, 1024, False)]
     for rows in (1, 8):
         cases += [Case("float", "bfloat16", rows, 4100, 1024, True), Case("float", "float32", rows, 4100, 1024, True)]
@@ -229,6 +231,11 @@ def call_of(case: Case) -> Callable[[Callable], Any]:
         splits = [4096, 1024, case.n - 5120]
         biases = [torch.empty(s, dtype=dtype) for s in splits]
         return lambda launcher: gemv.sparse_gemv_triton(x, w, [t, t, t], biases, splits, launcher)
+    if case.form == "fused4":
+        w = _input_major(case.n, case.k, dtype, case.padded)
+        splits = [case.n // 4] * 4
+        biases = [torch.empty(s, dtype=dtype) if i % 2 == 0 else None for i, s in enumerate(splits)]
+        return lambda launcher: gemv.sparse_gemv_triton(x, w, [t] * 4, biases, splits, launcher)
     if case.form == "int8":
         q, s = torch.empty(case.k, case.n, dtype=torch.int8), torch.empty(case.n)
         return lambda launcher: gemv.sparse_gemv_int8_triton(x, q, s, t, None, launcher)
