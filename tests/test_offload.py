@@ -13,6 +13,7 @@ from torch import nn
 import wisparse_compile as wsc
 from benchmarks import calibration_memory
 from tests.conftest import tiny_llama, token_batches
+from tests.helpers import one_thread
 from wisparse_compile.model_io import model_device
 from wisparse_compile.weight_slots import WatchedWeights, check_loadable, offloaded_weights, weight_slots
 
@@ -30,10 +31,8 @@ TINY_REFINEMENT = dict(refinement_tokens=64)
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: intra-op threads only add contention (the suite runs beside other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

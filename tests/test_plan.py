@@ -8,6 +8,7 @@ import torch
 
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
+from tests.helpers import one_thread
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +213,8 @@ def test_a_plan_saved_before_the_allocation_strategies_loads_attaches_and_is_rec
     model = tiny_llama(seed=0)
     wsc.attach(model, old)
     wsc.detach(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the file was written: sums then run in the same order
-    try:
+    with one_thread():  # as the file was written: sums then run in the same order
         again = wsc.calibrate(model, token_batches(3, seed=5), wsc.SparsityConfig(sparsity=0.5, refinement_tokens=64))
-    finally:
-        torch.set_num_threads(threads)
     assert again.sparsities == old.sparsities
     assert all(torch.equal(again.channel_thresholds[n], old.channel_thresholds[n]) for n in old.names)
     assert again.config["allocation"]["strategy"] == "sensitivity"

@@ -5,6 +5,7 @@ import torch
 
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama
+from tests.helpers import one_thread
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.allocation.registry import Thresholds
 from wisparse_compile.calibrate import collect_statistics
@@ -13,11 +14,8 @@ from wisparse_compile.weight_slots import weight_slots
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """On a shared 2-core machine one intra-op thread is ~20x faster for these tiny shapes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def sensitive_model():

@@ -7,6 +7,7 @@ import torch
 import wisparse_compile as wsc
 from tests.allocation.conftest import sensitive_model
 from tests.conftest import tiny_llama, token_batches
+from tests.helpers import one_thread
 from wisparse_compile.allocation import split_batches
 from wisparse_compile.allocation.search import Search, depth_ramps, evolve
 
@@ -19,9 +20,9 @@ def _config(**kw):
 
 @pytest.fixture(scope="module")
 def sensitive_plan():
-    torch.set_num_threads(1)
     model = sensitive_model()
-    return model, wsc.calibrate(model, token_batches(6, seed=5), _config())
+    with one_thread():  # module-scoped: set up before the per-test thread fixture
+        return model, wsc.calibrate(model, token_batches(6, seed=5), _config())
 
 
 def _kl(model, plan, batches):
