@@ -21,16 +21,12 @@ The modules: ``blocks`` (decoder layers and input-sharing groups, found by dataf
 
 from __future__ import annotations
 
+from . import refine, search, sensitivity  # noqa: F401  (importing a strategy's module registers it)
 from .masking import candidate_masks
-from .refine import greedy
 from .registry import Allocation, AllocationProblem, allocate, register_strategy, split_batches, strategy_for
-from .search import Search, search
-from .sensitivity import sensitivity
-
-#: the registered strategy functions of this package (imported above so that they register)
-STRATEGIES = (greedy, sensitivity, search)
+from .search import Search
 
 __all__ = [
-    "Allocation", "AllocationProblem", "STRATEGIES", "Search", "allocate", "candidate_masks", "register_strategy",
-    "split_batches", "strategy_for",
+    "Allocation", "AllocationProblem", "Search", "allocate", "candidate_masks", "register_strategy", "split_batches",
+    "strategy_for",
 ]

@@ -224,7 +224,7 @@ def split_allocation(problem: AllocationProblem, splitters: Mapping[str, BlockSp
 
 
 @register_strategy(Greedy)
-def greedy(problem: AllocationProblem, options: Greedy) -> Allocation:
+def allocate_greedy(problem: AllocationProblem, options: Greedy) -> Allocation:
     """Every block at the target, split inside by the greedy path on plain output error."""
     budgets = [problem.target] * len(problem.layout.blocks)
     return split_allocation(problem, block_splitters(problem, budgets), budgets)

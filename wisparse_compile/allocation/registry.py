@@ -179,6 +179,6 @@ def allocate(
 
 
 @register_strategy(Uniform)
-def uniform(problem: AllocationProblem, options: Uniform) -> Allocation:
+def allocate_uniform(problem: AllocationProblem, options: Uniform) -> Allocation:
     """Every linear at the target."""
     return Allocation({n: problem.target for n in problem.names})

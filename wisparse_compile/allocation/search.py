@@ -194,7 +194,7 @@ def kl_fitness(problem: AllocationProblem, splitters: dict[str, BlockSplitter],
 
 
 @register_strategy(Search)
-def search(problem: AllocationProblem, options: Search) -> Allocation:
+def allocate_by_search(problem: AllocationProblem, options: Search) -> Allocation:
     """Greedy paths to the target (extended where the search goes), block budgets by ``evolve``."""
     blocks = problem.layout.blocks
     splitters = block_splitters(problem, [problem.target] * len(blocks))

@@ -187,7 +187,7 @@ def budgets_by_sensitivity(layout: Layout, splitters: Mapping[str, BlockSplitter
 
 
 @register_strategy(Sensitivity)
-def sensitivity(problem: AllocationProblem, options: Sensitivity) -> Allocation:
+def allocate_by_sensitivity(problem: AllocationProblem, options: Sensitivity) -> Allocation:
     """Sensitivity-weighted greedy paths, block budgets traded at one exchange rate. Without next-token
     logits (no sensitivities) every block keeps the target and the split uses plain output error."""
     blocks = problem.layout.blocks
