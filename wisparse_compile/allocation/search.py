@@ -73,7 +73,8 @@ class Search(BlockBounds):
     def held_out_tokens(self) -> int:
         return self.validation_tokens
 
-# depth ramps in the first population: sparsity difference between the last and the first block
+
+#: depth ramps in the first population: sparsity difference between the last and the first block in the first population: sparsity difference between the last and the first block
 RAMP_SLOPES = (0.2, -0.2, 0.4, -0.4)
 
 
@@ -160,9 +161,8 @@ def evolve(
     return SearchResult(pop[0].tolist(), scores[0], uniform_fitness, history)
 
 
-
-
 def _log_probs(output: Any) -> torch.Tensor:
+    """[tokens, vocab] next-token log-probabilities of a model output."""
     logits = logits_of(output)
     return F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
 
