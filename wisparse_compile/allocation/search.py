@@ -74,7 +74,7 @@ class Search(BlockBounds):
         return self.validation_tokens
 
 
-#: depth ramps in the first population: sparsity difference between the last and the first block in the first population: sparsity difference between the last and the first block
+#: depth ramps in the first population: sparsity difference between the last and the first block
 RAMP_SLOPES = (0.2, -0.2, 0.4, -0.4)
 
 

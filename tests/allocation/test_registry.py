@@ -1,4 +1,5 @@
-"""``allocate`` and its registry (``allocation/registry.py``), and the allocation side of ``SparsityConfig``."""
+"""The registry and ``allocate`` (``allocation/registry.py``), end to end through ``calibrate``;
+the allocation side of ``SparsityConfig``."""
 
 from dataclasses import dataclass
 from typing import ClassVar
