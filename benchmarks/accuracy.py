@@ -25,7 +25,8 @@ import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
 from wisparse_compile.files import atomic_write_json, atomic_write_text
-from wisparse_compile.config import ACROSS_BLOCKS, METHODS
+from wisparse_compile.allocation.search import Search
+from wisparse_compile.config import METHODS
 from wisparse_compile.cli.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
@@ -42,19 +43,19 @@ def parse_args() -> argparse.Namespace:
                    help="evaluation text (wikipedia: the held-out half of the articles)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--calibration-batches", type=int, default=16,
-                   help="256-token windows; wisparse's searches (--across-blocks depth/free) hold the last "
-                        "validation (+ selection) tokens out of their statistics")
+                   help="256-token windows; the search (--across-blocks free) holds the last "
+                        "validation tokens out of its statistics")
     p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--calibration-windows", choices=["leading", "spread"], default="spread",
                    help="leading: the first tokens of the calibration half (its first article, for 16 x 256); "
                         "spread: one window from the start of each of its first --calibration-batches articles")
     p.add_argument("--eval-tokens", type=int, default=4096, help="per domain")
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default="sensitivity", help="wisparse's split across blocks")
+    p.add_argument("--across-blocks", choices=("sensitivity", "free"), default="sensitivity",
+                   help="wisparse's split across blocks: by output sensitivity, or the free search that lost (Search)")
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=5)
     p.add_argument("--validation-tokens", type=int, default=1024)
-    p.add_argument("--selection-tokens", type=int, default=1024)
     p.add_argument("--refinement-tokens", type=int, default=512)
     p.add_argument("--refinement-step", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -68,7 +69,7 @@ def parse_args() -> argparse.Namespace:
 
         args.model, args.sparsities, args.methods = "random:llama", [0.5], ["teal", "wisparse"]
         args.calibration_batches, args.calibration_length, args.eval_tokens, args.window = 8, 32, 128, 64
-        args.validation_tokens, args.selection_tokens, args.refinement_tokens = 64, 64, 64
+        args.validation_tokens, args.refinement_tokens = 64, 64
         args.out, args.readme = Path(tempfile.mkdtemp(prefix="accuracy-dry-run-")), None
     return args
 
@@ -192,7 +193,7 @@ def make_setup(args: argparse.Namespace) -> dict:
         "calibration_windows": args.calibration_windows,
         "calibration_length": args.calibration_length, "eval_tokens_per_domain": args.eval_tokens, "window": args.window,
         "across_blocks": args.across_blocks, "population": args.population, "generations": args.generations,
-        "validation_tokens": args.validation_tokens, "selection_tokens": args.selection_tokens,
+        "validation_tokens": args.validation_tokens,
         "refinement_tokens": args.refinement_tokens, "refinement_step": args.refinement_step,
         "masking": "eager masked_linears, every planned linear", "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -239,10 +240,9 @@ def main() -> None:
             key = f"{m}@{s:g}"
             if key in record["results"]:
                 continue
-            config = SparsityConfig(sparsity=s, method=m, population=args.population, generations=args.generations,
-                                    validation_tokens=args.validation_tokens, selection_tokens=args.selection_tokens,
-                                    across_blocks=args.across_blocks, refinement_tokens=args.refinement_tokens,
-                                    refinement_step=args.refinement_step)
+            search = Search(population=args.population, generations=args.generations, validation_tokens=args.validation_tokens)
+            config = SparsityConfig(sparsity=s, method=m, allocation=search if m == "wisparse" and args.across_blocks == "free" else None,
+                                    refinement_tokens=args.refinement_tokens, refinement_step=args.refinement_step)
             t0 = time.perf_counter()
             plan = calibrate(model, calib, config)
             t1 = time.perf_counter()

@@ -13,8 +13,8 @@ and a sampler of the anonymous part, which leaves out file pages mapped while re
 
 What calibration itself holds is bounded by its settings, not by the model: the score histograms
 (one per planned linear), every decoder layer's input and output on ``refinement_tokens`` tokens
-(the within-block refinement re-runs blocks on them), and for ``"wisparse"`` the dense model's
-log-probabilities on ``validation_tokens`` tokens (the search's reference). The record lists
+(the within-block refinement re-runs blocks on them; ``"wisparse"`` also keeps the squared loss
+gradient at each layer's output on them). The record lists
 those estimates beside the measured figures. The random 1.1B Llama has TinyLlama-1.1B's shape
 (hidden 2048, 22 layers, vocab 32000), random weights, fp32.
 
@@ -128,16 +128,16 @@ def _load(case: dict[str, Any]):
 
 
 def _held_estimates(model: Any, config: Any, planned: int) -> dict[str, int]:
-    """Bytes calibration holds by its settings: histograms, block inputs/outputs, the search's reference."""
+    """Bytes calibration holds by its settings: histograms, block inputs/outputs, (wisparse) sensitivity weights."""
     from wisparse_compile.histogram import ScoreHistogram
 
-    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    hidden = model.config.hidden_size
     bins = ScoreHistogram(config.histogram_bins_per_octave).num_bins
     layers = _tensor_bytes(model)["num_layers"]
     return {
         "histograms": planned * bins * 8,
         "block_inputs_outputs": 2 * layers * config.refinement_tokens * hidden * 4,
-        "search_reference_log_probs": config.validation_tokens * vocab * 4 if config.method == "wisparse" else 0,
+        "sensitivity_weights": layers * config.refinement_tokens * hidden * 4 if config.method == "wisparse" else 0,
     }
 
 
@@ -225,10 +225,8 @@ def prepare_smollm2(folder: Path) -> dict[str, Any]:
 
 
 def _cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    small = dict(refinement_tokens=args.tokens, validation_tokens=args.tokens, refinement_step=args.refinement_step)
-    search = dict(population=3, elite=1, generations=1)
     base = {"batches": args.batches, "tokens": args.tokens, "threads": args.threads, "method": args.method,
-            "config": {**small, **(search if args.method == "wisparse" else {})}}
+            "config": dict(refinement_tokens=args.tokens, refinement_step=args.refinement_step)}
     if args.dry_run:
         tiny = prepare_random_llama(work / "tiny", TINY)  # in this process: one start-up less
         bytes_ = tiny["parameters"] * 4
@@ -279,7 +277,7 @@ def _markdown(record: dict[str, Any]) -> str:
               "and the offloaded modules accelerate loads add; the whole model's GGUF load leaves some heap "
               "behind too). Peak anonymous: anonymous memory only (no file pages), above its value after loading. "
               "Held by settings: histograms + every layer's input and output on refinement_tokens + (wisparse) "
-              "the dense log-probs on validation_tokens."]
+              "the sensitivity weights at every layer's output on refinement_tokens."]
     return "\n".join(lines) + "\n"
 
 

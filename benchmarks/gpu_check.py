@@ -322,7 +322,7 @@ def step_tiny_decode(dry: bool, out: Path) -> dict:
     model = LlamaForCausalLM(config).to(device).eval()
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 512, (2, 64), generator=g).to(device) for _ in range(2)]
-    plans = [wsc.calibrate(model, calib, wsc.SparsityConfig(sparsity=s, method="teal", uniform=True)) for s in (0.5, 0.3)]
+    plans = [wsc.calibrate(model, calib, wsc.SparsityConfig(sparsity=s, method="teal", allocation=wsc.Uniform())) for s in (0.5, 0.3)]
     prompt = torch.randint(0, 512, (1, 8), generator=g).to(device)
     new_tokens = 8 if dry else 24
 

@@ -58,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--population", type=int, default=8)
-    p.add_argument("--generations", type=int, default=5)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a tiny random Llama and random tokens: checks the script only")
@@ -117,14 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.methods, args.population, args.generations = ["teal", "wisparse"], 3, 1
+        args.methods = ["teal", "wisparse"]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("int8_accuracy_quick.json" if args.quick else "int8_accuracy.json")
     setup = {
         "model": "tiny random llama" if args.quick else args.model, "sparsity": args.sparsity,
         "calibration_batches": args.calibration_batches, "calibration_length": args.calibration_length,
-        "eval_tokens": args.eval_tokens, "window": args.window, "population": args.population,
-        "generations": args.generations, "quick": args.quick,
+        "eval_tokens": args.eval_tokens, "window": args.window, "quick": args.quick,
         "quantization": dict(QUANTIZATION),
     }
     record = {"setup": setup, "results": {}}
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             t0 = time.perf_counter()
             if method not in plans:
-                config = SparsityConfig(sparsity=args.sparsity, method=method, population=args.population, generations=args.generations)
+                config = SparsityConfig(sparsity=args.sparsity, method=method)
                 plans[method] = calibrate(model, calib, config)  # on the float model
             plan = plans[method]
             attach(model, plan, weights=fmt)

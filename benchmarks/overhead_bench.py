@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (12 if name == "tiny" else 40)
     warmup = 4
     model, batches, prompt = build(name)
-    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=args.sparsity, method="teal", uniform=True))
+    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=args.sparsity, method="teal", allocation=wsc.Uniform()))
     wsc.attach(model, plan)
     torch._dynamo.reset()
     timings: list[GraphTiming] = []

@@ -78,7 +78,7 @@ def prepare(model_name: str, folder: Path, sparsity: float, nproc: int, layers: 
     model.save_pretrained(folder / "model")
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, model.config.vocab_size, (1, 64), generator=g) for _ in range(2)]
-    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=sparsity, method="teal", uniform=True))
+    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=sparsity, method="teal", allocation=wsc.Uniform()))
     plan.save(folder / "plan.wsp")
     return {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype).removeprefix("torch."),
             "planned_linears": len(plan.names)}

@@ -32,7 +32,7 @@ def _calibrate_all_methods(model: torch.nn.Module, methods=METHODS) -> dict[str,
     batches = token_batches(1, batch=2, length=16)
     # every allocation path once: teal greedy, wisparse search + greedy, wina uniform (greedy is slow
     # on the eager experts loop, and teal covers it)
-    plans = {m: wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method=m, uniform=m == "wina"))
+    plans = {m: wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method=m, allocation=wsc.Uniform() if m == "wina" else None))
              for m in methods}
     names = {m: sorted(p.names) for m, p in plans.items()}
     assert all(n == names[methods[0]] for n in names.values())
@@ -160,10 +160,10 @@ def test_hybrid_decoder_layers_are_planned_without_configuration(arch: Arch, low
     model = arch.build()
     assert len(_layer_classes(model)) == 2, _layer_classes(model)
     batches = token_batches(2, batch=2, length=16)
-    # the search and greedy split over mixed layers (one re-run per layer, with its own signature)
-    search = dict(population=3, generations=1, refinement_step=0.25)  # small: a mamba layer re-runs slowly
-    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wisparse", **search))
-    by_regex = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, include=r"^model\.layers\.", uniform=True))
+    # the sensitivity-weighted greedy split and the trade across mixed layers (one re-run per layer, with its
+    # own signature); a coarse step: a mamba layer re-runs slowly
+    plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wisparse", refinement_step=0.25))
+    by_regex = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, include=r"^model\.layers\.", allocation=wsc.Uniform()))
     assert sorted(plan.names) == sorted(by_regex.names)
     for layer in ("model.layers.0.", "model.layers.1."):  # one layer of each class
         assert any(n.startswith(layer) for n in plan.names), (layer, plan.names)
@@ -185,7 +185,7 @@ def test_moe_class_that_rejects_an_experts_switch_attaches(caplog):
 
     model = JETMOE.build()
     assert model.config._experts_implementation == "eager"
-    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     params = dict(model.named_parameters())
     stacked = [n for n in plan.names if params.get(n, params.get(f"{n}.weight")).dim() == 3]
     assert len(stacked) == 4, plan.names  # attention experts (in, out) and MLP experts (in, out)

@@ -123,7 +123,7 @@ def test_candidate_masks_mask_keyword_and_view_linears():
 
 def test_masked_linears_masks_and_counts_keyword_and_view_linears():
     model = _KeywordModel()
-    plan = wsc.calibrate(model, _batches(), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, _batches(), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     wsc.attach(model, plan, input_major=False)
     ids = _batches()[0]
     try:
@@ -165,7 +165,7 @@ def test_grouped_mm_by_keyword(observer):
             grouped_mm(mat_a=torch.zeros(2, DIM), mat_b=model.layers[0].w, offs=torch.tensor([1, 2], dtype=torch.int32))
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"grouped mm does not run on this CPU build: {e}")
-    plan = wsc.calibrate(model, _batches(), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, _batches(), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     assert plan.names == ["layers.0.w"] and list(plan.channel_thresholds["layers.0.w"].shape) == [2, DIM]
     if observer == "calibration":
         return

@@ -13,6 +13,7 @@ from torch import nn
 import wisparse_compile as wsc
 from benchmarks import calibration_memory
 from tests.conftest import tiny_llama, token_batches
+from tests.helpers import one_thread
 from wisparse_compile.model_io import model_device
 from wisparse_compile.weight_slots import WatchedWeights, check_loadable, offloaded_weights, weight_slots
 
@@ -24,16 +25,14 @@ DEVICE_MAP = {
     "model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
     "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
 }
-TINY_SEARCH = dict(population=3, elite=1, generations=1, validation_tokens=64, refinement_tokens=64)
+TINY_REFINEMENT = dict(refinement_tokens=64)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: intra-op threads only add contention (the suite runs beside other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_offloaded_model_calibrates_to_the_full_models_plan(saved, tmp_path, met
     on_disk = offloaded_weights(offloaded, names)
     assert on_disk and all(".layers.1." in n or ".layers.2." in n for n in on_disk)  # really offloaded
     assert len(on_disk) == 14 and model_device(offloaded) == torch.device("cpu")  # embeddings on disk: skipped
-    config = wsc.SparsityConfig(sparsity=0.5, method=method, **TINY_SEARCH)
+    config = wsc.SparsityConfig(sparsity=0.5, method=method, **TINY_REFINEMENT)
     plan = wsc.calibrate(offloaded, token_batches(4), config)
     assert len(plan.names) == 28  # every layer's 7 linears, the offloaded ones included
     _assert_same_plan(wsc.calibrate(full, token_batches(4), config), plan)
@@ -78,14 +77,14 @@ def test_accelerate_dispatch_with_offload_folder_calibrates_to_the_same_plan(sav
         empty = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(saved))
     offloaded = load_checkpoint_and_dispatch(empty, saved, device_map=DEVICE_MAP, offload_folder=str(tmp_path)).eval()
     assert any(p.suffix == ".dat" for p in tmp_path.iterdir())
-    config = wsc.SparsityConfig(sparsity=0.5, method="wina", **TINY_SEARCH)
+    config = wsc.SparsityConfig(sparsity=0.5, method="wina", **TINY_REFINEMENT)
     _assert_same_plan(wsc.calibrate(_load(saved), token_batches(3), config),
                       wsc.calibrate(offloaded, token_batches(3), config))
 
 
 def test_plan_from_offloaded_model_attaches_to_the_resident_model_and_refuses_the_offloaded_one(saved, tmp_path):
     offloaded = _load(saved, tmp_path / "offload")
-    plan = wsc.calibrate(offloaded, token_batches(3), wsc.SparsityConfig(sparsity=0.5, method="teal", **TINY_SEARCH))
+    plan = wsc.calibrate(offloaded, token_batches(3), wsc.SparsityConfig(sparsity=0.5, method="teal", **TINY_REFINEMENT))
     with pytest.raises(ValueError, match=r"offloaded by accelerate.*attach the plan .* to the model loaded without offloading"):
         wsc.attach(offloaded, plan)
     full = wsc.attach(_load(saved), plan)

@@ -1,17 +1,19 @@
 """SparsityPlan persistence, validation, and the clear errors a user gets for bad input."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
+from tests.helpers import one_thread
 
 
 @pytest.fixture(scope="module")
 def plan():
-    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
+    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina", allocation=wsc.Uniform()))
 
 
 def test_plan_covers_block_linears_only(plan):
@@ -195,3 +197,24 @@ def test_plan_for_another_architecture(plan):
 def test_sparsity_zero_prunes_nothing():
     plan = wsc.calibrate(tiny_llama(), token_batches(1), wsc.SparsityConfig(sparsity=0.0))
     assert all(torch.all(t == 0) for t in plan.channel_thresholds.values())
+
+
+#: written by the code before the allocation strategies (commit db8f993): wisparse's defaults at the
+#: time (every former allocation option in its config record), refinement_tokens=64, tiny_llama(seed=0)
+#: on token_batches(3, seed=5)
+PLAN_BEFORE_STRATEGIES = Path(__file__).parent / "fixtures" / "plan_v1_wisparse.wsp"
+
+
+def test_a_plan_saved_before_the_allocation_strategies_loads_attaches_and_is_recalibrated_alike():
+    """The config a plan records is for the record only: a file whose config names options that are
+    gone loads and attaches, and calibrating again with today's defaults gives the same plan."""
+    old = wsc.SparsityPlan.load(PLAN_BEFORE_STRATEGIES)
+    assert old.method == "wisparse" and old.config["across_blocks"] == "sensitivity" and len(old.names) == 14
+    model = tiny_llama(seed=0)
+    wsc.attach(model, old)
+    wsc.detach(model)
+    with one_thread():  # as the file was written: sums then run in the same order
+        again = wsc.calibrate(model, token_batches(3, seed=5), wsc.SparsityConfig(sparsity=0.5, refinement_tokens=64))
+    assert again.sparsities == old.sparsities
+    assert all(torch.equal(again.channel_thresholds[n], old.channel_thresholds[n]) for n in old.names)
+    assert again.config["allocation"]["strategy"] == "sensitivity"

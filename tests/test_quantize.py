@@ -88,7 +88,7 @@ def _planned(tied=False):
     if not _CALIBRATED:
         model = tiny_llama(0)
         _CALIBRATED["model"] = copy.deepcopy(model)
-        _CALIBRATED["plan"] = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal", uniform=True))
+        _CALIBRATED["plan"] = wsc.calibrate(model, token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="teal", allocation=wsc.Uniform()))
     model = copy.deepcopy(_CALIBRATED["model"])
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -97,7 +97,7 @@ def test_plain_local_shard_is_refused_with_the_reason():
     from tests.conftest import tiny_llama
 
     model = tiny_llama(layers=1)
-    plan = wsc.calibrate(model, token_batches(1, batch=1, length=8), wsc.SparsityConfig(sparsity=0.5, method="teal", uniform=True))
+    plan = wsc.calibrate(model, token_batches(1, batch=1, length=8), wsc.SparsityConfig(sparsity=0.5, method="teal", allocation=wsc.Uniform()))
     down = model.model.layers[0].mlp.down_proj
     down.weight = torch.nn.Parameter(down.weight.detach()[:, : down.weight.shape[1] // WORLD].clone())
     model._tp_size = WORLD

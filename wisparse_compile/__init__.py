@@ -14,17 +14,20 @@ import logging
 from .attach import attach, attached_plan, detach
 from .backend import decode_compile_options, last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
-from .config import BackendConfig, SparsityConfig
+from .config import BackendConfig, Greedy, Sensitivity, SparsityConfig, Uniform
 from .plan import PlanError, SparsityPlan
 from .quantize import QuantizeConfig, quantization_of
 from .reference import masked_linears, measure_sparsity
 
 __all__ = [
     "BackendConfig",
+    "Greedy",
     "PlanError",
     "QuantizeConfig",
+    "Sensitivity",
     "SparsityConfig",
     "SparsityPlan",
+    "Uniform",
     "attach",
     "attached_plan",
     "calibrate",

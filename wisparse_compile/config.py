@@ -1,121 +1,184 @@
-"""Configuration dataclasses: one per feature (calibration, compilation)."""
+"""Configuration dataclasses: one per feature (calibration and its allocation strategies, compilation)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
-AcrossBlocks = Literal["sensitivity", "depth", "free"]
-ACROSS_BLOCKS: tuple[str, ...] = ("sensitivity", "depth", "free")
 Score = Literal["method", "activation", "weight_aware"]
 SCORES: tuple[str, ...] = ("method", "activation", "weight_aware")
-SensitivityLabels = Literal["sampled", "data"]
-SENSITIVITY_LABELS: tuple[str, ...] = ("sampled", "data")
-SplitError = Literal["sensitivity", "mse"]
-RoundInputs = Literal["dense", "masked"]
-ROUND_INPUTS: tuple[str, ...] = ("dense", "masked")
-SPLIT_ERRORS: tuple[str, ...] = ("sensitivity", "mse")
+
+#: where the measured results of removed allocation options are kept
+RESULTS_DOC = "docs/results/allocation.md"
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Base of the allocation strategies: how the global sparsity budget is split over the linears.
+
+    A strategy is a config dataclass derived from this one plus one function registered for its
+    type (``allocation.registry.register_strategy``); ``allocation.allocate`` dispatches on the type.
+    ``name`` labels the strategy in plan records."""
+
+    name: ClassVar[str] = ""
+
+    @property
+    def held_out_tokens(self) -> int:
+        """Calibration tokens the strategy scores candidates on, held out of the statistics (0: none)."""
+        return 0
+
+    def check_target(self, sparsity: float) -> None:
+        """Raise ValueError when the strategy cannot meet the global target ``sparsity``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Uniform(AllocationConfig):
+    """No allocation: every planned linear gets the target (the uniform tables of the TEAL and WINA
+    papers; the cheapest calibration)."""
+
+    name: ClassVar[str] = "uniform"
+
+
+@dataclass(frozen=True)
+class Greedy(AllocationConfig):
+    """TEAL's allocation, the default of "teal" and "wina": every block gets the target, and inside a
+    block a greedy split over its input-sharing groups minimises the block's output mean squared
+    error against dense (``allocation/refine.py``), as both papers' released code does."""
+
+    name: ClassVar[str] = "greedy"
+
+
+@dataclass(frozen=True)
+class BlockBounds(AllocationConfig):
+    """A strategy that moves sparsity between blocks, each block within
+    ``[min_block_sparsity, max_block_sparsity]`` (greedy paths run at most to the upper bound)."""
+
+    min_block_sparsity: float = 0.0
+    max_block_sparsity: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_block_sparsity <= self.max_block_sparsity <= 0.95:
+            raise ValueError(
+                f"per-block bounds must satisfy 0 <= min_block_sparsity <= max_block_sparsity <= 0.95, got "
+                f"[{self.min_block_sparsity}, {self.max_block_sparsity}]"
+            )
+
+    def check_target(self, sparsity: float) -> None:
+        if sparsity > 0 and not self.min_block_sparsity <= sparsity <= self.max_block_sparsity:
+            raise ValueError(
+                f"impossible budget: sparsity {sparsity} lies outside the per-block bounds "
+                f"[{self.min_block_sparsity}, {self.max_block_sparsity}], so no split across blocks meets it; "
+                "widen min_block_sparsity/max_block_sparsity or change the target"
+            )
+
+
+@dataclass(frozen=True)
+class Sensitivity(BlockBounds):
+    """WiSparse's allocation, the default of "wisparse". Inside a block the greedy split minimises the
+    block-output error weighted by the squared gradient of the next-token loss there (a diagonal
+    Fisher estimate of the loss increase, next tokens drawn from the model's own distribution with
+    ``SparsityConfig.seed``), so every block's error is in one unit; across blocks the budget is
+    traded at one exchange rate of estimated loss increase per pruned parameter, read off each
+    block's greedy path: no search, no held-out tokens (``allocation/sensitivity.py``).
+
+    band: each block's sparsity also stays within ``sparsity +- band`` (1.0: only the block bounds).
+        Unbounded, the first-order estimate spared SmolLM2's first and last blocks down to 0.24-0.40
+        at 50%; held to +-0.1, the perplexity rise on a Wikipedia dev split fell from 0.815x to
+        0.755x TEAL's (``docs/results/allocation.md``).
+    """
+
+    name: ClassVar[str] = "sensitivity"
+    band: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.band, (int, float)) or not 0.0 < self.band <= 1.0:
+            raise ValueError(f"band must be in (0, 1] (a sparsity deviation; 1.0 leaves only the block bounds), got {self.band!r}")
+
+
+#: the allocation each method uses unless ``SparsityConfig.allocation`` says otherwise
+DEFAULT_ALLOCATION: dict[str, AllocationConfig] = {"teal": Greedy(), "wina": Greedy(), "wisparse": Sensitivity()}
+
+_SEARCH = "allocation=Search(...) (wisparse_compile.allocation.search: an experiment that lost, see " + RESULTS_DOC + ")"
+#: options of earlier versions -> what replaced them (or why they went)
+_FORMER_OPTIONS: dict[str, str] = {
+    "uniform": "use allocation=Uniform()",
+    "across_blocks": 'use allocation=Sensitivity() for "sensitivity" (the default of method="wisparse") or '
+                     f'{_SEARCH} for "free"; the "depth" profile search was removed',
+    "split_error": "use allocation=Greedy() for the plain output error or allocation=Sensitivity() for the "
+                   "sensitivity-weighted one",
+    "block_band": "use allocation=Sensitivity(band=...)",
+    "min_block_sparsity": "use allocation=Sensitivity(min_block_sparsity=...) or Search(min_block_sparsity=...)",
+    "max_block_sparsity": "use allocation=Sensitivity(max_block_sparsity=...) or Search(max_block_sparsity=...)",
+    **{name: f"use {_SEARCH.replace('Search(...)', f'Search({name}=...)')}"
+       for name in ("population", "generations", "mutation_scale", "elite", "validation_tokens")},
+    **{name: "removed with the depth-profile search, which never beat its own noise"
+       for name in ("profile_degree", "profile_step", "search_evaluations", "selection_tokens")},
+    "sensitivity_labels": 'removed: next tokens are always sampled from the model ("data" labels lost on three of four domains)',
+    "sensitivity_samples": "removed: one sampled next token per position (four draws lost)",
+    "sensitivity_rounds": "removed: one sensitivity estimate (a second round on the masked model lost)",
+    "round_inputs": "removed with sensitivity_rounds (a second round on the masked model lost)",
+}
 
 
 @dataclass(frozen=True)
 class SparsityConfig:
     """How to calibrate a plan.
 
-    sparsity: target fraction of input channels pruned per token, in [0, 1).
-    method: "teal" and "wisparse" score a channel by |x_i|; "wina" by |x_i| * ||W[:, i]||_2 (see score).
-        "teal" and "wina" split each block's budget greedily over its projections on block-output
-        error (as both papers' code does); "wisparse" weighs that error by the output's
-        sensitivity and splits the budget across blocks (``split_error``, ``across_blocks``).
-    score: the channel score thresholds apply to: "method" (default) takes the method's own
-        ("teal", "wisparse": ``|x_i|``; "wina": ``|x_i| * ||W[:, i]||_2``); "activation" or
-        "weight_aware" choose one for any method. "wisparse" scored weight-aware until issue 19:
-        on SmolLM2 that score lost to ``|x_i|`` at every sparsity under the same allocation.
-    uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
-        TEAL and WINA papers; the cheapest calibration).
+    sparsity: target fraction of input channels pruned per token, in [0, 1): the parameter-weighted
+        mean of the per-linear sparsities the allocation chooses.
+    method: the channel score and the default allocation. "teal": ``|x_i|``, ``Greedy()``; "wina":
+        ``|x_i| * ||W[:, i]||_2``, ``Greedy()``; "wisparse": ``|x_i|``, ``Sensitivity()``.
+    score: the channel score thresholds apply to: "method" (default) takes the method's own;
+        "activation" or "weight_aware" choose one for any method. "wisparse" scored weight-aware until
+        issue 19: on SmolLM2 that score lost to ``|x_i|`` at every sparsity under the same allocation.
+    allocation: how the budget is split over the linears, a strategy config: ``Uniform()``,
+        ``Greedy()``, ``Sensitivity(band=0.1)``, or one registered elsewhere (the KL-fitted
+        ``allocation.search.Search``, an experiment that lost); None (default): the method's
+        (``DEFAULT_ALLOCATION``). At sparsity 0 every strategy gives every linear 0.
     include: optional regex on linear names (``named_parameters`` name of the weight without
         ``.weight``); default: every linear inside the model's repeated decoder blocks.
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
-    split_error: the error "wisparse"'s greedy within-block split minimises: "sensitivity"
-        (default) weighs each squared block-output error by the squared gradient of the next-token
-        loss there (diagonal Fisher: an estimate of the loss increase, one unit for every block);
-        "mse" is TEAL's plain output error ("teal" and "wina" always use it).
-    sensitivity_labels: the next tokens whose loss gradient weighs the errors: "sampled" (default)
-        draws them from the model's own distribution (seeded by ``seed``), estimating the Fisher
-        information, whose quadratic form is KL to the dense model; "data" takes the text's next
-        tokens (empirical Fisher). On SmolLM2 at 50% "sampled" gave the lower rise on three of four
-        text domains (``benchmarks/results/accuracy_levers.md``).
-    sensitivity_samples: with "sampled" labels, next tokens drawn per position; the squared gradients
-        are averaged over them (one backward each). 1 (default): 4 draws gave a higher rise on a
-        Wikipedia dev split at 50% (+35.9% vs +34.3%, ``accuracy_levers.md``).
-    sensitivity_rounds: with ``across_blocks="sensitivity"``, estimate the weights this many times:
-        each round after the first re-estimates them on the model masked by the last allocation
-        (next tokens from the dense model) and trades again. 1 (default): a second round raised the
-        dev rise by half (the squared gradient at the masked point has a first-order part, not only
-        curvature; ``accuracy_levers.md``).
-    round_inputs: in those later rounds, the block inputs the within-block errors are measured on:
-        "dense" (default, the dense model's) or "masked" (what the masked model feeds each block,
-        against the block's dense output on them).
-    across_blocks: how "wisparse" splits the budget across blocks. "sensitivity" (default; needs
-        split_error="sensitivity"): every block's greedy path gives its estimated loss increase
-        against its sparsity, and one exchange rate across blocks meets the budget at the least
-        summed increase (no search, nothing fitted to validation tokens). "depth": block sparsity
-        as a smooth function of depth, ``profile_degree`` Legendre coefficients found by a pattern
-        search on KL to dense (``profile_step``, at most ``search_evaluations`` candidates), the
-        winner picked among the best few on ``selection_tokens`` the search never scored. "free":
-        one free value per block, an evolutionary search on KL to dense (``population``,
-        ``generations``, ``mutation_scale``, ``elite``, ``seed``; same seed, same plan). On
-        SmolLM2 the free search fitted its validation tokens and its gain did not carry to other
-        text (issue 19).
-    validation_tokens: held-out tokens (the last batches) scoring a candidate by KL to dense.
-    selection_tokens: with ``across_blocks="depth"``, further held-out tokens (the very last
-        batches) on which the search's finalists are compared.
-    refinement_tokens, refinement_step: calibration tokens and step of the greedy within-block split.
-    min_block_sparsity, max_block_sparsity: bounds on any block's sparsity in the search.
-    block_band: with ``across_blocks="sensitivity"``, each block's budget also stays within
-        ``sparsity +- block_band`` (``None``: only the bounds above). The first-order estimate
-        spares the first and last blocks down to 0.24-0.37 at 50%; held to +-0.1, SmolLM2's rise on a
-        Wikipedia dev split fell from 0.815x to 0.755x TEAL's (issue 19, chosen on that split).
+    refinement_tokens, refinement_step: calibration tokens and sparsity step of the greedy split
+        inside blocks (every strategy but ``Uniform``).
+    seed: seeds the allocation's random draws (``Sensitivity``'s sampled next tokens, ``Search``'s
+        population): same seed, same plan.
     masked_recalibration: after allocation, collect the scores again with every planned linear
         masked and take the thresholds from those, so the sparsity holds when all linears are
         sparse (dense-activation thresholds overshoot: 0.63 achieved at a 0.6 target on SmolLM2).
+
+    Options of earlier versions (``uniform``, ``across_blocks``, ``population``, ...) raise a
+    TypeError naming what replaced them; the measurements that retired the removed ones are in
+    ``docs/results/allocation.md``.
     """
 
     sparsity: float = 0.5
     method: Method = "wisparse"
     score: Score = "method"
-    uniform: bool = False
+    allocation: AllocationConfig | None = None
     include: str | None = None
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
-    # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
-    # blocks, then the greedy split); defaults sized for a 30-block 135M model on 2 CPU cores
-    split_error: SplitError = "sensitivity"
-    sensitivity_labels: SensitivityLabels = "sampled"
-    across_blocks: AcrossBlocks = "sensitivity"
-    sensitivity_samples: int = 1
-    sensitivity_rounds: int = 1
-    round_inputs: RoundInputs = "dense"
-    profile_degree: int = 2
-    profile_step: float = 0.1
-    search_evaluations: int = 12
-    selection_tokens: int = 1024
-    population: int = 8
-    generations: int = 8
-    mutation_scale: float = 0.05
-    elite: int = 2
-    validation_tokens: int = 1024
     refinement_tokens: int = 512
     refinement_step: float = 0.1
-    min_block_sparsity: float = 0.0
-    max_block_sparsity: float = 0.9
-    block_band: float | None = 0.1
     seed: int = 0
     masked_recalibration: bool = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SparsityConfig":
+        former = sorted(set(kwargs) & set(_FORMER_OPTIONS))
+        if former:
+            raise TypeError(
+                "SparsityConfig: " + "; ".join(f"{name}= is no longer an option: {_FORMER_OPTIONS[name]}" for name in former)
+            )
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
@@ -127,61 +190,26 @@ class SparsityConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.allocation is not None and not isinstance(self.allocation, AllocationConfig):
+            raise TypeError(
+                f"allocation must be a strategy config such as Uniform(), Greedy() or Sensitivity(band=0.1) "
+                f"(wisparse_compile.config), or None for the method's default; got {self.allocation!r}"
+            )
         if self.max_calibration_tokens is not None and self.max_calibration_tokens <= 0:
             raise ValueError("max_calibration_tokens must be positive or None")
         if self.histogram_bins_per_octave < 4:
             raise ValueError("histogram_bins_per_octave must be at least 4")
-        self._check_allocation()
+        if self.refinement_tokens <= 0 or not 0 < self.refinement_step <= 1:
+            raise ValueError(
+                f"refinement_tokens must be positive and refinement_step in (0, 1], got "
+                f"{self.refinement_tokens!r}, {self.refinement_step!r}"
+            )
+        self.strategy.check_target(float(self.sparsity))
 
-    def _check_allocation(self) -> None:
-        """Search knobs in range, and per-block bounds that can meet the global target."""
-        if self.population < 2 or not 1 <= self.elite < self.population:
-            raise ValueError(f"need population >= 2 and 1 <= elite < population, got {self.population}, {self.elite}")
-        if self.across_blocks not in ACROSS_BLOCKS:
-            raise ValueError(f"across_blocks must be one of {ACROSS_BLOCKS}, got {self.across_blocks!r}")
-        if self.sensitivity_labels not in SENSITIVITY_LABELS:
-            raise ValueError(f"sensitivity_labels must be one of {SENSITIVITY_LABELS}, got {self.sensitivity_labels!r}")
-        if self.split_error not in SPLIT_ERRORS:
-            raise ValueError(f"split_error must be one of {SPLIT_ERRORS}, got {self.split_error!r}")
-        if self.across_blocks == "sensitivity" and self.split_error != "sensitivity":
-            raise ValueError(
-                'across_blocks="sensitivity" trades budget between blocks by their estimated loss increase, which '
-                'needs split_error="sensitivity" (plain output errors of different blocks are not comparable); '
-                'set split_error="sensitivity" or choose across_blocks="depth" or "free"'
-            )
-        if self.sensitivity_samples < 1:
-            raise ValueError(f"sensitivity_samples must be at least 1 (sampled next tokens per position), got {self.sensitivity_samples!r}")
-        if self.sensitivity_rounds < 1:
-            raise ValueError(f"sensitivity_rounds must be at least 1 (1: one estimate, no re-estimation), got {self.sensitivity_rounds!r}")
-        if self.round_inputs not in ROUND_INPUTS:
-            raise ValueError(f"round_inputs must be one of {ROUND_INPUTS}, got {self.round_inputs!r}")
-        if not 1 <= self.profile_degree <= 8:
-            raise ValueError(f"profile_degree must be in [1, 8] (coefficients of the depth profile), got {self.profile_degree!r}")
-        if not 0 < self.profile_step <= 1:
-            raise ValueError(f"profile_step must be in (0, 1] (a sparsity change), got {self.profile_step!r}")
-        if self.search_evaluations < 1:
-            raise ValueError(f"search_evaluations must be at least 1 (the uniform split), got {self.search_evaluations!r}")
-        if self.selection_tokens < 0:
-            raise ValueError(f"selection_tokens must be >= 0 (0: select on the search's own tokens), got {self.selection_tokens!r}")
-        if self.generations < 0 or self.mutation_scale <= 0:
-            raise ValueError("generations must be >= 0 and mutation_scale > 0")
-        if self.validation_tokens <= 0 or self.refinement_tokens <= 0 or not 0 < self.refinement_step <= 1:
-            raise ValueError("validation_tokens and refinement_tokens must be positive, refinement_step in (0, 1]")
-        if self.block_band is not None and not 0.0 < self.block_band <= 1.0:
-            raise ValueError(f"block_band must be in (0, 1] (a sparsity deviation) or None, got {self.block_band!r}")
-        if not 0.0 <= self.min_block_sparsity <= self.max_block_sparsity <= 0.95:
-            raise ValueError(
-                f"per-block bounds must satisfy 0 <= min_block_sparsity <= max_block_sparsity <= 0.95, got "
-                f"[{self.min_block_sparsity}, {self.max_block_sparsity}]"
-            )
-        if self.method == "wisparse" and self.sparsity > 0 and not (
-            self.min_block_sparsity <= self.sparsity <= self.max_block_sparsity
-        ):
-            raise ValueError(
-                f"impossible budget: sparsity {self.sparsity} lies outside the per-block bounds "
-                f"[{self.min_block_sparsity}, {self.max_block_sparsity}], so no split across blocks meets it; "
-                "widen min_block_sparsity/max_block_sparsity or change the target"
-            )
+    @property
+    def strategy(self) -> AllocationConfig:
+        """The allocation strategy in effect: ``allocation``, else the method's default."""
+        return self.allocation if self.allocation is not None else DEFAULT_ALLOCATION[self.method]
 
     @property
     def weight_aware(self) -> bool:
@@ -191,7 +219,9 @@ class SparsityConfig:
         return self.method == "wina"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready fields (recorded in plans), the allocation as the strategy in effect."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "allocation": self.strategy.to_dict()}
 
 
 @dataclass(frozen=True)

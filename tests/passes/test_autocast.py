@@ -61,7 +61,7 @@ def test_autocast_leaves_moe_experts_dense(lowered_graphs, implementation):
     the autocast reason, and the output is what eager autocast computes."""
     model = BY_NAME["qwen3_moe"].build(experts_implementation="eager")
     plan = wsc.calibrate(model, token_batches(1, batch=2, length=16),
-                         wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
+                         wsc.SparsityConfig(sparsity=0.5, method="wina", allocation=wsc.Uniform()))
     wsc.attach(model, plan)
     model.set_experts_implementation(implementation)
     experts = {n for n in plan.names if n.endswith(("gate_up_proj", "down_proj")) and ".experts." in n}

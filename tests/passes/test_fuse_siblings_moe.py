@@ -25,7 +25,7 @@ EXPERT_OPS = {"grouped_mm": OPS.sparse_grouped_mm.default, "batched_mm": OPS.spa
 
 def _planned(name: str):
     model = BY_NAME[name].build(experts_implementation="eager")
-    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, method="wina", uniform=True))
+    plan = wsc.calibrate(model, token_batches(1, batch=2, length=16), wsc.SparsityConfig(sparsity=0.5, method="wina", allocation=wsc.Uniform()))
     wsc.attach(model, plan)
     return model, plan
 

@@ -12,10 +12,12 @@ re-measures the group with the lowest known cost until the lowest is freshly mea
 4-block test model that took 49-50 block evaluations per path instead of 112.
 
 The greedy run records a *path*, extended on demand; the split for any budget on it is read off
-it (the step that crosses the budget is cut to fit). So the across-block search scores every
-candidate with the split the plan will really use, at the cost of one greedy run per block (up to
-the largest budget it tries). Where the uniform split reconstructs the block better than the
-path's, the uniform split is used.
+it (the step that crosses the budget is cut to fit). So a strategy that moves budget between
+blocks scores every candidate with the split the plan will really use, at the cost of one greedy
+run per block (up to the largest budget it tries). Where the uniform split reconstructs the block
+better than the path's, the uniform split is used.
+
+The ``Greedy`` strategy (TEAL's) is this split alone: every block at the target.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from .blocks import Block, BlockCalls, first_tensor
+from ..config import Greedy
 from ..weight_slots import WeightSlot
+from .blocks import Block, BlockCalls, Layout, first_tensor
 from .masking import candidate_masks
+from .registry import Allocation, AllocationProblem, register_strategy
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,7 @@ class GreedyPath:
                 if not open_groups:
                     raise ValueError(
                         f"block {self.block.prefix!r} cannot reach sparsity {max_budget:.3f}: every linear is at "
-                        f"the {MAX_LINEAR_SPARSITY} cap; lower SparsityConfig.max_block_sparsity"
+                        f"the {MAX_LINEAR_SPARSITY} cap; lower the allocation's max_block_sparsity"
                     )
                 i = min(open_groups, key=lambda g: self._costs.get(g, float("-inf")))
                 if i in fresh:
@@ -180,3 +185,46 @@ class BlockSplitter:
                 refined = uniform
             self.cache[key] = refined
         return self.cache[key]
+
+
+def block_splitters(problem: AllocationProblem, budgets: Sequence[float],
+                    weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+                    desc: str = "within-block greedy paths") -> dict[str, BlockSplitter]:
+    """Each block's splitter, its greedy path run to its budget (``weights``: per block, the
+    sensitivity weights of its errors; None: plain mean squared error)."""
+    blocks = problem.layout.blocks
+    return {
+        b.prefix: BlockSplitter(b, problem.calls[b.prefix], budget, problem.config.refinement_step, problem.thresholds,
+                                problem.weight_ids, None if weights is None else weights[b.prefix])
+        for b, budget in tqdm(list(zip(blocks, budgets)), desc=desc, unit="block", leave=False)
+    }
+
+
+def planned_sparsities(layout: Layout, splitters: Mapping[str, BlockSplitter], budgets: Sequence[float],
+                       target: float) -> dict[str, float]:
+    """Per-linear sparsities of block budgets, each block split by its splitter (outside linears: the target)."""
+    sparsities = {n: target for n in layout.outside}
+    for block, budget in zip(layout.blocks, budgets):
+        sparsities.update(splitters[block.prefix](budget))
+    return sparsities
+
+
+def split_allocation(problem: AllocationProblem, splitters: Mapping[str, BlockSplitter], budgets: Sequence[float],
+                     record: Mapping[str, Any] | None = None) -> Allocation:
+    """The allocation of block ``budgets`` split by ``splitters``, recording the groups, the block
+    sparsities and each block's greedy path beside the strategy's own ``record``."""
+    layout = problem.layout
+    sparsities = planned_sparsities(layout, splitters, budgets, problem.target)
+    return Allocation({n: sparsities[n] for n in problem.names}, {
+        "groups": {b.prefix: b.groups for b in layout.blocks},
+        **(record or {}),
+        "block_sparsities": {block.prefix: budget for block, budget in zip(layout.blocks, budgets)},
+        "refinement": {block.prefix: splitters[block.prefix].path.steps() for block in layout.blocks},
+    })
+
+
+@register_strategy(Greedy)
+def allocate_greedy(problem: AllocationProblem, options: Greedy) -> Allocation:
+    """Every block at the target, split inside by the greedy path on plain output error."""
+    budgets = [problem.target] * len(problem.layout.blocks)
+    return split_allocation(problem, block_splitters(problem, budgets), budgets)

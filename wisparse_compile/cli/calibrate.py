@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import ACROSS_BLOCKS, METHODS
+from ..config import METHODS
 from .session import add_text_arguments, load_model, text_windows
 
 NAME = "calibrate"
@@ -22,22 +22,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="wisparse", help="allocation method (default wisparse)")
     parser.add_argument("--uniform", action="store_true", help="no allocation: every linear gets the target sparsity")
     add_text_arguments(parser, tokens=8192, length=512, part="calibration")
-    parser.add_argument("--across-blocks", choices=ACROSS_BLOCKS, default=None,
-                        help="wisparse: split across blocks by output sensitivity (default), a depth-profile search, or a free search")
+    parser.add_argument("--across-blocks", choices=("sensitivity", "free"), default=None,
+                        help="wisparse: split across blocks by output sensitivity (default), or by a free search on KL "
+                             "to dense (an experiment that lost: allocation.search.Search)")
     parser.add_argument("--refinement-tokens", type=int, default=None, help="calibration tokens of the within-block split")
-    parser.add_argument("--validation-tokens", type=int, default=None, help="wisparse searches: held-out tokens scoring the search")
-    parser.add_argument("--population", type=int, default=None, help="wisparse: search population")
-    parser.add_argument("--generations", type=int, default=None, help="wisparse: search generations")
+    parser.add_argument("--validation-tokens", type=int, default=None, help="--across-blocks free: held-out tokens scoring the search")
+    parser.add_argument("--population", type=int, default=None, help="--across-blocks free: search population")
+    parser.add_argument("--generations", type=int, default=None, help="--across-blocks free: search generations")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import SparsityConfig, calibrate
+    from .. import SparsityConfig, Uniform, calibrate
+    from ..allocation.search import Search
 
-    knobs = {k: getattr(args, k) for k in ("across_blocks", "refinement_tokens", "validation_tokens", "population", "generations")
-             if getattr(args, k) is not None}
+    search = {k: getattr(args, k) for k in ("validation_tokens", "population", "generations") if getattr(args, k) is not None}
+    refinement = {"refinement_tokens": args.refinement_tokens} if args.refinement_tokens is not None else {}
     try:
-        config = SparsityConfig(sparsity=args.sparsity, method=args.method, uniform=args.uniform, seed=args.seed, **knobs)
+        if search and (args.uniform or args.across_blocks != "free"):
+            raise ValueError("--validation-tokens, --population and --generations set the search of --across-blocks free")
+        allocation = Uniform() if args.uniform else Search(**search) if args.across_blocks == "free" else None
+        config = SparsityConfig(sparsity=args.sparsity, method=args.method, allocation=allocation, seed=args.seed, **refinement)
     except ValueError as e:
         raise SystemExit(f"wisparse: {e}") from None
     model, tokenizer = load_model(args.model, tokenizer=True)
