@@ -109,9 +109,10 @@ def _max_rel_err(out, ref) -> float:
     return ((out.float() - ref)[finite].abs().max().item() / scale) if finite.any() else 0.0
 
 
-def _deployed_launches(n: int, k: int, m: int, element_bytes: int, form: str, one_slice: bool) -> list:
+def _deployed_launches(n: int, k: int, m: int, element_bytes: int, form: str, one_slice: bool, dry: bool) -> list:
     """Explicit launches of every config the autotuner keeps for this call, at the K split the host
-    picks on an H100 (and one K slice too where ``one_slice``)."""
+    picks on an H100 (and one K slice too where ``one_slice``); a dry run takes the first config
+    only (the interpreter's time, not a finding)."""
     import triton
 
     from wisparse_compile.kernels import triton_sparse_gemv as g
@@ -119,8 +120,8 @@ def _deployed_launches(n: int, k: int, m: int, element_bytes: int, form: str, on
     block_m = triton.next_power_of_2(min(m, g.ROWS_PER_LAUNCH[form]))
     warps = g.warps_for(n, element_bytes)
     split = g.split_k_for(triton.cdiv(n, g.block_n_for(warps, element_bytes)), warps, k, g.DEFAULT_SMS)
-    return [g.Launch(None, c.kwargs["BLOCK_K"], s, warps) for c in g.gemv_configs(block_m, n, element_bytes, form)
-            for s in sorted({split, 1} if one_slice else {split})]
+    configs = g.gemv_configs(block_m, n, element_bytes, form)[: 1 if dry else None]
+    return [g.Launch(None, c.kwargs["BLOCK_K"], s, warps) for c in configs for s in sorted({split, 1} if one_slice else {split})]
 
 
 def step_kernel_tests(dry: bool, out: Path) -> dict:
@@ -159,7 +160,7 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
                 # compile per case, no autotuning (the autotuned path follows, and the benchmarks use it)
                 # each config the autotuner may keep, at the split the op would choose (and, in bf16,
                 # one K slice): one compile per case (the autotuned path follows, and the benchmarks use it)
-                for launch in _deployed_launches(n, k, m, w.element_size(), "float", one_slice=dtype == torch.bfloat16):
+                for launch in _deployed_launches(n, k, m, w.element_size(), "float", one_slice=dtype == torch.bfloat16, dry=dry):
                     check(f"{n}x{k} {str(dtype)[6:]} M={m} BLOCK_K={launch.block_k} split={launch.split_k}",
                           sparse_gemv(x, w, b, t, launch=launch), ref, dtype)
     # autotuned (the deployed path), bf16, batch 1 and 4
@@ -190,7 +191,7 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
             x, w, b, t = operands(m, n, k, torch.bfloat16, seed=3)
             q, sc = quantize_int8(w.float())
             ref = sparse_linear_int8_reference(x.float(), q, sc, b.float(), t)
-            for launch in _deployed_launches(n, k, m, 1, "int8", one_slice=True):
+            for launch in _deployed_launches(n, k, m, 1, "int8", one_slice=True, dry=dry):
                 check(f"int8 {n}x{k} bfloat16 M={m} BLOCK_K={launch.block_k} split={launch.split_k}",
                       sparse_gemv_int8(x, q, sc, b, t, launch=launch), ref, torch.bfloat16)
     # int4 weights (packed codes, per-group scales): the autotuned path, rows one launch each
