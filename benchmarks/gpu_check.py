@@ -18,7 +18,7 @@ Steps, each in its own process with its own timeout (one failing or hanging step
   GEMV configs compiled, backend vs plain Inductor.
 - ``kernel_bench``: ``kernel_bench.py`` on a quick grid (4096x14336 and 14336x4096, sparsity
   0/0.5/0.7, batch 1 and 4, bf16) in its JSON schema; then the int8 op (compiled
-  ``sparse_linear_int8``, bf16 activations) at 0% and 50%, batch 1, on the same shapes against
+  ``sparse_linear`` on int8 weights, bf16 activations) at 0% and 50%, batch 1, on the same shapes against
   cuBLAS bf16 ``F.linear`` (reported, no target: the bytes halve again, so up to 2x at 0% and 4x at 50%).
 - ``decode_bench``: ``decode_bench.py`` on the random 1.1B Llama at sparsity 0 and 0.5 (bf16,
   reduce-overhead).
@@ -183,27 +183,26 @@ def step_kernel_tests(dry: bool, out: Path) -> dict:
     check("fused 3 segments, NaN/Inf rows", sparse_gemv_fused(x, fused_weight(ws, (False,) * 3), bs, ts, splits), ref, torch.bfloat16)
 
     # int8 weights (codes [in, out] + fp32 scales), bf16 activations: one K slice and the op's split
-    from wisparse_compile.kernels.int8_linear_op import sparse_gemv_int8, sparse_linear_int8_reference
-    from wisparse_compile.quantize import quantize_int8
+    from wisparse_compile.kernels import sparse_gemv_int8, sparse_linear_reference
+    from wisparse_compile.quant.primitives import quantize_int8
 
     for n, k in shapes:
         for m in (1, 4):
             x, w, b, t = operands(m, n, k, torch.bfloat16, seed=3)
             q, sc = quantize_int8(w.float())
-            ref = sparse_linear_int8_reference(x.float(), q, sc, b.float(), t)
+            ref = sparse_linear_reference(x.float(), q, b.float(), t, "int8", sc)
             for launch in _deployed_launches(n, k, m, 1, "int8", one_slice=True, dry=dry):
                 check(f"int8 {n}x{k} bfloat16 M={m} BLOCK_K={launch.block_k} split={launch.split_k}",
                       sparse_gemv_int8(x, q, sc, b, t, launch=launch), ref, torch.bfloat16)
     # int4 weights (packed codes, per-group scales): the autotuned path, rows one launch each
-    from wisparse_compile.kernels import sparse_linear_int4_reference
     from wisparse_compile.kernels.triton_sparse_gemv import sparse_gemv_int4_triton
-    from wisparse_compile.quantize import quantize_int4
+    from wisparse_compile.quant.primitives import quantize_int4
 
     for n, k in shapes:
         for m in (1, 3):
             x, w, b, t = operands(m, n, k, torch.bfloat16, seed=4)
             q, sc = quantize_int4(w.float())
-            ref = sparse_linear_int4_reference(x.float(), q, sc, n, b.float(), t)
+            ref = sparse_linear_reference(x.float(), q, b.float(), t, "int4", sc, n)
             check(f"int4 {n}x{k} bfloat16 M={m} autotuned", sparse_gemv_int4_triton(x, q, sc, n, t, b), ref, torch.bfloat16)
 
     record: dict = {"cases": cases}
@@ -443,8 +442,8 @@ def _int8_speed(dry: bool) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from wisparse_compile.kernels.int8_linear_op import sparse_gemv_int8
-    from wisparse_compile.quantize import quantize_int8
+    from wisparse_compile.kernels import sparse_gemv_int8
+    from wisparse_compile.quant.primitives import quantize_int8
 
     device = "cpu" if dry else "cuda"
     shapes = [(96, 64)] if dry else [(4096, 14336), (14336, 4096)]
@@ -458,7 +457,7 @@ def _int8_speed(dry: bool) -> list[dict]:
         import triton.testing
 
         timer = lambda fn: triton.testing.do_bench(fn, return_mode="median")  # noqa: E731
-        op = torch.compile(lambda x, q, s, t: torch.ops.wisparse.sparse_linear_int8(x, q, s, None, t, 8), dynamic=False)
+        op = torch.compile(lambda x, q, s, t: torch.ops.wisparse.sparse_linear(x, q, None, t, 8, "int8", s), dynamic=False)
     records = []
     for n, k in shapes:
         g = torch.Generator().manual_seed(0)

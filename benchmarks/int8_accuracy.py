@@ -3,7 +3,7 @@
 Same setup as ``accuracy.py`` (SmolLM2-135M-Instruct; calibration on the first half of gensim's
 Wikipedia articles, perplexity on the second half, 1024-token windows). Plans are calibrated on the
 float model, as a user would, then ``attach(model, plan, weights="int8")`` quantizes the planned
-linears and the output head (symmetric int8 per output channel, ``wisparse_compile/quantize.py``;
+linears and the output head (symmetric int8 per output channel, ``wisparse_compile/quant/``;
 with ``weights="int4"``: 4-bit codes -8..7, one scale per input channel and 32 outputs),
 and perplexity is measured eagerly under ``masked_linears`` (every planned linear masked; the
 quantized weights compute with their dequantized values, the math the compiled ops run). "int8
@@ -32,7 +32,9 @@ from wisparse_compile.config import METHODS
 from wisparse_compile.eval import evaluate, overall_sparsity
 from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.model_structure import decoder_layer_prefixes, find_weight
-from wisparse_compile.quantize import WEIGHT_FORMATS, QuantizeConfig, dequantize_model, quantize_model
+from wisparse_compile.config import QuantizeConfig
+from wisparse_compile.quant.model import dequantize_model, quantize_model
+from wisparse_compile.quant.primitives import WEIGHT_FORMATS
 
 log = logging.getLogger("int8_accuracy")
 HERE = Path(__file__).resolve().parent
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 dequantize_model(model)
             results[dense_key] = {**rep.to_dict(), "weights": fmt, "plan": "dense", "achieved_sparsity": None,
-                                  "quantized": len(summary["quantized"]), "head": summary["head"], "untied": summary["untied"]}
+                                  "quantized": len(summary.quantized), "head": summary.head, "untied": summary.untied}
             fp = results["fp32 dense"]["perplexity"]
             log.info("%s: ppl %.3f vs fp32 %.3f (%+.2f%%%s)", dense_key, rep.perplexity, fp, 100 * (rep.perplexity / fp - 1),
                      f"; target within {100 * INT8_TARGET:.0f}%" if fmt == "int8" else "")
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 dequantize_model(model)
             results[head_key] = {**rep.to_dict(), "weights": f"{fmt}, head float", "plan": "dense", "achieved_sparsity": None,
-                                 "quantized": len(summary["quantized"]), "head": summary["head"], "untied": summary["untied"]}
+                                 "quantized": len(summary.quantized), "head": summary.head, "untied": summary.untied}
             save()
         for method in args.methods:
             key = f"{fmt} + {method}@{args.sparsity:g}"

@@ -196,7 +196,7 @@ def cpu_bench(shapes: list[tuple[int, int]], rounds: int, cold_bytes: int = CPU_
     import statistics
 
     from wisparse_compile.kernels import cpu_kernel_available
-    from wisparse_compile.quantize import quantize_int8
+    from wisparse_compile.quant.primitives import quantize_int8
 
     if not cpu_kernel_available():
         raise SystemExit("the C++ CPU kernel did not build; see the warning above")

@@ -236,7 +236,7 @@ def test_typed_backend_combines_mode_and_options(inductor_calls):
     report = wsc.last_compile_report()
     assert report is COMPILED_REPORTS[-1] and report.rewritten == 14
     assert sum(d.decision == "fused" for d in report.decisions) == 10  # q/k/v and gate/up of two layers
-    assert {n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_fused.default} == {2}
+    assert {n.args[4] for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_group.default} == {2}
     with MaskingHooks(model, plan.channel_thresholds):
         torch.testing.assert_close(out, logits(model, ids), rtol=1e-4, atol=1e-4)
     # torch.compile's own mode= applies over a typed backend that has none

@@ -17,18 +17,12 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from wisparse_compile.attach import unplanned
-from wisparse_compile.passes.decisions import Outcome, Route
-from wisparse_compile.quantize import (
-    Int4Weight,
-    Int8Weight,
-    QuantizeConfig,
-    dequantize_int4,
-    dequantize_int8,
-    from_torchao,
-    quantization_of,
-    quantize_int4,
-    quantize_int8,
-)
+from wisparse_compile.config import QuantizeConfig
+from wisparse_compile.kernels import Layout, Route
+from wisparse_compile.passes.decisions import Outcome
+from wisparse_compile.quant.model import quantization_of
+from wisparse_compile.quant.primitives import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from wisparse_compile.quant.tensors import Int4Weight, Int8Weight, from_torchao
 
 
 # ---- the quantizers: one layout per format ----
@@ -111,16 +105,15 @@ class Format(NamedTuple):
 
     weight_type: type
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    decode_route: Route
-    prefill_route: Route
+    layout: Layout
     head_error: float  # the dequantized head's largest error, in max|W|
     error_bounds: tuple[float, float]  # eager logits' relative error against the float model
 
 
 FORMATS = {
-    "int8": Format(Int8Weight, quantize_int8, Route.INT8_CPU_KERNEL, Route.INT8_DENSE,
+    "int8": Format(Int8Weight, quantize_int8, Layout.INT8,
                    head_error=1 / 127, error_bounds=(0, 0.02)),  # one step of max|W| / 127
-    "int4": Format(Int4Weight, quantize_int4, Route.INT4_CPU_KERNEL, Route.INT4_DENSE,  # two steps of at most
+    "int4": Format(Int4Weight, quantize_int4, Layout.INT4,  # two steps of at most
                    head_error=2 / 6, error_bounds=(0.01, 0.2)),  # max|W| / 6; coarser than int8, still close
 }
 
@@ -197,12 +190,12 @@ def test_attach_compiles_every_linear_to_the_quantized_op_and_matches_the_eager_
     spec = FORMATS[fmt]
     model, plan = _planned()
     ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(3))
-    with caplog.at_level(logging.INFO, logger="wisparse_compile.quantize"):
+    with caplog.at_level(logging.INFO, logger="wisparse_compile.quant.model"):
         wsc.attach(model, plan, weights=fmt)
     assert f"{fmt} weights for 15 linears (with the head)" in caplog.text
     summary = quantization_of(model)
-    assert summary["format"] == fmt and summary["head"] == "lm_head" and len(summary["quantized"]) == 15
-    assert not summary["skipped"]
+    assert summary.format == fmt and summary.head == "lm_head" and len(summary.quantized) == 15
+    assert not summary.skipped
     assert isinstance(model.lm_head.weight, spec.weight_type)
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, spec.weight_type)
     with torch.no_grad():
@@ -217,7 +210,7 @@ def test_attach_compiles_every_linear_to_the_quantized_op_and_matches_the_eager_
     assert "torch.ops.wisparse_cpu.sparse_gemv.default(" not in code
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     report = wsc.last_compile_report()
-    assert [d.route for d in report.decisions].count(spec.decode_route) == 15
+    assert [(d.layout, d.route) for d in report.decisions].count((spec.layout, Route.CPU_KERNEL)) == 15
     assert [d.decision for d in report.decisions].count(Outcome.FUSED) == 10  # q, k, v, gate, up x 2 layers
     head = [d for d in report.decisions if d.name is None]
     assert len(head) == 1 and head[0].decision == Outcome.DENSE and fmt in head[0].reason
@@ -230,7 +223,7 @@ def test_prefill_runs_the_masked_dense_quantized_route(fmt):
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
     wsc.attach(model, plan, weights=fmt)
     assert_compiled_matches_masked_reference(model, plan, ids)
-    assert {d.route for d in wsc.last_compile_report().decisions} == {spec.prefill_route}
+    assert {(d.layout, d.route) for d in wsc.last_compile_report().decisions} == {(spec.layout, Route.MASKED_DENSE)}
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -240,7 +233,7 @@ def test_tied_head_gets_its_own_quantized_copy_and_detach_ties_it_again(fmt):
     emb = model.model.embed_tokens.weight
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(6))
     wsc.attach(model, plan, weights=fmt)
-    assert quantization_of(model)["untied"] is True
+    assert quantization_of(model).untied is True
     assert model.model.embed_tokens.weight is emb and type(emb) is nn.Parameter  # the embedding stays float
     assert isinstance(model.lm_head.weight, spec.weight_type)
     torch.testing.assert_close(model.lm_head.weight.dequantize(), emb.detach(), atol=emb.abs().max().item() * spec.head_error, rtol=0)
@@ -254,9 +247,9 @@ def test_tied_head_gets_its_own_quantized_copy_and_detach_ties_it_again(fmt):
 def test_keep_float_false_frees_the_originals_and_detach_restores_dequantized_values(caplog):
     model, plan = _planned()
     wsc.attach(model, plan, weights=QuantizeConfig(keep_float=False, head=False))
-    assert quantization_of(model)["head"] is None and type(model.lm_head.weight) is nn.Parameter
+    assert quantization_of(model).head is None and type(model.lm_head.weight) is nn.Parameter
     q = model.model.layers[0].mlp.down_proj.weight.dequantize()
-    with caplog.at_level(logging.WARNING, logger="wisparse_compile.quantize"):
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.quant.model"):
         wsc.detach(model)
     assert "restored their int8 values" in caplog.text
     w = model.model.layers[0].mlp.down_proj.weight
@@ -310,7 +303,7 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
 
 
 def test_quantize_model_refuses_to_requantize_another_format():
-    from wisparse_compile.quantize import quantize_model
+    from wisparse_compile.quant.model import quantize_model
 
     model, plan = _planned()
     quantize_model(model, plan.names, QuantizeConfig(weights="int8"))

@@ -16,7 +16,8 @@ from .backend import decode_compile_options, last_compile_report, sparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, Greedy, Sensitivity, SparsityConfig, Uniform
 from .plan import PlanError, SparsityPlan
-from .quantize import QuantizeConfig, quantization_of
+from .config import QuantizeConfig
+from .quant.model import quantization_of
 from .reference import masked_linears, measure_sparsity
 
 __all__ = [

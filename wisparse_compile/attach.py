@@ -29,7 +29,8 @@ from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
 from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
 from .weight_slots import require_resident
-from .quantize import QuantizeConfig, dequantize_model, quantization_of, quantize_model
+from .config import QuantizeConfig
+from .quant.model import dequantize_model, quantization_of, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -383,9 +384,9 @@ def attach(
     The weights keep their values, so ``state_dict()`` / ``save_pretrained`` save the same model.
     Thresholds stay fp32 through ``model.to(dtype)``. Returns the model. Attaching again replaces
     the previous plan (weights it keeps input-major are not copied again).
-    weights: ``"int8"`` or ``"int4"`` (or a ``quantize.QuantizeConfig``) also quantizes the planned
-        weights and the output head to that format (``quantize.quantize_model``: what it quantized is
-        logged and returned by ``quantize.quantization_of(model)``); ``detach`` restores the float
+    weights: ``"int8"`` or ``"int4"`` (or a ``QuantizeConfig``) also quantizes the planned
+        weights and the output head to that format (``quant.model.quantize_model``: what it quantized is
+        logged and returned by ``quantization_of(model)``); ``detach`` restores the float
         weights. A model quantized by an earlier attach to another format gets its float weights back
         first. ``None`` leaves the weights' storage as it is (a model quantized by an earlier attach stays quantized).
 
@@ -399,7 +400,7 @@ def attach(
     if quantize is not None:  # the previous plan off the float weights, then swap in quantized ones (sites go on those)
         _unregister(model, keep_layout_of=set())
         previous = quantization_of(model)
-        if previous is not None and previous.get("format", "int8") != quantize.weights:
+        if previous is not None and previous.format != quantize.weights:
             dequantize_model(model)  # another format: back to float, never codes re-quantized
         quantize_model(model, plan.names, quantize, in_dims=plan.in_dims)
     weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]

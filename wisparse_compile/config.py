@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from .quant.primitives import INT4_GROUP_SIZE, WEIGHT_FORMATS
+
 Method = Literal["teal", "wina", "wisparse"]
 METHODS: tuple[str, ...] = ("teal", "wina", "wisparse")
 Score = Literal["method", "activation", "weight_aware"]
@@ -302,3 +304,31 @@ class BackendConfig:
 
 #: The options that are the backend's own (the rest of ``options`` is Inductor's).
 _BACKEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BackendConfig)) - {"mode", "inductor_options"}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What ``attach(..., weights="int8"|"int4")`` quantizes.
+
+    weights: the storage format of quantized weights (``"int8"``: symmetric, per output channel;
+        ``"int4"``: 4-bit codes -8..7, one scale per input channel and ``group_size`` outputs).
+    group_size: outputs per int4 scale group; 32, the only size the int4 kernels take (their
+        packed block), so other values are refused rather than silently changed.
+    head: also quantize the output head (``model.get_output_embeddings()``),
+        which stays dense (not planned) but is the largest single GEMV of a small model's decode step.
+    keep_float: keep the original float parameters (referenced, no copy) so ``detach`` restores them
+        exactly; False frees them, and ``detach`` restores the dequantized values.
+    """
+
+    weights: str = "int8"
+    head: bool = True
+    keep_float: bool = True
+    group_size: int = INT4_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"QuantizeConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.group_size != INT4_GROUP_SIZE:
+            raise ValueError(
+                f"QuantizeConfig.group_size must be {INT4_GROUP_SIZE} (the int4 kernels' block of outputs), got {self.group_size}"
+            )

@@ -16,7 +16,7 @@ from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from tests.kernels.operands import linear_operands as _operands
 from wisparse_compile.kernels import cpu_sparse_gemv as cpu_kernel
-from wisparse_compile.kernels import sparse_linear, sparse_linear_reference
+from wisparse_compile.kernels import Layout, formats, sparse_linear, sparse_linear_reference
 from wisparse_compile.kernels.cpu_sparse_gemv import (
     cpu_kernel_available,
     extension_name,
@@ -25,7 +25,6 @@ from wisparse_compile.kernels.cpu_sparse_gemv import (
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-linear_op = sys.modules["wisparse_compile.kernels.linear_op"]
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +138,13 @@ def test_one_row_scan_keeps_exactly_the_mask_rule(kernel, dtype, k):
         torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype], equal_nan=True)
         assert out.isnan().all() == (nan_at is not None)
     # the int8 kernel shares the scan: finite row, kept set = every third channel
-    from wisparse_compile.kernels import sparse_linear_int8_reference
-    from wisparse_compile.quantize import quantize_int8
+    from wisparse_compile.quant.primitives import quantize_int8
 
     q, s = quantize_int8(w.float())
     xf = x.clone()
     xf[0, 2] = 0.0
     out8 = torch.ops.wisparse_cpu.sparse_gemv_int8(xf, q, s, b, t).float()
-    ref8 = sparse_linear_int8_reference(xf.float(), q, s, b.float(), t).to(dtype).float()
+    ref8 = sparse_linear_reference(xf.float(), q, b.float(), t, "int8", s).to(dtype).float()
     torch.testing.assert_close(out8, ref8, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
@@ -222,7 +220,7 @@ def test_reduced_precision_prefill_widens_to_fp32_on_input_major_weights(input_m
     slower); row-major weights, and CPUs with native bf16 GEMM, keep bf16. Same result either way."""
     x, w, b, t = _operands(16, 96, 80, 0.5, torch.bfloat16, input_major=input_major)
     with _LinearOperandDtypes() as seen:
-        out = linear_op.masked_dense_linear(x, w, b, t)
+        out = formats.masked_dense(x, w, b, t, Layout.FLOAT)
     widened = input_major and input_major_gemm_is_slow(w)
     assert seen.dtypes == [torch.float32 if widened else torch.bfloat16]
     ref = sparse_linear_reference(x.float(), w.float(), b.float(), t)

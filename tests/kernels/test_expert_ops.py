@@ -1,11 +1,11 @@
-"""The stacked-expert ops against their definition (mask each row by its expert's thresholds, then
+"""The stacked-expert op (``sparse_experts``) against its definition (mask each row by its expert's thresholds, then
 the original contraction), and the sync-free decode route of the grouped mm."""
 
 import pytest
 import torch
 
 from tests.kernels.test_linear_op import NoHostSync
-from wisparse_compile.kernels import expert_of_rows, sparse_bmm, sparse_grouped_mm
+from wisparse_compile.kernels import expert_of_rows, sparse_experts, sparse_experts_reference
 from wisparse_compile.kernels.expert_ops import grouped_mm_dense, grouped_mm_gathered, sync_free_rows
 from wisparse_compile.mask import masked_input
 
@@ -42,7 +42,8 @@ def test_masking_of_expert_rows_never_syncs():
     offs = torch.tensor([1, 3, 3, 4], dtype=torch.int32)
     with NoHostSync():
         masked = masked_input(x, thresholds, expert_of_rows(offs, 4, 4))
-        sparse_bmm(x.unsqueeze(1), weight[torch.tensor([0, 1, 1, 3])], thresholds, torch.tensor([0, 1, 1, 3]), 1)
+        sparse_experts(x.unsqueeze(1), weight[torch.tensor([0, 1, 1, 3])], thresholds, torch.tensor([0, 1, 1, 3]),
+                       "bmm_weight_second")
     assert torch.equal(masked[0] != 0, (x[0].abs() > thresholds[0]))
 
 
@@ -59,19 +60,30 @@ def test_sparse_grouped_mm_masks_each_row_by_its_expert(rows):
     x, weight, thresholds = _experts(rows)
     x[0, 2] = float("nan")
     offs = torch.tensor([1, rows // 2, rows // 2, rows], dtype=torch.int32)
-    out = sparse_grouped_mm(x, weight, offs, thresholds, False)
+    out = sparse_experts(x, weight, thresholds, offs, "grouped_mm")
     experts = expert_of_rows(offs, rows, 4)
     masked = torch.where((x.abs() > thresholds[experts]) | x.isnan(), x, 0.0)
     ref = _loop_reference(masked, weight, offs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert out[0].isnan().all()
+    torch.testing.assert_close(sparse_experts_reference(x, weight, thresholds, offs, "grouped_mm"), ref, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
 
 
 def test_sparse_bmm_masks_the_activation_operand():
     x, weight, thresholds = _experts(3)
     ids = torch.tensor([2, 0, 2])
-    out = sparse_bmm(x.unsqueeze(1), weight[ids], thresholds, ids, 1)
+    out = sparse_experts(x.unsqueeze(1), weight[ids], thresholds, ids, "bmm_weight_second")
     ref = torch.bmm(torch.where(x.abs() > thresholds[ids], x, 0.0).unsqueeze(1), weight[ids])
     torch.testing.assert_close(out, ref)
-    out_t = sparse_bmm(weight[ids].transpose(1, 2), x.unsqueeze(2), thresholds, ids, 0)
+    out_t = sparse_experts(weight[ids].transpose(1, 2), x.unsqueeze(2), thresholds, ids, "bmm_weight_first")
     torch.testing.assert_close(out_t, ref.transpose(1, 2))
+
+
+def test_unknown_form_and_misfit_thresholds_are_refused():
+    x, weight, thresholds = _experts(3)
+    offs = torch.tensor([1, 2, 2, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="unknown form 'mm'"):
+        sparse_experts(x, weight, thresholds, offs, "mm")
+    with pytest.raises(RuntimeError, match="do not fit weight"):
+        sparse_experts(x, weight, thresholds[:, :5], offs, "grouped_mm")

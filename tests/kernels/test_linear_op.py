@@ -12,7 +12,7 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from tests.kernels.operands import linear_operands, sibling_operands
-from wisparse_compile.kernels import keep_mask, route_of, routing, sparse_linear, sparse_linear_reference
+from wisparse_compile.kernels import Route, keep_mask, route_of, sparse_linear, sparse_linear_reference
 from wisparse_compile.kernels.cpu_sparse_gemv import cpu_kernel_available
 from wisparse_compile.passes.fuse_siblings import fused_weight
 
@@ -28,20 +28,20 @@ def test_keep_rule_is_strict_greater_and_keeps_nan():
 
 def test_routes_by_device_rows_and_dtype():
     x, w, b, t = linear_operands(2, 24, 40, 0.5, torch.float32)
-    expected_cpu = routing.CPU_KERNEL if cpu_kernel_available() else routing.MASKED_DENSE
-    assert route_of(x, w, 8) == expected_cpu
-    assert route_of(torch.randn(9, 40), w, 8) == routing.MASKED_DENSE  # prefill
-    assert route_of(x, w, 1) == routing.MASKED_DENSE
-    assert route_of(x.half(), w.half(), 8) == routing.MASKED_DENSE  # no fp16 CPU kernel
-    assert route_of(x, w.t().contiguous(), 8) == routing.MASKED_DENSE  # output-major weight
+    expected_cpu = Route.CPU_KERNEL if cpu_kernel_available() else Route.MASKED_DENSE
+    assert route_of(x, w, "float", 8) == expected_cpu
+    assert route_of(torch.randn(9, 40), w, "float", 8) == Route.MASKED_DENSE  # prefill
+    assert route_of(x, w, "float", 1) == Route.MASKED_DENSE
+    assert route_of(x.half(), w.half(), "float", 8) == Route.MASKED_DENSE  # no fp16 CPU kernel
+    assert route_of(x, w.t().contiguous(), "float", 8) == Route.MASKED_DENSE  # output-major weight
 
 
 def test_routes_triton_on_triton_devices(monkeypatch):
     monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
     x, w, b, t = linear_operands(3, 24, 40, 0.5, torch.float16)
-    assert route_of(x, w, 8) == routing.TRITON
-    assert route_of(torch.randn(9, 40).half(), w, 8) == routing.MASKED_DENSE
-    assert route_of(x.to(torch.int32), w, 8) == routing.MASKED_DENSE
+    assert route_of(x, w, "float", 8) == Route.TRITON
+    assert route_of(torch.randn(9, 40).half(), w, "float", 8) == Route.MASKED_DENSE
+    assert route_of(x.to(torch.int32), w, "float", 8) == Route.MASKED_DENSE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -189,7 +189,7 @@ def test_triton_decode_route_host_code_never_syncs(monkeypatch):
     fw = fused_weight(ws, (False,) * 3)
     with NoHostSync():
         out = torch.ops.wisparse.sparse_linear(x, w, b, t, 8)
-        fused = torch.ops.wisparse.sparse_linear_fused(xs, ws, bs, ts, fw, 8)
+        fused = torch.ops.wisparse.sparse_linear_group(xs, ws, bs, ts, 8, "float", [None] * 3, [64, 32, 32], fw)
     assert out.shape == (3, 4096) and fused.shape == (2, 128)
     assert len(launcher.launches) == 2
 

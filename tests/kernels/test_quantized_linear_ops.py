@@ -1,10 +1,10 @@
-"""``wisparse::sparse_linear_int8`` / ``wisparse::sparse_linear_int4`` and their kernels against the
+"""``wisparse::sparse_linear`` on int8 and int4 weights (``layout="int8"``/``"int4"``) and their kernels against the
 references, one test per concern over both weight formats (``FORMATS``): the C++ GEMV (every row
 group size 8/4/1, 1-8 token rows, fp32 and bf16, sparse and dense, out not a multiple of the
 vector steps or of int4's 32-output blocks, NaN input, bad operands, split across threads), the
 prefill route and the route choice. Then what one format alone has: the Triton int8 GEMV under the
 interpreter (one K slice and several, K/N not multiples of the blocks, 1-8 rows, dense), and int4's
-masked-dense fallback on Triton devices (no Triton int4 kernel)."""
+Triton route and the masked-dense fallback of a layout without a Triton kernel."""
 
 from __future__ import annotations
 
@@ -20,20 +20,20 @@ import torch
 
 from tests.kernels.operands import assert_matches, linear_operands
 from wisparse_compile.kernels import (
-    int4_linear_op,
-    route_of_int4,
-    route_of_int8,
-    routing,
-    sparse_linear_int4,
-    sparse_linear_int4_reference,
-    sparse_linear_int8,
-    sparse_linear_int8_reference,
+    KERNELS,
+    Layout,
+    Route,
+    formats,
+    route_of,
+    sparse_gemv_int8,
+    sparse_kernels,
+    sparse_linear,
+    sparse_linear_reference,
+    triton_route,
 )
 from wisparse_compile.kernels.cpu_sparse_gemv import cpu_kernel_available
-from wisparse_compile.kernels.int4_linear_op import masked_dense_int4
-from wisparse_compile.kernels.int8_linear_op import masked_dense_int8, sparse_gemv_int8
 from wisparse_compile.kernels.triton_sparse_gemv import Launch
-from wisparse_compile.quantize import quantize_int4, quantize_int8
+from wisparse_compile.quant.primitives import quantize_int4, quantize_int8
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ class WeightFormat:
     name: str
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     kernel_name: str  # in torch.ops.wisparse_cpu, called (x, *weight, bias, thresholds)
-    op: Callable[..., torch.Tensor]
-    reference: Callable[..., torch.Tensor]
-    masked_dense: Callable[..., torch.Tensor]
-    route_of: Callable[[torch.Tensor, int], str]
     takes_out_features: bool
     wrong_codes: Callable[[torch.Tensor], torch.Tensor]  # the codes in a dtype this format refuses
     kernel_codes_error: str
@@ -70,18 +66,32 @@ class WeightFormat:
     def kernel(self) -> Callable[..., torch.Tensor]:
         return getattr(torch.ops.wisparse_cpu, self.kernel_name)
 
+    def op(self, x, q, s, *rest):
+        """``sparse_linear`` on this layout, called as the kernel is: (x, q, s, [n,] bias, thresholds)."""
+        *out_features, b, t = rest
+        return sparse_linear(x, q, b, t, 8, self.name, s, *out_features)
+
+    def reference(self, x, q, s, *rest):
+        *out_features, b, t = rest
+        return sparse_linear_reference(x, q, b, t, self.name, s, *out_features)
+
+    def masked_dense(self, x, q, s, *rest):
+        *out_features, b, t = rest
+        return formats.masked_dense(x, q, b, t, Layout(self.name), s, *out_features)
+
+    def route_of(self, x, rows):
+        return route_of(x, x.new_empty(0, dtype=torch.int8 if self.name == "int8" else torch.uint8), self.name, rows)
+
 
 FORMATS = {
     "int8": WeightFormat(
-        "int8", quantize_int8, "sparse_gemv_int8", sparse_linear_int8, sparse_linear_int8_reference,
-        masked_dense_int8, route_of_int8, takes_out_features=False,
+        "int8", quantize_int8, "sparse_gemv_int8", takes_out_features=False,
         wrong_codes=lambda q: q.float(),
         kernel_codes_error="contiguous int8 input-major weight", op_codes_error="expects an int8 \\[in, out\\] weight",
         kernel_scale_error="scale must have 40 entries", op_scale_error="scale must be 1-D of length 24",
     ),
     "int4": WeightFormat(
-        "int4", quantize_int4, "sparse_gemv_int4", sparse_linear_int4, sparse_linear_int4_reference,
-        masked_dense_int4, route_of_int4, takes_out_features=True,
+        "int4", quantize_int4, "sparse_gemv_int4", takes_out_features=True,
         wrong_codes=lambda q: q.to(torch.int8),
         kernel_codes_error="contiguous uint8 input-major codes", op_codes_error="packed uint8",
         kernel_scale_error="scale must be \\[24, 2\\]", op_scale_error="scale must be \\[32, 1\\]",
@@ -162,12 +172,12 @@ def test_cpu_kernel_rejects_bad_operands(fmt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_routes_decode_to_kernel_and_prefill_to_masked_dense(fmt, dtype):
     x, w, b, t = fmt.operands(2, 40, 50, 0.5, dtype)
-    assert fmt.route_of(x, 8) == routing.CPU_KERNEL
-    assert fmt.route_of(x, 1) == routing.MASKED_DENSE
-    assert fmt.route_of(x.half(), 8) == routing.MASKED_DENSE  # no fp16 CPU kernel
+    assert fmt.route_of(x, 8) == Route.CPU_KERNEL
+    assert fmt.route_of(x, 1) == Route.MASKED_DENSE
+    assert fmt.route_of(x.half(), 8) == Route.MASKED_DENSE  # no fp16 CPU kernel
     assert_matches(fmt.op(x, *w, b, t), fmt.expected(x, w, b, t), dtype)
     prefill, *_ = fmt.operands(12, 40, 50, 0.5, dtype, seed=2)
-    assert fmt.route_of(prefill, 8) == routing.MASKED_DENSE
+    assert fmt.route_of(prefill, 8) == Route.MASKED_DENSE
     for thresholds in (t, None):
         ref = fmt.expected(prefill, w, b, thresholds)
         assert_matches(fmt.op(prefill, *w, b, thresholds), ref, dtype)
@@ -205,20 +215,48 @@ def test_int4_checks_the_output_count_and_the_group_scales():
         kernel(x, q, s[:, :1], n, b, t)
     x, (q, s, n), b, t = INT4.operands(4, 24, 32, 0.5, torch.float32)
     with pytest.raises(RuntimeError, match="30 outputs take 15 bytes per row, the codes have 12"):
-        sparse_linear_int4(x, q, s, 30, b, t)
+        INT4.op(x, q, s, 30, b, t)
     with pytest.raises(RuntimeError, match="scale must be \\[32, 1\\]"):
-        sparse_linear_int4(x, q, s.t(), n, b, t)
+        INT4.op(x, q, s.t(), n, b, t)
 
 
-def test_triton_devices_take_masked_dense_for_int4_and_say_so_once(monkeypatch, caplog):
-    """No Triton int4 kernel: where the int8 op would take its Triton GEMV, int4 masks and runs dense."""
-    x, *_ = INT4.operands(1, 40, 50, 0.5, torch.float32)
-    monkeypatch.setattr(int4_linear_op, "route_by_device", lambda *a: routing.TRITON)
-    monkeypatch.setattr(int4_linear_op, "_logged_no_triton", set())
-    with caplog.at_level(logging.WARNING, logger="wisparse_compile.kernels.int4_linear_op"):
-        assert route_of_int4(x, 8) == routing.MASKED_DENSE
-        assert route_of_int4(x, 8) == routing.MASKED_DENSE
-    assert caplog.text.count("no Triton int4 kernel exists yet") == 1
+def test_triton_devices_route_int4_to_its_triton_gemv():
+    """int4 has a Triton GEMV (a route table entry): decode calls on a Triton device take it, and the
+    Triton op run directly matches the reference (the kernel itself: test_triton_sparse_gemv.py)."""
+    from wisparse_compile.kernels.sparse_kernels import sparse_gemv_int4
+
+    x, (q, s, n), b, t = INT4.operands(3, 40, 50, 0.5, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
+        assert route_of(x, q, "int4", 8) == Route.TRITON
+    assert_matches(sparse_gemv_int4(x, q, s, n, b, t), INT4.expected(x, (q, s, n), b, t), torch.float32)
+
+
+def test_a_layout_without_a_triton_kernel_takes_masked_dense_and_says_so_once(monkeypatch, caplog):
+    """Where the table has no Triton entry for a layout, its decode calls mask and run dense, with one warning."""
+    x, (q, s, n), b, t = INT4.operands(1, 40, 50, 0.5, torch.float32)
+    monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sparse_kernels, "_logged_missing", set())
+    monkeypatch.delitem(sparse_kernels.KERNELS, (Layout.INT4, sparse_kernels.TRITON))
+    with caplog.at_level(logging.WARNING, logger="wisparse_compile.kernels.sparse_kernels"):
+        assert route_of(x, q, "int4", 8) == Route.MASKED_DENSE
+        assert route_of(x, q, "int4", 8) == Route.MASKED_DENSE
+        assert_matches(INT4.op(x, q, s, n, b, t), INT4.expected(x, (q, s, n), b, t), torch.float32)
+    assert caplog.text.count("no Triton kernel for int4 weights exists yet") == 1
+    assert route_of(x, q.view(torch.int8), "int8", 8) == Route.TRITON
+
+
+def test_a_route_is_one_table_entry(monkeypatch):
+    """An int4 Triton kernel is one more entry of the route table, keyed by (layout, device)."""
+    x, (q, s, n), b, t = INT4.operands(1, 40, 50, 0.5, torch.float32)
+    monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
+    ran = []
+    entry = sparse_kernels.SparseKernel(
+        Route.TRITON, lambda x, w, rows: rows >= 1, lambda *args: ran.append(args) or torch.zeros(1, n)
+    )
+    monkeypatch.setitem(KERNELS, (Layout.INT4, sparse_kernels.TRITON), entry)
+    assert route_of(x, q, "int4", 8) == Route.TRITON
+    assert INT4.op(x, q, s, n, b, t).shape == (1, n) and len(ran) == 1
 
 
 # ---- int8 alone: the Triton GEMV (interpreter) ----

@@ -19,9 +19,8 @@ import sys
 import pytest
 
 from wisparse_compile.kernels import triton_aot
-from wisparse_compile.kernels.triton_sparse_gemv import BLOCK_K_BY_ROWS, INT4_ROUTED, MAX_REGISTERS, ROWS_PER_LAUNCH
-
-ROUTED = ("float", "fused3", "fused4", "int8") + (("int4",) if INT4_ROUTED else ())
+from wisparse_compile.kernels import Layout, sparse_kernels
+from wisparse_compile.kernels.triton_sparse_gemv import BLOCK_K_BY_ROWS, MAX_REGISTERS, ROWS_PER_LAUNCH
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,6 @@ def test_every_case_compiles_for_both_targets_and_every_config(compiled):
 def test_routed_configs_meet_the_budgets(compiled):
     failures = []
     for r in compiled:
-        if r["form"] not in ROUTED:
-            continue
         problems = []
         if r["local_bytes"]:
             problems.append(f"spills {r['local_bytes']} bytes")
@@ -63,13 +60,11 @@ def test_routed_configs_meet_the_budgets(compiled):
     assert not failures, "\n".join(failures)
 
 
-def test_int4_is_routed_exactly_when_its_configs_meet_the_budgets(compiled):
-    """The int4 kernel compiles for both targets; INT4_ROUTED says whether every config passes."""
-    int4 = [r for r in compiled if r["form"] == "int4"]
-    assert int4 and {r["cc"] for r in int4} == set(triton_aot.TARGETS)
-    misses = [r for r in int4 if r["registers"] > MAX_REGISTERS or r["local_bytes"] or r["loop_barriers"]
-              or r["loop_layout_conversions"]]
-    assert INT4_ROUTED == (not misses), misses
+def test_every_layout_the_route_table_sends_to_triton_is_in_the_matrix(compiled):
+    """Each (layout, Triton) entry of the route table has its kernel form compiled and budgeted above."""
+    routed = {layout for layout, device in sparse_kernels.KERNELS if device == sparse_kernels.TRITON}
+    assert routed == {Layout.FLOAT, Layout.INT8, Layout.INT4}
+    assert {r["form"] for r in compiled} == {"float", "fused3", "fused4", "int8", "int4"}
 
 
 def test_pipelined_stages_yield_cp_async_on_both_targets():

@@ -219,7 +219,7 @@ INT4_LAUNCHES = {"autotuned": None, "split3": Launch(block_n=16, block_k=8, spli
 
 
 def _int4_operands(m, n, k, sparsity, dtype, seed=0):
-    from wisparse_compile.quantize import quantize_int4
+    from wisparse_compile.quant.primitives import quantize_int4
 
     x, w, b, t = linear_operands(m, n, k, sparsity, dtype, seed=seed)
     q, s = quantize_int4(w.float())
@@ -227,9 +227,7 @@ def _int4_operands(m, n, k, sparsity, dtype, seed=0):
 
 
 def _int4_reference(x, q, s, n, b, t):
-    from wisparse_compile.kernels import sparse_linear_int4_reference
-
-    return sparse_linear_int4_reference(x.float(), q, s, n, None if b is None else b.float(), t)
+    return sparse_linear_reference(x.float(), q, None if b is None else b.float(), t, "int4", s, n)
 
 
 @pytest.mark.parametrize("launch", list(INT4_LAUNCHES))

@@ -152,9 +152,9 @@ def test_shape_keeping_reshape_reads_the_same_input(lowered_graphs, dynamic):
     gm = lowered_graphs[-1]
     assert COMPILED_REPORTS[-1].rewritten == 5
     ops = torch.ops.wisparse
-    assert _count(gm, ops.sparse_linear_fused.default) == 1  # a, b, c, d
+    assert _count(gm, ops.sparse_linear_group.default) == 1  # a, b, c, d
     assert _count(gm, ops.sparse_linear.default) == 1  # e reads the 3-D input
-    (node,) = [n for n in gm.graph.nodes if n.target is ops.sparse_linear_fused.default]
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.sparse_linear_group.default]
     assert len(node.args[1]) == 4 and node.args[0].op == "call_method" and node.args[0].target == "view"
     assert not any(n.op == "call_method" and n.target == "reshape" for n in gm.graph.nodes)  # left unused: removed
     for f, s in zip(fused, single):
@@ -203,7 +203,7 @@ def test_transposed_siblings_fuse_into_a_valid_graph(lowered_graphs):
         dense = model(x)
     gm = lowered_graphs[-1]
     gm.graph.lint()
-    (fused,) = [n for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_fused.default]
+    (fused,) = [n for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear_group.default]
     assert [w.target for w in fused.args[1]] == [torch.t] * 3
     assert _count(gm, torch.ops.wisparse.sparse_linear.default) == 0
     assert sorted(d.form for d in COMPILED_REPORTS[-1].decisions if d.decision == "fused") == ["addmm", "addmm", "matmul"]

@@ -2,8 +2,8 @@
 
 In these graphs (transformers 5.x, experts as stacked 3-D parameters) no two expert contractions
 read the same input: the gate and up projections of all experts are one stacked weight
-(``gate_up_proj [E, 2I, H]``), so each is already one sparse expert op (``sparse_grouped_mm`` or
-``sparse_bmm``) reading the routed, expert-sorted rows, and ``down_proj`` reads the activation.
+(``gate_up_proj [E, 2I, H]``), so each is already one sparse expert op (``sparse_experts``,
+its grouped mm or bmm form) reading the routed, expert-sorted rows, and ``down_proj`` reads the activation.
 What does read one input is the block's plain linears: a shared expert's gate and up projections,
 its output gate and the router. The router reads the flattened hidden states through one more
 ``reshape(-1, hidden)`` of the already flat tensor, which the pass sees through, so all four fuse.
@@ -20,7 +20,8 @@ from tests.conftest import token_batches
 from wisparse_compile.backend import COMPILED_REPORTS
 
 OPS = torch.ops.wisparse
-EXPERT_OPS = {"grouped_mm": OPS.sparse_grouped_mm.default, "batched_mm": OPS.sparse_bmm.default}
+#: the ``sparse_experts`` forms each experts implementation gives
+EXPERT_FORMS = {"grouped_mm": ("grouped_mm", "grouped_mm_native"), "batched_mm": ("bmm_weight_first", "bmm_weight_second")}
 
 
 def _planned(name: str):
@@ -59,11 +60,11 @@ def test_shared_expert_router_fuse_and_each_expert_stack_is_one_op(lowered_graph
     fused, gm, report = _compile(model, implementation, ids, lowered_graphs, fuse=True)
 
     assert LAYERS == 1 and report.rewritten == len(plan.names) == 11
-    experts = _nodes(gm, EXPERT_OPS[implementation])
+    experts = [n for n in _nodes(gm, OPS.sparse_experts.default) if n.args[4] in EXPERT_FORMS[implementation]]
     assert len(experts) == 2  # gate_up and down: one op per stacked weight, not fused
-    assert len(_nodes(single_gm, EXPERT_OPS[implementation])) == 2
+    assert [n.args[4] in EXPERT_FORMS[implementation] for n in _nodes(single_gm, OPS.sparse_experts.default)] == [True, True]
     assert len(_nodes(single_gm, OPS.sparse_linear.default)) == 9
-    assert len(_nodes(gm, OPS.sparse_linear_fused.default)) == 2
+    assert len(_nodes(gm, OPS.sparse_linear_group.default)) == 2
     assert len(_nodes(gm, OPS.sparse_linear.default)) == 2  # o_proj, shared_expert.down_proj
     assert _groups(report) == [
         {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
@@ -82,6 +83,6 @@ def test_routed_experts_only_attention_fuses(lowered_graphs, arch):
     single, _, _ = _compile(model, "grouped_mm", ids, lowered_graphs, fuse=False)
     fused, gm, report = _compile(model, "grouped_mm", ids, lowered_graphs, fuse=True)
     assert report.rewritten == len(plan.names)
-    assert len(_nodes(gm, OPS.sparse_grouped_mm.default)) == 2
+    assert len(_nodes(gm, OPS.sparse_experts.default)) == 2
     assert [len(g) for g in _groups(report)] == [3]
     torch.testing.assert_close(fused, single, rtol=0, atol=0)

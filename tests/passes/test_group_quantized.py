@@ -23,8 +23,10 @@ def _model_and_plan():
     return copy.deepcopy(_CALIBRATED["model"]), _CALIBRATED["plan"]
 
 
-def _ops_in(graph, name):
-    return [n for n in graph.nodes if n.op == "call_function" and name in str(n.target)]
+def _ops_in(graph, name, layout):
+    """The ``wisparse::<name>`` calls of ``graph`` on weights of ``layout``."""
+    op = getattr(torch.ops.wisparse, name).default
+    return [n for n in graph.nodes if n.target is op and n.args[5] == layout]
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -34,10 +36,10 @@ def test_siblings_become_one_group_call_with_the_ungrouped_output(fmt, lowered_g
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(3))
     grouped = logits(torch.compile(model, backend="wisparse"), ids)
     graph = lowered_graphs[-1].graph
-    groups = _ops_in(graph, f"sparse_linear_{fmt}_group")
+    groups = _ops_in(graph, "sparse_linear_group", fmt)
     assert len(groups) == 2  # q/k/v and gate/up of the one layer
     assert sorted(len(g.args[1]) for g in groups) == [2, 3]
-    assert len(_ops_in(graph, f"sparse_linear_{fmt}.default")) == 3  # o, down and the dense head
+    assert len(_ops_in(graph, "sparse_linear", fmt)) == 3  # o, down and the dense head
     report = wsc.last_compile_report()
     fused = [d for d in report.decisions if d.decision == Outcome.FUSED]
     assert sorted(d.name.rsplit(".", 1)[-1] for d in fused) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
@@ -47,7 +49,7 @@ def test_siblings_become_one_group_call_with_the_ungrouped_output(fmt, lowered_g
     torch._dynamo.reset()
     apart = logits(torch.compile(model, backend=wsc.sparse_backend(group_quantized=False)), ids)
     graph = lowered_graphs[-1].graph
-    assert not _ops_in(graph, "_group") and len(_ops_in(graph, f"sparse_linear_{fmt}.default")) == 8
+    assert not _ops_in(graph, "sparse_linear_group", fmt) and len(_ops_in(graph, "sparse_linear", fmt)) == 8
     torch.testing.assert_close(grouped, apart, rtol=1e-5, atol=1e-5)
 
 
@@ -64,8 +66,8 @@ def test_an_unplanned_sibling_groups_but_stays_reported_dense(lowered_graphs):
     wsc.attach(model, partial, weights="int8")  # k_proj keeps its int8 weight, now without a plan
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
     out = logits(torch.compile(model, backend="wisparse"), ids)
-    qkv = [g for g in _ops_in(lowered_graphs[-1].graph, "sparse_linear_int8_group") if len(g.args[1]) == 3]
-    assert len(qkv) == 1 and qkv[0].args[4][1] is None  # k's thresholds: None, a dense member
+    qkv = [g for g in _ops_in(lowered_graphs[-1].graph, "sparse_linear_group", "int8") if len(g.args[1]) == 3]
+    assert len(qkv) == 1 and qkv[0].args[3][1] is None  # k's thresholds: None, a dense member
     k = [d for d in wsc.last_compile_report().decisions if d.node == qkv[0].name and d.decision != Outcome.FUSED]
     assert len(k) == 1 and k[0].decision == Outcome.DENSE and "siblings in" in k[0].reason
     torch._dynamo.reset()

@@ -17,7 +17,8 @@ from torch import fx
 
 from ..attach import planned_sparsity
 from ..model_structure import linear_name
-from ..passes.decisions import CompileReport, Outcome, Route
+from ..kernels.routing import Route
+from ..passes.decisions import CompileReport, Outcome
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 
@@ -68,6 +69,7 @@ class LinearRow:
     reason: str = ""
     reason_kind: str = ""  # a ``DenseReason`` when dense, else ""
     route: str = ""  # a ``Route``: how the op runs ("" in reports written before routes were recorded)
+    layout: str = ""  # a ``Layout`` when the linear became a wisparse op, else ""
 
 
 @dataclass
@@ -122,6 +124,7 @@ def build_report(
                 reason=d.reason,
                 reason_kind=d.reason_kind.value if d.reason_kind is not None else "",
                 route=d.route.value,
+                layout=d.layout.value if d.layout is not None else "",
             )
         )
     return report
@@ -137,7 +140,7 @@ def format_table(report: GraphReport, colour: bool = False) -> str:
             r.dtype or "?",
             f"{r.planned_sparsity:.2f}" if r.planned_sparsity is not None else "-",
             "sparse_linear" if r.outcome == Outcome.SPARSE else r.outcome,
-            r.route if r.route != Route.DENSE else "",
+            (f"{r.layout} {r.route}" if r.layout else r.route) if r.route != Route.DENSE else "",
             f"{r.reason_kind}: {r.reason}" if r.reason_kind and r.reason_kind != r.reason else r.reason,
         )
         for r in report.rows

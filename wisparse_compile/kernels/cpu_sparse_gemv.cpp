@@ -518,7 +518,7 @@ void stream_rows_int8(const int8_t* qt, int64_t n, const int64_t* kept, const fl
 // out[r, :] = sum_{i kept for row r} x[r, i] * (code[i, :] * scale[i, group]) + bias: 4-bit codes
 // (two's complement nibbles, -8..7, no zero point) grouped along the output dimension (kInt4Block = 32
 // consecutive outputs share scale[i, g]), input-major so a pruned channel skips one contiguous
-// packed row of ceil(out/2) bytes (wisparse_compile/quantize.py, quantize_int4). Within a block
+// packed row of ceil(out/2) bytes (wisparse_compile/quant/primitives.py, quantize_int4). Within a block
 // of r outputs (32, or fewer for the last one) h = ceil(r/2): byte b holds output b in its low
 // nibble and output b + h in its high nibble, so one 16-byte load of a full block gives outputs
 // 0-15 (low nibbles: shift left 28, arithmetic shift right 28) and 16-31 (the sign-extended bytes

@@ -3,9 +3,9 @@ its lazy build, fake kernels and routing tests, and the CPU-side compile helpers
 extension holds ``wisparse_cpu::sparse_gemv_int8`` (int8 input-major weights, fp32 scales per
 output channel, applied with the bias in the epilogue; ``thresholds=None`` runs it dense) and
 ``wisparse_cpu::sparse_gemv_int4`` (4-bit codes packed two per byte, input-major, fp32 scales per
-input channel and 32-output group, applied per kept row; ``quantize.quantize_int4``), and their
+input channel and 32-output group, applied per kept row; ``quant.primitives.quantize_int4``), and their
 ``_group`` forms: sibling weights that read one x in one call, outputs concatenated
-(``kernels/quantized_group_op.py``).
+(``kernels/group_op.py``).
 
 Built on first use (not at import) with ``torch.utils.cpp_extension.load`` into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): about 45 s the first time,
@@ -177,13 +177,18 @@ def input_major_gemm_is_slow(weight: torch.Tensor) -> bool:
     return False
 
 
-def uses_cpu_kernel(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int) -> bool:
-    """Whether a call takes the C++ kernel: CPU, fp32/bf16, few rows (guarded when symbolic, see
-    ``routing.decode_sized``), input-major weight, and the kernel builds here."""
-    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES or weight.dtype != x.dtype or x.shape[-1] == 0:
+def _fits_cpu_kernel(x: torch.Tensor, max_sparse_rows: int) -> bool:
+    """CPU, fp32/bf16 activations, few rows (guarded when symbolic, see ``routing.decode_sized``)."""
+    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES or x.shape[-1] == 0:
         return False
-    if not decode_sized(x, min(max_sparse_rows, CPU_KERNEL_MAX_ROWS)):
-        return False  # prefill: the masked dense route
+    return decode_sized(x, min(max_sparse_rows, CPU_KERNEL_MAX_ROWS))  # else prefill: the masked dense route
+
+
+def uses_cpu_kernel(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int) -> bool:
+    """Whether a call on a float weight takes the C++ kernel: CPU, fp32/bf16, few rows, the weight in
+    ``x``'s dtype and input-major, and the kernel builds here."""
+    if weight.dtype != x.dtype or not _fits_cpu_kernel(x, max_sparse_rows):
+        return False
     if not weight.t().is_contiguous():
         shape = tuple(weight.shape)
         if shape not in _logged_layouts:
@@ -201,25 +206,23 @@ def uses_cpu_kernel(x: torch.Tensor, weight: torch.Tensor, max_sparse_rows: int)
 def cpu_sparse_gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], thresholds: torch.Tensor
 ) -> torch.Tensor:
-    """``sparse_linear`` through the C++ kernel: any leading dims, ``weight`` [out, in] input-major."""
+    """A float sparse linear through the C++ kernel: any leading dims, ``weight`` [out, in] input-major."""
     n, k = weight.shape
     out = torch.ops.wisparse_cpu.sparse_gemv(x.reshape(-1, k), weight.t(), bias, thresholds)
     return out.reshape(*x.shape[:-1], n)
 
 
-def uses_cpu_kernel_int8(x: torch.Tensor, max_sparse_rows: int) -> bool:
-    """Whether an int8-weight call takes the C++ kernel: CPU, fp32/bf16 activations, few rows, kernel built.
-    (int8 weights are always stored input-major, so there is no layout to check.)"""
-    if x.device.type != "cpu" or x.dtype not in CPU_KERNEL_DTYPES or x.shape[-1] == 0:
-        return False
-    return decode_sized(x, min(max_sparse_rows, CPU_KERNEL_MAX_ROWS)) and cpu_kernel_available()
+def uses_cpu_kernel_quantized(x: torch.Tensor, max_sparse_rows: int) -> bool:
+    """Whether a call on int8 or int4 codes takes the C++ kernel: CPU, fp32/bf16 activations, few rows,
+    kernel built. (Codes are always stored input-major, so there is no layout to check.)"""
+    return _fits_cpu_kernel(x, max_sparse_rows) and cpu_kernel_available()
 
 
 def cpu_sparse_gemv_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
     thresholds: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``sparse_linear_int8`` through the C++ kernel: any leading dims, ``qweight`` int8 [in, out]."""
+    """An int8 sparse linear through the C++ kernel: any leading dims, ``qweight`` int8 [in, out]."""
     k, n = qweight.shape
     out = torch.ops.wisparse_cpu.sparse_gemv_int8(x.reshape(-1, k), qweight, scale, bias, thresholds)
     return out.reshape(*x.shape[:-1], n)
@@ -229,7 +232,7 @@ def cpu_sparse_gemv_int4(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],
     thresholds: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``sparse_linear_int4`` through the C++ kernel: any leading dims, ``packed`` uint8 [in, ceil(out/2)]."""
+    """An int4 sparse linear through the C++ kernel: any leading dims, ``packed`` uint8 [in, ceil(out/2)]."""
     k = packed.shape[0]
     out = torch.ops.wisparse_cpu.sparse_gemv_int4(x.reshape(-1, k), packed, scale, out_features, bias, thresholds)
     return out.reshape(*x.shape[:-1], out_features)
@@ -239,7 +242,7 @@ def cpu_sparse_gemv_int8_group(
     x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
     thresholds: list[Optional[torch.Tensor]],
 ) -> torch.Tensor:
-    """``sparse_linear_int8_group`` through the C++ kernel: one call, outputs concatenated."""
+    """int8 siblings through the C++ kernel: one call, outputs concatenated."""
     k = qweights[0].shape[0]
     out = torch.ops.wisparse_cpu.sparse_gemv_int8_group(x.reshape(-1, k), qweights, scales, biases, thresholds)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -249,7 +252,7 @@ def cpu_sparse_gemv_int4_group(
     x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor], out_features: list[int],
     biases: list[Optional[torch.Tensor]], thresholds: list[Optional[torch.Tensor]],
 ) -> torch.Tensor:
-    """``sparse_linear_int4_group`` through the C++ kernel: one call, outputs concatenated."""
+    """int4 siblings through the C++ kernel: one call, outputs concatenated."""
     k = packed[0].shape[0]
     out = torch.ops.wisparse_cpu.sparse_gemv_int4_group(x.reshape(-1, k), packed, scales, out_features, biases, thresholds)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,4 +1,4 @@
-"""Sparse contractions of stacked expert weights: ``wisparse::sparse_grouped_mm`` and ``sparse_bmm``.
+"""Sparse contractions of stacked expert weights: the ``wisparse::sparse_experts`` op, beside its reference.
 
 Semantics: each row of the activation belongs to one expert and is masked by that expert's
 thresholds ``thresholds[e]`` as ``wisparse_compile.mask`` defines, then the
@@ -6,11 +6,11 @@ original contraction runs unchanged. The expert of a row comes from ``offs`` for
 are sorted by expert; ``offs`` are the cumulative row counts) and from the gathered ``expert_ids``
 for bmm on ``W[expert_ids]``.
 
-Both ops are opaque custom ops (as transformers' own grouped-mm fallback is): the grouped
-contraction loops over data-dependent group sizes, which Inductor cannot trace. Their bodies are
+The op is an opaque custom op (as transformers' own grouped-mm fallback is): the grouped
+contraction loops over data-dependent group sizes, which Inductor cannot trace. Its body is
 the plain-torch reference; a Triton kernel can take the same op later.
 
-Host syncs: ``sparse_bmm`` and the ``torch._grouped_mm`` route read no device value. The loop
+Host syncs: the bmm forms and the ``torch._grouped_mm`` route read no device value. The loop
 over groups (dtypes ``_grouped_mm`` does not take) needs the group sizes on the host
 (``offs.tolist()``), which CUDA-graph capture forbids; so on accelerators, a call with no more rows
 than experts (decode: batch x top-k rows) contracts each row with its gathered expert weight
@@ -58,37 +58,53 @@ def grouped_mm_dense(
     return out
 
 
-@torch.library.custom_op("wisparse::sparse_grouped_mm", mutates_args=())
-def sparse_grouped_mm(
-    x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, thresholds: torch.Tensor, native: bool
+#: The contractions ``sparse_experts`` takes: (a, b, routing) per form.
+EXPERT_FORMS = ("grouped_mm", "grouped_mm_native", "bmm_weight_first", "bmm_weight_second")
+
+
+def sparse_experts_reference(
+    a: torch.Tensor, b: torch.Tensor, thresholds: torch.Tensor, routing: torch.Tensor, form: str
 ) -> torch.Tensor:
-    """Grouped mm of expert-sorted ``x`` [S, in] with ``weight`` [E, in, out], each row masked by its
-    expert's thresholds [E, in]. native: contract with ``torch._grouped_mm`` (else a loop)."""
-    torch._check(weight.dim() == 3 and thresholds.shape == (weight.shape[0], weight.shape[1]),
-                 lambda: f"sparse_grouped_mm: thresholds {tuple(thresholds.shape)} do not fit weight {tuple(weight.shape)}")
-    rows = expert_of_rows(offs, x.shape[0], weight.shape[0])
-    masked = masked_input(x, thresholds, rows)
-    return grouped_mm_dense(masked, weight, offs, native, sync_free=sync_free_rows(x, weight))
+    """The definition of ``sparse_experts``: mask the activation operand row by row by its expert's
+    thresholds, then the original contraction (the grouped mm as a loop over groups)."""
+    if form in ("grouped_mm", "grouped_mm_native"):
+        masked = masked_input(a, thresholds, expert_of_rows(routing, a.shape[0], b.shape[0]))
+        return grouped_mm_dense(masked, b, routing, native=False)
+    if form == "bmm_weight_first":
+        return torch.bmm(a, masked_input(b, thresholds, routing))
+    return torch.bmm(masked_input(a, thresholds, routing), b)
 
 
-@sparse_grouped_mm.register_fake
-def _(x, weight, offs, thresholds, native):
-    return x.new_empty(x.shape[0], weight.shape[2])
+def _check_experts(a: torch.Tensor, b: torch.Tensor, thresholds: torch.Tensor, form: str) -> None:
+    torch._check(form in EXPERT_FORMS, lambda: f"sparse_experts: unknown form {form!r}; known: {list(EXPERT_FORMS)}")
+    if form.startswith("grouped_mm"):
+        torch._check(b.dim() == 3 and thresholds.shape == (b.shape[0], b.shape[1]),
+                     lambda: f"sparse_experts: thresholds {tuple(thresholds.shape)} do not fit weight {tuple(b.shape)}")
 
 
-@torch.library.custom_op("wisparse::sparse_bmm", mutates_args=())
-def sparse_bmm(
-    a: torch.Tensor, b: torch.Tensor, thresholds: torch.Tensor, expert_ids: torch.Tensor, weight_arg: int
+@torch.library.custom_op("wisparse::sparse_experts", mutates_args=())
+def sparse_experts(
+    a: torch.Tensor, b: torch.Tensor, thresholds: torch.Tensor, routing: torch.Tensor, form: str
 ) -> torch.Tensor:
-    """``torch.bmm(a, b)`` where operand ``weight_arg`` is the gathered ``W[expert_ids]`` and the other,
-    the activation ([S, in, 1] or [S, 1, in]), is masked row by row by ``thresholds[expert_ids]``."""
-    if weight_arg == 0:
-        b = masked_input(b, thresholds, expert_ids)
-    else:
-        a = masked_input(a, thresholds, expert_ids)
-    return torch.bmm(a, b)
+    """A contraction of stacked expert weights whose activation rows are masked by their expert's
+    thresholds [E, in]. Forms (``EXPERT_FORMS``):
+
+    - ``grouped_mm`` / ``grouped_mm_native``: expert-sorted ``a`` [S, in] with ``b`` [E, in, out],
+      ``routing`` the cumulative row counts ``offs``; native contracts with ``torch._grouped_mm``
+      (else a loop, or the sync-free gathered route off the CPU);
+    - ``bmm_weight_first`` / ``bmm_weight_second``: ``torch.bmm(a, b)`` where ``a`` (first) or ``b``
+      (second) is the gathered ``W[expert_ids]`` and the other operand the activation ([S, in, 1] or
+      [S, 1, in]), ``routing`` the ``expert_ids``.
+    """
+    _check_experts(a, b, thresholds, form)
+    if form.startswith("grouped_mm"):
+        masked = masked_input(a, thresholds, expert_of_rows(routing, a.shape[0], b.shape[0]))
+        return grouped_mm_dense(masked, b, routing, form == "grouped_mm_native", sync_free=sync_free_rows(a, b))
+    return sparse_experts_reference(a, b, thresholds, routing, form)
 
 
-@sparse_bmm.register_fake
-def _(a, b, thresholds, expert_ids, weight_arg):
+@sparse_experts.register_fake
+def _(a, b, thresholds, routing, form):
+    if form.startswith("grouped_mm"):
+        return a.new_empty(a.shape[0], b.shape[2])
     return a.new_empty(a.shape[0], a.shape[1], b.shape[2])

@@ -37,7 +37,7 @@ int8 weights (``sparse_gemv_int8_triton``): the same kernel reads int8 codes sto
 widens them to fp32 and multiplies each output column by its fp32 scale (``SCALED``) before the
 bias, in every K slice (the scale is linear, so the summed slices come out scaled once).
 int4 weights (``sparse_gemv_int4_triton``): ``_sparse_gemv_int4_kernel`` reads the project's
-packed layout (``quantize.py``): a thread's 16-byte vector is one block of 32 outputs, unpacked
+packed layout (``quant/primitives.py``): a thread's 16-byte vector is one block of 32 outputs, unpacked
 in registers, each row scaled by its group's scale.
 
 Imported only where the Triton route is taken (``triton_route.py`` keeps Triton optional).
@@ -62,9 +62,6 @@ from .triton_toolchain import configure_ptxas
 #: wide as its threads' vectors (any narrower and warps would spread over K, reducing through
 #: shared memory).
 VECTOR_BYTES = 16
-#: Whether int4 decode on CUDA takes ``_sparse_gemv_int4_kernel`` (its kept configs meet the same
-#: budgets as the others: tests/kernels/test_triton_aot.py).
-INT4_ROUTED = True
 #: Register ceiling of every autotuned config (ptxas, sm_80 and sm_90): 4 CTAs of 4 warps per SM.
 MAX_REGISTERS = 128
 #: ``BLOCK_K`` candidates per kernel form and power-of-two row bucket, best first: the deepest
@@ -287,7 +284,7 @@ def _sparse_gemv_int4_kernel(
 
     Byte c of a row is in block ``c // 16`` of 32 outputs (first output ``32 * (c // 16)``); its low
     nibble is output ``c % 16`` of the block, its high nibble output ``c % 16 + h``, h = 16 for a
-    full block and ceil(r / 2) for a last block of r outputs (``quantize.py``): a thread's 16-byte
+    full block and ceil(r / 2) for a last block of r outputs (``quant/primitives.py``): a thread's 16-byte
     vector of a row is one whole block, unpacked in registers into its 32 outputs, each scaled by
     the block's ``scale[k, c // 16]``."""
     pid_n = tl.program_id(0)
@@ -530,7 +527,7 @@ def sparse_gemv_int4_triton(
     launch: Launch | None = None,
 ) -> torch.Tensor:
     """``(x2d * keep) @ dequantized(qdata, scale)^T + bias`` for the packed int4 layout of
-    ``quantize.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
+    ``quant/primitives.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
     ``[K, ceil(N/32)]``. A pruned channel's packed row and its scales are never loaded; codes are
     unpacked and scaled in registers, accumulation in fp32. ``thresholds=None`` keeps every channel."""
     chunked = _in_row_chunks(x2d, max_rows, launch, "int4", lambda rows: sparse_gemv_int4_triton(

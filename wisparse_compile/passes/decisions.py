@@ -1,4 +1,4 @@
-"""What the passes decided for each linear: outcome, reason (an enum) and route, per graph.
+"""What the passes decided for each linear: outcome, reason (an enum), weight layout and route, per graph.
 
 Matches and emits nothing: the records the rewrite and fusion passes fill, that the backend keeps
 (``CompileReport``, tensor-free so a long-lived process can keep many) and the debug report shows.
@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
+from ..kernels.routing import Layout, Route
 
 
 class Outcome(str, enum.Enum):
@@ -35,23 +37,6 @@ class DenseReason(str, enum.Enum):
     SHARDING = "tensor-parallel sharding"
 
 
-class Route(str, enum.Enum):
-    """The route the emitted op was lowered to: the op's own choice (``kernels.route_of``), made at
-    trace time; with a symbolic row count that choice is a guard of the compiled graph."""
-
-    DENSE = "dense"  # not rewritten: the original op
-    TRITON = "sparse: Triton GEMV"  # decode-sized on a Triton device
-    CPU_KERNEL = "sparse: C++ GEMV"  # decode-sized on the CPU, the C++ kernel built
-    MASKED_DENSE = "masked dense"  # prefill-sized, or no sparse kernel for this device/dtype/layout: mask, then the dense op
-    # int8 weights (attach(..., weights="int8")): wisparse::sparse_linear_int8, sparse or (no plan) dense
-    INT8_TRITON = "int8: Triton GEMV"
-    INT8_CPU_KERNEL = "int8: C++ GEMV"
-    INT8_DENSE = "int8: masked dense"  # prefill-sized: mask, matmul on the widened codes, scale
-    # int4 weights (attach(..., weights="int4")): wisparse::sparse_linear_int4 (no Triton int4 kernel yet)
-    INT4_CPU_KERNEL = "int4: C++ GEMV"
-    INT4_DENSE = "int4: masked dense"  # prefill-sized or a Triton device: mask, matmul on the unpacked weight
-
-
 @dataclass
 class LinearDecision:
     """What the passes did with one linear (or stacked expert contraction) node."""
@@ -64,7 +49,8 @@ class LinearDecision:
     decision: Outcome = Outcome.DENSE
     reason: str = ""  # particulars for people (empty when sparse)
     reason_kind: DenseReason | None = None  # set exactly when the decision is DENSE
-    route: Route = Route.DENSE
+    route: Route = Route.DENSE  # the route the emitted op takes (``kernels.route_of``, at trace time)
+    layout: Layout | None = None  # the weight's layout when it became a wisparse op (quantized ones even without a plan)
     weight_input: int | None = None  # index of the weight's graph input (debug reports name it)
 
     def leave_dense(self, kind: DenseReason, reason: str = "") -> "LinearDecision":

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from ..attach import sharding_problem, site_of
 from ..config import BackendConfig
-from ..kernels import decode_sized, route_of, routing
+from ..kernels import Layout, Route, decode_sized, route_of
 from ..sharding import is_dtensor
-from .decisions import DenseReason, Route
+from .decisions import DenseReason
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,9 @@ def check_eligibility(
     return Eligibility(name)
 
 
-_ROUTES = {routing.TRITON: Route.TRITON, routing.CPU_KERNEL: Route.CPU_KERNEL, routing.MASKED_DENSE: Route.MASKED_DENSE}
-
-
-def expected_route(x: Any, weight: Any, config: BackendConfig) -> Route:
-    """The route ``sparse_linear(x, weight, ...)`` is lowered to: the op's own decision, with the same
-    guard on a symbolic row count (``kernels.route_of``), so the report names what really runs."""
+def expected_route(x: Any, weight: Any, layout: Layout, config: BackendConfig) -> Route:
+    """The route ``sparse_linear(x, weight, ..., layout)`` is lowered to: the op's own decision, with
+    the same guard on a symbolic row count (``kernels.route_of``), so the report names what really runs."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return Route.MASKED_DENSE
-    return _ROUTES[route_of(x, weight, config.max_sparse_rows)]
+    return route_of(x, weight, layout, config.max_sparse_rows)

@@ -1,6 +1,7 @@
-"""The sibling-fusion pass: sparse linears that read one input become one ``sparse_linear_fused``.
+"""The sibling-fusion pass: float sparse linears that read one input become one ``sparse_linear_group``
+over a concatenated weight.
 
-Matches: ``wisparse::sparse_linear`` nodes (emitted by ``rewrite_sparse_linears``) that read the
+Matches: ``wisparse::sparse_linear`` nodes of float weights (emitted by ``rewrite_sparse_linears``) that read the
 same input (q/k/v, gate/up; in a mixture-of-experts block, the shared expert's projections, its
 output gate and the router: found by dataflow, not by names), the same ``max_sparse_rows``, a
 weight that is a graph input (directly or as its ``t()`` view) of one dtype and device, and a
@@ -9,11 +10,12 @@ through ``view``/``reshape`` calls that change neither shape nor dtype (a block 
 input to ``[tokens, hidden]`` and passes it on, where a callee flattens it again). Groups of 2+
 are cut into chunks of at most ``MAX_SEGMENTS``.
 
-Stacked expert contractions (``sparse_grouped_mm``, ``sparse_bmm``) are never siblings: each
+Stacked expert contractions (``sparse_experts``) are never siblings: each
 stacked weight (a fused gate/up stack included) is already one op, and it reads the routed,
 expert-sorted rows, which no other projection reads.
 
-Emits: ``f = wisparse.sparse_linear_fused(x, [w...], [b...], [t...], fused_weight, rows)`` before
+Emits: ``f = wisparse.sparse_linear_group(x, [w...], [b...], [t...], rows, "float", [None...],
+[out...], fused_weight)`` before
 the group's first member (a weight stored ``[in, out]`` enters as a ``t()`` view made right there,
 since a later member's own view comes after that point), and each member becomes
 ``split(f, sizes, -1)[i]``. ``fused_weight`` is a new graph input appended after the threshold
@@ -40,7 +42,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels import MAX_SEGMENTS
+from ..kernels import MAX_SEGMENTS, Layout
 from ..kernels.layout import input_major
 from .decisions import LinearDecision, Outcome, RewriteResult
 from .graph_utils import SOURCE_META, GraphInputs, copy_source_meta, example_value
@@ -64,6 +66,31 @@ class FusionResult:
 
     groups: list[FusedGroup] = field(default_factory=list)
     examples: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SparseLinearCall:
+    """The arguments of a ``wisparse::sparse_linear`` node, defaults filled in."""
+
+    x: Any
+    weight: Any
+    bias: Any
+    thresholds: Any
+    rows: int
+    layout: Layout
+    scale: Any = None
+    out_features: int | None = None
+
+
+def sparse_linear_call(node: fx.Node) -> SparseLinearCall | None:
+    """The call ``node`` makes if it is a ``wisparse::sparse_linear`` node (positional arguments, as
+    ``rewrite_linears`` emits them), else None."""
+    if node.op != "call_function" or node.target is not torch.ops.wisparse.sparse_linear.default or node.kwargs:
+        return None
+    x, weight, bias, thresholds, rows, *rest = node.args
+    defaults = (Layout.FLOAT.value, None, None)
+    layout, scale, out_features = (*rest, *defaults[len(rest):])
+    return SparseLinearCall(x, weight, bias, thresholds, rows, Layout(layout), scale, out_features)
 
 
 def _weight_input(node: Any, index_of: dict[fx.Node, int]) -> int | None:
@@ -160,19 +187,18 @@ def fused_weight(weights: Sequence[torch.Tensor], transposed: Sequence[bool]) ->
 
 
 def fuse_sibling_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], result: RewriteResult) -> FusionResult:
-    """Fuse sibling ``sparse_linear`` nodes of ``gm`` in place; see the module docstring."""
+    """Fuse sibling float ``sparse_linear`` nodes of ``gm`` in place; see the module docstring."""
     graph = gm.graph
     inputs = GraphInputs(graph, example_inputs)
-    op = torch.ops.wisparse.sparse_linear.default
     by_input: dict[tuple[fx.Node, int], list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not op:
+        call = sparse_linear_call(node)
+        if call is None or call.layout is not Layout.FLOAT:
             continue
-        x, w, b, _t, rows = node.args
-        wi = _weight_input(w, inputs.index_of)
-        if wi is None or not (b is None or b in inputs.index_of):
+        wi = _weight_input(call.weight, inputs.index_of)
+        if wi is None or not (call.bias is None or call.bias in inputs.index_of):
             continue
-        by_input.setdefault((same_input(x), rows), []).append(node)
+        by_input.setdefault((same_input(call.x), call.rows), []).append(node)
 
     fusion = FusionResult()
     decisions = {d.node: d for d in result.report.decisions}
@@ -211,7 +237,7 @@ def _fuse(
     graph: fx.Graph, chunk: list[fx.Node], x: fx.Node, rows: int, inputs: GraphInputs,
     examples: list[torch.Tensor], decisions: dict[str, LinearDecision],
 ) -> FusedGroup:
-    """One ``sparse_linear_fused`` before ``chunk[0]`` in place of the members of ``chunk``."""
+    """One ``sparse_linear_group`` over a fused weight before ``chunk[0]`` in place of the members of ``chunk``."""
     weight_inputs = tuple(_weight_input(n.args[1], inputs.index_of) for n in chunk)
     transposed = tuple(n.args[1].op == "call_function" for n in chunk)
     weights = [inputs.examples[i] for i in weight_inputs]
@@ -222,8 +248,9 @@ def _fuse(
     with graph.inserting_before(chunk[0]):
         operands = [_weight_operand_here(graph, n.args[1]) for n in chunk]
         fused = graph.call_function(
-            torch.ops.wisparse.sparse_linear_fused.default,
-            (x, operands, [n.args[2] for n in chunk], [n.args[3] for n in chunk], fw_node, rows),
+            torch.ops.wisparse.sparse_linear_group.default,
+            (x, operands, [n.args[2] for n in chunk], [n.args[3] for n in chunk], rows, Layout.FLOAT.value,
+             [None] * len(chunk), splits, fw_node),
         )
         copy_source_meta(chunk[0], fused, ("stack_trace", "nn_module_stack"))
         outs = member_outputs(graph, fused, chunk, splits)

@@ -8,11 +8,12 @@ Matches (``call_function`` nodes of the Dynamo graph):
   activation, the gathered weight first (``[S, out, in] @ x[S, in, 1]``) or second
   (``x[S, 1, in] @ [S, in, out]``).
 
-Emits ``wisparse::sparse_grouped_mm(x, w, offs, thresholds, native)`` (native: the original was
-``torch._grouped_mm``, which the op then calls; otherwise it loops over groups as the fallback
-did) or ``wisparse::sparse_bmm(a, b, thresholds, expert_ids, weight_arg)``, where ``thresholds``
-is the weight's [E, in] threshold input. Anything else about the call (bias adds, routing) stays.
-Both ops mask, then contract densely (``Route.MASKED_DENSE``). ``is_unmatched_expert_contraction``
+Emits ``wisparse::sparse_experts(x, w, thresholds, offs, form)`` for a grouped mm (form
+``grouped_mm_native`` where the original was ``torch._grouped_mm``, which the op then calls;
+otherwise it loops over groups as the fallback did) or ``sparse_experts(a, b, thresholds,
+expert_ids, form)`` for a bmm (form ``bmm_weight_first``/``bmm_weight_second``: which operand is the
+gathered weight), where ``thresholds`` is the weight's [E, in] threshold input. Anything else about
+the call (bias adds, routing) stays. The op masks, then contracts densely (``Route.MASKED_DENSE``). ``is_unmatched_expert_contraction``
 finds the bmm / grouped mm nodes over parameters that no matcher took, so the report lists them.
 """
 
@@ -27,7 +28,8 @@ from torch import fx
 
 from ..config import BackendConfig
 from ..linear_forms import BMM_WEIGHT_FIRST, BMM_WEIGHT_SECOND, GROUPED_MM, is_grouped_mm, offs_operand
-from .decisions import DenseReason, Route
+from ..kernels import Layout, Route
+from .decisions import DenseReason
 from .graph_utils import GraphInputs, example_value, weight_root
 
 
@@ -58,6 +60,10 @@ class ExpertMatch:
         x = example_value(self.x)
         return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
 
+    @property
+    def layout(self) -> Layout:
+        return Layout.FLOAT  # stacked expert weights are never quantized
+
     def route(self, config: BackendConfig) -> Route:
         return Route.MASKED_DENSE
 
@@ -65,12 +71,12 @@ class ExpertMatch:
         """The sparse expert op before ``node`` (the caller replaces ``node`` by it)."""
         with graph.inserting_before(node):
             if self.form == GROUPED_MM.name:
+                form = "grouped_mm_native" if self.native else "grouped_mm"
                 return graph.call_function(
-                    torch.ops.wisparse.sparse_grouped_mm.default, (self.x, node.args[1], self.routing, thresholds, self.native)
+                    torch.ops.wisparse.sparse_experts.default, (self.x, node.args[1], thresholds, self.routing, form)
                 )
-            return graph.call_function(
-                torch.ops.wisparse.sparse_bmm.default, (*node.args, thresholds, self.routing, self.weight_arg)
-            )
+            form = "bmm_weight_first" if self.weight_arg == 0 else "bmm_weight_second"
+            return graph.call_function(torch.ops.wisparse.sparse_experts.default, (*node.args, thresholds, self.routing, form))
 
 
 def _gathered_weight(node: Any) -> tuple[fx.Node, tuple[int, ...], fx.Node] | None:

@@ -15,12 +15,12 @@ placed just before the op); a tensor-parallel (DTensor) parameter, reached throu
 ``to_local()``, enters as its local shard. A ``matmul``'s separate bias add stays as it was. Whether a match may
 be rewritten is for ``eligibility``; the driver (``sparsify``) replaces the node.
 
-The op follows the weight's storage: a weight that ``attach(..., weights="int8")`` quantized (an
-``Int8Weight``) emits ``sparse_linear_int8(x, W.qdata, W.scale, bias, thresholds, max_sparse_rows)``,
-one that ``weights="int4"`` quantized (an ``Int4Weight``) emits ``sparse_linear_int4(x, W.qdata,
-W.scale, out_features, bias, thresholds, max_sparse_rows)`` (``qdata``/``scale`` read off the graph
-input, which AOT autograd flattens into its inner tensors); ``thresholds=None`` for a quantized
-weight without a plan (the output head: a dense quantized GEMV).
+The op's ``layout`` follows the weight's storage: a weight that ``attach(..., weights="int8")``
+quantized (an ``Int8Weight``) emits ``sparse_linear(x, W.qdata, bias, thresholds, max_sparse_rows,
+"int8", W.scale)``, one that ``weights="int4"`` quantized (an ``Int4Weight``) emits
+``sparse_linear(x, W.qdata, bias, thresholds, max_sparse_rows, "int4", W.scale, out_features)``
+(``qdata``/``scale`` read off the graph input, which AOT autograd flattens into its inner tensors);
+``thresholds=None`` for a quantized weight without a plan (the output head: a dense quantized GEMV).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 from torch import fx
 
 from ..config import BackendConfig
-from ..kernels import route_of_int4, route_of_int8, routing
+from ..kernels import Layout, Route
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
-from ..quantize import weight_format
+from ..quant.tensors import weight_format
 from ..sharding import local_tensor
-from .decisions import DenseReason, Route
+from .decisions import DenseReason
 from .eligibility import expected_route
 from .graph_utils import GraphInputs, example_value, local_operand, token_rows, weight_root
 
@@ -75,29 +75,30 @@ class LinearMatch:
         return token_rows(x) if isinstance(x, torch.Tensor) else 0
 
     @property
-    def quantized(self) -> str | None:
-        """The weight's quantized format (``"int8"``/``"int4"``: ``quantize.Int8Weight``/``Int4Weight``),
-        whose op serves it, or None."""
+    def layout(self) -> Layout:
+        """The weight's layout: ``int8``/``int4`` for a quantized weight (``quant.Int8Weight``/``Int4Weight``,
+        an ``[out, in]`` linear), else ``float``."""
         if self.weight is None or self.in_dim != 1:
-            return None
-        return weight_format(example_value(self.weight))
+            return Layout.FLOAT
+        return Layout(weight_format(example_value(self.weight)) or Layout.FLOAT)
 
     def route(self, config: BackendConfig) -> Route:
-        weight = local_tensor(example_value(self.weight)) if self.weight is not None else None
-        if self.quantized:
-            routes, route_of_call, dense = _QUANTIZED_ROUTES[self.quantized]
-            x = example_value(self.x)
-            return routes[route_of_call(x, config.max_sparse_rows)] if isinstance(x, torch.Tensor) else dense
-        if isinstance(weight, torch.Tensor) and self.in_dim == 0:
-            weight = weight.t()  # the op takes the [out, in] view (see emit)
-        return expected_route(example_value(self.x), weight, config)
+        value = example_value(self.weight) if self.weight is not None else None
+        layout = self.layout
+        if layout is not Layout.FLOAT:
+            weight = value.qdata  # the operand the op receives
+        else:
+            weight = local_tensor(value) if value is not None else None
+            if isinstance(weight, torch.Tensor) and self.in_dim == 0:
+                weight = weight.t()  # the op takes the [out, in] view (see emit)
+        return expected_route(example_value(self.x), weight, layout, config)
 
     def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
-        """``sparse_linear`` (``sparse_linear_int8``/``_int4`` for quantized weights; dense when
-        ``thresholds`` is None) before ``node`` (the caller replaces ``node`` by it)."""
-        if self.quantized:
-            return self._emit_quantized(graph, node, thresholds, config)
+        """``sparse_linear`` with the weight's layout before ``node`` (the caller replaces ``node`` by
+        it); dense when ``thresholds`` is None (a quantized weight without a plan)."""
         with graph.inserting_before(node):
+            if self.layout is not Layout.FLOAT:
+                return self._emit_quantized(graph, thresholds, config)
             weight = local_operand(graph, self.weight)  # a tensor-parallel weight: its local shard
             if self.in_dim == 0:  # [in, out] parameter: its t() is the [out, in] view the op takes
                 source = weight
@@ -108,33 +109,18 @@ class LinearMatch:
                 (self.x, weight, self.bias, thresholds, config.max_sparse_rows),
             )
 
-    def _emit_quantized(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
+    def _emit_quantized(self, graph: fx.Graph, thresholds: fx.Node | None, config: BackendConfig) -> fx.Node:
         weight = example_value(self.weight)
-        with graph.inserting_before(node):
-            parts = []
-            for attr in ("qdata", "scale"):
-                part = graph.call_function(getattr, (self.weight, attr))
-                part.meta["example_value"] = getattr(weight, attr)
-                parts.append(part)
-            if self.quantized == "int4":  # the output count: an odd one leaves a spare nibble
-                return graph.call_function(
-                    torch.ops.wisparse.sparse_linear_int4.default,
-                    (self.x, parts[0], parts[1], weight.out_features, self.bias, thresholds, config.max_sparse_rows),
-                )
-            return graph.call_function(
-                torch.ops.wisparse.sparse_linear_int8.default,
-                (self.x, parts[0], parts[1], self.bias, thresholds, config.max_sparse_rows),
-            )
-
-
-_INT8_ROUTES = {
-    routing.TRITON: Route.INT8_TRITON, routing.CPU_KERNEL: Route.INT8_CPU_KERNEL, routing.MASKED_DENSE: Route.INT8_DENSE,
-}
-_INT4_ROUTES = {routing.CPU_KERNEL: Route.INT4_CPU_KERNEL, routing.MASKED_DENSE: Route.INT4_DENSE}  # route_of_int4 never says TRITON
-#: per format: its routes, its route chooser, and the route of a call with no example input
-_QUANTIZED_ROUTES = {
-    "int8": (_INT8_ROUTES, route_of_int8, Route.INT8_DENSE), "int4": (_INT4_ROUTES, route_of_int4, Route.INT4_DENSE),
-}
+        parts = []
+        for attr in ("qdata", "scale"):
+            part = graph.call_function(getattr, (self.weight, attr))
+            part.meta["example_value"] = getattr(weight, attr)
+            parts.append(part)
+        qdata, scale = parts
+        args = (self.x, qdata, self.bias, thresholds, config.max_sparse_rows, self.layout.value, scale)
+        if self.layout is Layout.INT4:  # the output count: an odd one leaves a spare nibble
+            args += (weight.out_features,)
+        return graph.call_function(torch.ops.wisparse.sparse_linear.default, args)
 
 
 def _match_form(form: LinearForm, node: fx.Node, inputs: GraphInputs) -> LinearMatch:

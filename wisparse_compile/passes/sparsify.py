@@ -22,7 +22,8 @@ from torch import fx
 
 from ..attach import thresholds_of
 from ..config import BackendConfig
-from .decisions import DenseReason, LinearDecision, Outcome, RewriteResult, Route
+from ..kernels import Layout, Route
+from .decisions import DenseReason, LinearDecision, Outcome, RewriteResult
 from .eligibility import check_eligibility
 from .graph_utils import GraphInputs, example_value, nodes_under_autocast, replace_node
 from .rewrite_experts import is_unmatched_expert_contraction, match_expert_contraction
@@ -45,6 +46,8 @@ class Contraction(Protocol):
     def shape(self) -> tuple[int, ...] | None: ...
     @property
     def rows(self) -> Any: ...
+    @property
+    def layout(self) -> Layout: ...
     def route(self, config: BackendConfig) -> Route: ...
     def emit(self, graph: fx.Graph, node: fx.Node, thresholds: fx.Node, config: BackendConfig) -> fx.Node: ...
 
@@ -66,7 +69,7 @@ def _decide(node: fx.Node, match: Contraction, inputs: GraphInputs, under_autoca
         return decision.leave_dense(verdict.reason_kind, verdict.reason)
     if match.problem is not None:
         return decision.leave_dense(*match.problem)
-    decision.decision, decision.route = Outcome.SPARSE, match.route(config)
+    decision.decision, decision.route, decision.layout = Outcome.SPARSE, match.route(config), match.layout
     return decision
 
 
@@ -100,10 +103,11 @@ def rewrite_sparse_linears(
         if decision.reason_kind is DenseReason.NO_PLAN and decision.weight_input is not None:
             result.unplanned_weight_inputs.append(decision.weight_input)
         if decision.decision != Outcome.SPARSE:
-            if decision.reason_kind is DenseReason.NO_PLAN and getattr(match, "quantized", None) and node not in under_autocast:
+            layout = match.layout
+            if decision.reason_kind is DenseReason.NO_PLAN and layout is not Layout.FLOAT and node not in under_autocast:
                 replace_node(node, new := match.emit(graph, node, None, config))  # quantized storage, no plan: dense quantized op
-                decision.node, decision.route = new.name, match.route(config)
-                decision.reason = f"{decision.reason}; {match.quantized} weight: dense {match.quantized} op"
+                decision.node, decision.route, decision.layout = new.name, match.route(config), layout
+                decision.reason = f"{decision.reason}; {layout.value} weight: dense {layout.value} op"
             continue
         new = match.emit(graph, node, thresholds_input(decision.weight_input, inputs.example(match.weight)), config)
         replace_node(node, new)
