@@ -270,3 +270,23 @@ def test_int4_kernel_rejects_bad_operands():
         sparse_gemv_int4_triton(x, q, s[:, :1], 64, t, b)
     with pytest.raises(ValueError, match="bias of shape"):
         sparse_gemv_int4_triton(x, q, s, 64, t, b[:3])
+
+
+def test_padded_rows_are_loaded_to_their_stride_only_where_the_storage_holds_them():
+    """The load bound: the padded width (16-byte vectors for any N) for layout.input_major's rows,
+    also when torch.compile traces the op with a functional tensor sized to the view; the true
+    width for unpadded rows, other strides, and views that start inside their storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    from wisparse_compile.kernels.triton_sparse_gemv import padded_load_bound
+
+    padded = torch.empty(64, 112)[:, :100]
+    assert padded_load_bound(padded, 100) == 112
+    assert padded_load_bound(torch.empty(64, 100), 100) == 100
+    assert padded_load_bound(torch.empty(64, 128)[:, :100], 100) == 100  # more than the rounding: not a padded layout
+    assert padded_load_bound(torch.empty(63 * 112 + 100 + 16).as_strided((64, 100), (112, 1), 16), 100) == 100
+    assert padded_load_bound(torch.empty(64 * 112 + 16).as_strided((64, 100), (112, 1), 16), 100) == 112
+    fake_mode = FakeTensorMode()
+    with fake_mode, FunctionalTensorMode():
+        assert padded_load_bound(FunctionalTensor.to_functional(fake_mode.from_tensor(padded)), 100) == 112

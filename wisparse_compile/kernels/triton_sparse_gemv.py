@@ -364,16 +364,22 @@ def _check_thresholds(ts: Sequence[torch.Tensor], k: int, device: torch.device) 
 
 def padded_load_bound(rows: torch.Tensor, width: int) -> int:
     """How far along a row of ``rows`` ([K, row stride], unit column stride) the kernel may load:
-    the row stride where the rows are padded (``kernels/layout.py``) and the storage holds the last
-    row's padding too, else ``width``. Loading the padding keeps every load a full 16-byte vector."""
+    the row stride where the rows are padded (``kernels/layout.py``: the stride is ``width`` rounded
+    up to 16) and the storage holds the last row's padding too, else ``width``. Loading the padding
+    keeps every load a full 16-byte vector. Where the storage cannot be read, or is sized to the
+    view (a functional tensor while torch.compile traces the op), a padded layout at storage offset
+    0 is trusted, as ``layout.input_major`` makes it."""
     k, stride = int(rows.shape[0]), int(rows.stride(0))
-    if rows.stride(1) != 1 or stride <= width or stride % 16 != 0:
+    if rows.stride(1) != 1 or not width < stride < width + 16 or stride % 16 != 0:
         return width
     try:
         storage_elements = rows.untyped_storage().nbytes() // rows.element_size()
-    except (RuntimeError, NotImplementedError):  # a tensor without a plain storage
-        return width
-    return stride if rows.storage_offset() + k * stride <= storage_elements else width
+    except (RuntimeError, NotImplementedError, AttributeError):
+        storage_elements = 0
+    offset = rows.storage_offset()
+    if storage_elements in (0, offset + (k - 1) * stride + width):  # unknown, or sized to the view (traced)
+        return stride if offset == 0 else width
+    return stride if offset + k * stride <= storage_elements else width
 
 
 @dataclass(frozen=True)
