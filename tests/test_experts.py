@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from torch import nn
 
 from tests.archs import BY_NAME
@@ -51,5 +52,5 @@ def test_convolution_weights_are_no_experts():
     conv = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Linear(4, 4))
     assert not has_stacked_experts(conv)
     experts = nn.Module()
-    experts.gate_up_proj = nn.Parameter(conv[0].weight.detach().clone())
+    experts.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 8))  # [E, 2I, H]
     assert has_stacked_experts(experts)

@@ -36,7 +36,10 @@ class SparsityConfig:
     uniform: skip allocation: every linear gets the target sparsity (the uniform tables of the
         TEAL and WINA papers; the cheapest calibration).
     include: optional regex on linear names (``named_parameters`` name of the weight without
-        ``.weight``); default: every linear inside the model's repeated decoder blocks.
+        ``.weight``); default: every linear inside the layers that decode (an encoder-decoder's
+        decoder, a vision-language model's language model; ``model_structure``, docs/models.md).
+    plan_encoder: without ``include``, plan the layers of the model's other layer lists too (an
+        encoder-decoder's encoder, a vision or audio tower): they run once per prompt, not per token.
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
@@ -90,6 +93,7 @@ class SparsityConfig:
     score: Score = "method"
     uniform: bool = False
     include: str | None = None
+    plan_encoder: bool = False
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
     # allocation ("teal": greedy split inside blocks; "wisparse": evolutionary search across
