@@ -135,4 +135,16 @@ ENCODER_DECODER_ARCHS = [
               decoder_start_token_id=0)),
 ]
 
+# What an encoder-decoder's decode step does not run: the cross-attention projections of the encoder
+# output (computed once, then cached).
+CROSS_ATTENTION_KV = ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k", "EncDecAttention.v")
+
 BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS + HYBRID_ARCHS + [JETMOE] + VLM_ARCHS + ENCODER_DECODER_ARCHS}
+
+
+def text_batches(model: torch.nn.Module, n: int = 1, seed: int = 1) -> list:
+    """Calibration text [2, 16] without the image token; an encoder-decoder's batches carry decoder
+    ids too (T5's forward needs them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, IMAGE_TOKEN, (2, 16), generator=g) for _ in range(n)]
+    return [dict(input_ids=x, decoder_input_ids=x[:, :8]) for x in ids] if model.config.is_encoder_decoder else ids

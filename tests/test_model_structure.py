@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import wisparse_compile as wsc
-from tests.archs import BY_NAME, ENCODER_DECODER_ARCHS, IMAGE_TOKEN, VLM_ARCHS
+from tests.archs import BY_NAME, ENCODER_DECODER_ARCHS, VLM_ARCHS, text_batches
 from tests.conftest import token_batches
 from wisparse_compile.allocation.blocks import discover_layout
 from wisparse_compile.model_structure import LayerChoiceError, decoder_layer_prefixes, decoding_layers, layer_lists
@@ -77,12 +77,6 @@ DECODING = {
 }
 
 
-def _batches(model: nn.Module, n: int = 1) -> list:
-    """Text batches (no image token); an encoder-decoder's carry decoder ids too (T5 needs them)."""
-    ids = token_batches(n, batch=2, length=16, vocab=IMAGE_TOKEN)
-    return [dict(input_ids=x, decoder_input_ids=x[:, :8]) for x in ids] if model.config.is_encoder_decoder else ids
-
-
 def _weights_under(model: nn.Module, prefixes: list[str]) -> list[str]:
     return sorted(n.removesuffix(".weight") for n, p in model.named_parameters()
                   if n.startswith(tuple(prefixes)) and n.endswith(".weight") and p.dim() == 2)
@@ -107,7 +101,7 @@ def test_deep_encoder_plans_its_decoder_without_configuration():
     and the allocation splits within the decoder's layers (its blocks)."""
     model = BY_NAME["bart"].build()
     config = wsc.SparsityConfig(sparsity=0.5, method="teal", refinement_step=0.25)  # a short greedy path
-    plan = wsc.calibrate(model, _batches(model), config)
+    plan = wsc.calibrate(model, text_batches(model), config)
     decoder = [f"model.decoder.layers.{i}." for i in range(2)]
     assert sorted(plan.names) == _weights_under(model, decoder) and len(plan.names) == 20
     assert sorted(plan.stats["allocation"]["block_sparsities"]) == decoder
@@ -117,7 +111,7 @@ def test_include_and_plan_encoder_choose_the_blocks():
     """The allocation's blocks are the layers holding the planned linears, wherever ``include`` (or
     ``plan_encoder``) put them: the encoder's, or both stacks'."""
     model = BY_NAME["bart"].build()
-    batches = _batches(model)
+    batches = text_batches(model)
     encoder = [f"model.encoder.layers.{i}." for i in range(4)]
     decoder = [f"model.decoder.layers.{i}." for i in range(2)]
     by_include = wsc.calibrate(model, batches, wsc.SparsityConfig(include=r"^model\.encoder\.layers\.", uniform=True))
