@@ -55,6 +55,13 @@ def test_mixed_classes_are_the_decoder_layers():
     assert decoder_layer_prefixes(_Hybrid()) == [f"layers.{i}." for i in range(4)]
 
 
+def test_a_list_of_bare_linears_is_the_layer_list_only_where_there_is_no_other():
+    """Beside the layers a list of linears is a set of heads (``_Hybrid.heads``); alone, it is the stack."""
+    stack = nn.Module()
+    stack.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    assert decoder_layer_prefixes(stack) == ["layers.0.", "layers.1."]
+
+
 def test_no_layer_list():
     assert decoder_layer_prefixes(nn.Sequential(nn.Linear(4, 4))) == []
     assert decoder_layer_prefixes(nn.ModuleList([nn.ReLU()])) == []  # a list without parameters

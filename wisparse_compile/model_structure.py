@@ -24,7 +24,7 @@ from torch import nn
 
 
 class LayerChoiceError(ValueError):
-    """The model has several layer lists and nothing tells which one decodes."""
+    """Nothing tells which of the model's layer lists decodes (several in its decoder, or none there)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,9 @@ def decoding_layers(model: nn.Module) -> LayerList | None:
     candidates = [ll for ll in lists if _inside(ll.name, scope)]
     if len(candidates) == 1 or not lists:
         return candidates[0] if candidates else None
+    where = f"its decoder {scope!r}" if scope else "it"
     if candidates:
-        problem = f"{f'its decoder {scope!r}' if scope else 'it'} holds {len(candidates)} layer lists"
+        problem = f"{where} holds {len(candidates)} layer lists"
     else:  # the decoder is not a stack of layers: the lists elsewhere are not the ones that decode
         problem, candidates = f"its decoder {scope!r} holds none of its layer lists", lists
     raise LayerChoiceError(
