@@ -168,3 +168,12 @@ def test_undecidable_layer_lists_raise_naming_them_and_the_include():
     assert r"include=r'^decoder\.layers\.'" in message
     plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="teal", include=r"^decoder\.layers\."))
     assert sorted(plan.stats["allocation"]["block_sparsities"]) == ["decoder.layers.0.", "decoder.layers.1."]
+
+
+def test_a_decoder_without_a_layer_list_does_not_fall_back_to_the_encoders():
+    """``get_decoder()`` names a module holding no layer list: the encoder's list is not taken instead."""
+    model = _PlainEncoderDecoder()
+    del model.decoder
+    model.get_decoder = lambda: model.head
+    with pytest.raises(LayerChoiceError, match=r"its decoder 'head' holds none of its layer lists.*encoder\.layers"):
+        decoder_layer_prefixes(model)
