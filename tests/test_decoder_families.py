@@ -23,7 +23,7 @@ from wisparse_compile.model_io import cache_keyword
 from wisparse_compile.model_structure import decoding_layers
 from wisparse_compile.reference import masked_linears
 
-FAMILIES = [BY_NAME[name] for name in ("llava", "idefics3", "bart", "t5")]
+FAMILIES = [BY_NAME[name] for name in ("idefics3", "llava", "bart", "t5")]
 STEPS = 3
 SPARSE = ("sparse", "fused")  # rewritten to a sparse op, alone or fused with its siblings
 
