@@ -103,4 +103,48 @@ JETMOE = Arch("jetmoe", "JetMoeConfig", "JetMoeForCausalLM",
               dict(hidden_size=64, num_hidden_layers=1, num_key_value_heads=2, kv_channels=16, intermediate_size=128,
                    vocab_size=256, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128), moe=True)
 
-BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS + HYBRID_ARCHS + [JETMOE]}
+# Models with several layer lists, one of which decodes: vision-language models (a vision tower
+# beside the language model) and encoder-decoders whose encoder is the deeper, larger stack.
+TEXT = dict(COMMON, num_hidden_layers=2)
+VISION = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+              patch_size=8)
+IMAGE_TOKEN = 255
+VLM_ARCHS = [
+    # model.vision_tower + model.language_model (a CLIP tower: 16 patch features per 32x32 image)
+    Arch("llava", "LlavaConfig", "LlavaForConditionalGeneration",
+         dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION, model_type="clip_vision_model"),
+              image_token_index=IMAGE_TOKEN)),
+    # model.vision_model + model.text_model
+    Arch("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration",
+         dict(text_config=dict(TEXT, model_type="llama"), vision_config=VISION, image_token_id=IMAGE_TOKEN,
+              scale_factor=2)),
+    # a SigLIP tower whose pooling head holds a [1, 1, D] ``probe`` (no expert)
+    Arch("gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration",
+         dict(text_config=dict(TEXT, head_dim=16), vision_config=VISION, mm_tokens_per_image=4,
+              image_token_index=IMAGE_TOKEN)),
+]
+ENCODER_DECODER_ARCHS = [
+    # 4 encoder / 2 decoder layers: the encoder holds more parameters (whisper-large-v3-turbo's shape)
+    Arch("bart", "BartConfig", "BartForConditionalGeneration",
+         dict(d_model=64, encoder_layers=4, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=256, max_position_embeddings=128,
+              tie_word_embeddings=False)),
+    # T5: ``encoder.block`` / ``decoder.block``, each block a list of sub-layers
+    Arch("t5", "T5Config", "T5ForConditionalGeneration",
+         dict(d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=2, num_heads=4, vocab_size=256,
+              decoder_start_token_id=0)),
+]
+
+# What an encoder-decoder's decode step does not run: the cross-attention projections of the encoder
+# output (computed once, then cached).
+CROSS_ATTENTION_KV = ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k", "EncDecAttention.v")
+
+BY_NAME = {a.name: a for a in DENSE + MOE_ARCHS + HYBRID_ARCHS + [JETMOE] + VLM_ARCHS + ENCODER_DECODER_ARCHS}
+
+
+def text_batches(model: torch.nn.Module, n: int = 1, seed: int = 1) -> list:
+    """Calibration text [2, 16] without the image token; an encoder-decoder's batches carry decoder
+    ids too (T5's forward needs them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, IMAGE_TOKEN, (2, 16), generator=g) for _ in range(n)]
+    return [dict(input_ids=x, decoder_input_ids=x[:, :8]) for x in ids] if model.config.is_encoder_decoder else ids

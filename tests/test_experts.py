@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from torch import nn
 
-from tests.archs import BY_NAME
+import wisparse_compile as wsc
+from tests.archs import BY_NAME, text_batches
 from wisparse_compile.experts import has_stacked_experts, make_experts_traceable
 
 
@@ -51,5 +53,26 @@ def test_convolution_weights_are_no_experts():
     conv = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Linear(4, 4))
     assert not has_stacked_experts(conv)
     experts = nn.Module()
-    experts.gate_up_proj = nn.Parameter(conv[0].weight.detach().clone())
+    experts.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 8))  # [E, 2I, H]
     assert has_stacked_experts(experts)
+
+
+def test_broadcast_parameters_are_no_experts():
+    """3-D parameters with a leading 1 (a pooling head's probe, a cls token, position embeddings)
+    broadcast over the batch; no graph groups them by expert."""
+    vision = nn.Module()
+    vision.probe = nn.Parameter(torch.zeros(1, 1, 8))
+    vision.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+    vision.position_embeddings = nn.Parameter(torch.zeros(1, 17, 8))
+    vision.proj = nn.Linear(8, 8)
+    assert not has_stacked_experts(vision)
+
+
+def test_attaching_to_a_model_without_experts_does_not_warn(caplog):
+    """Gemma3's SigLIP tower holds a [1, 1, D] probe; attach says nothing about experts."""
+    model = BY_NAME["gemma3"].build()
+    assert any(p.dim() == 3 and p.shape[:2] == (1, 1) for n, p in model.named_parameters() if n.endswith("probe"))
+    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    with caplog.at_level(logging.DEBUG, logger="wisparse_compile.experts"):
+        wsc.attach(model, plan)
+    assert not [r.getMessage() for r in caplog.records if r.name == "wisparse_compile.experts"]

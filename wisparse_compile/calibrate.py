@@ -103,13 +103,15 @@ class _ScoreCollector(LinearObserver):
 
 
 def _planned_weights(model: nn.Module, config: SparsityConfig) -> WatchedWeights:
-    """The slots of every parameter that may be planned (if a linear uses it)."""
+    """The slots of every parameter that may be planned (if a linear uses it): those ``include``
+    matches, or by default those inside the layers that decode (``model_structure``), with
+    ``plan_encoder`` those of every layer list."""
     names = parameter_names(model).values()
     if config.include is not None:
         pattern = re.compile(config.include)
         keys = [linear_name(n) for n in names if pattern.search(linear_name(n))]
     else:
-        prefixes = decoder_layer_prefixes(model)
+        prefixes = decoder_layer_prefixes(model, encoder=config.plan_encoder)
         if not prefixes:
             raise ValueError(
                 f"{type(model).__name__} has no layer list (an nn.ModuleList of blocks holding parameters); "

@@ -145,7 +145,10 @@ class SparsityConfig:
         ``allocation.search.Search``, an experiment that lost); None (default): the method's
         (``DEFAULT_ALLOCATION``). At sparsity 0 every strategy gives every linear 0.
     include: optional regex on linear names (``named_parameters`` name of the weight without
-        ``.weight``); default: every linear inside the model's repeated decoder blocks.
+        ``.weight``); default: every linear inside the layers that decode (an encoder-decoder's
+        decoder, a vision-language model's language model; ``model_structure``, docs/models.md).
+    plan_encoder: without ``include``, plan the layers of the model's other layer lists too (an
+        encoder-decoder's encoder, a vision or audio tower): they run once per prompt, not per token.
     max_calibration_tokens: stop collecting statistics after this many tokens (None: all batches).
     histogram_bins_per_octave: resolution of the score histograms that turn a sparsity into a
         threshold (64 bins per factor of two: thresholds within about 1%).
@@ -167,6 +170,7 @@ class SparsityConfig:
     score: Score = "method"
     allocation: AllocationConfig | None = None
     include: str | None = None
+    plan_encoder: bool = False
     max_calibration_tokens: int | None = None
     histogram_bins_per_octave: int = 64
     refinement_tokens: int = 512

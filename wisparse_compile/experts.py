@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,22 @@ log = logging.getLogger(__name__)
 TRACEABLE_EXPERTS = "grouped_mm"
 
 
+def is_expert_stack(weight: torch.Tensor) -> bool:
+    """Whether a parameter's shape is a stack of per-expert matrices, ``[E, out, in]`` or
+    ``[E, in, out]``: at least two experts, each a matrix (both other dims above 1).
+
+    That is the only shape the expert forms the compiler rewrites take (``grouped_mm``, ``bmm``
+    on ``W[expert_ids]``, a linear on ``W[e]``: the graph indexes or groups dim 0 by expert).
+    A leading dim of 1 is a broadcast, not an expert: a vision pooling head's ``probe`` and a
+    ``cls_token`` [1, 1, D], ``position_embeddings`` [1, N, D]."""
+    return weight.dim() == 3 and weight.shape[0] >= 2 and min(weight.shape[1:]) >= 2
+
+
 def has_stacked_experts(model: nn.Module) -> bool:
-    """Whether the model keeps weights stacked over a leading (expert) dim: 3-D parameters of a
-    module that is not a convolution (a state-space layer's depthwise convolution weight [C, 1, K] is no expert)."""
+    """Whether the model keeps weights stacked over experts (``is_expert_stack``), outside
+    convolutions (a state-space layer's depthwise convolution weight [C, 1, K] is no expert)."""
     return any(
-        p.dim() >= 3
+        is_expert_stack(p)
         for module in model.modules() if not isinstance(module, nn.modules.conv._ConvNd)
         for p in module.parameters(recurse=False)
     )

@@ -1,13 +1,14 @@
 """The allocation's view of a model: its blocks, and groups of linears that share an input.
 
-Both are found generically. Blocks are the decoder's layers (``model_structure.decoder_layer_prefixes``),
-whatever their classes: a hybrid's attention and state-space layers are blocks alike, each re-run
-with its own captured calls. Linears share an input when the *same data* feeds several of them in
-one forward (attention's projections of one normed hidden state, a gated MLP's two input
-projections), whether each receives the tensor itself or its own view of it (``x.view(-1, d)``
-per call), and whatever form the call takes (``x @ W.T`` included: ``observer.LinearObserver``
-resolves it); a weak reference per observed input tells a reused tensor from a new one that got a
-recycled ``id``.
+Both are found generically. Blocks are the layers, in any of the model's layer lists, that hold
+planned linears (``model_structure.block_prefixes``): by default the layers that decode, wherever
+``SparsityConfig.include`` points otherwise, whatever their classes: a hybrid's attention and
+state-space layers are blocks alike, each re-run with its own captured calls. Linears share an input when
+the *same data* feeds several of them in one forward (attention's projections of one normed hidden
+state, a gated MLP's two input projections), whether each receives the tensor itself or its own view
+of it (``x.view(-1, d)`` per call), and whatever form the call takes (``x @ W.T`` included:
+``observer.LinearObserver`` resolves it); a weak reference per observed input tells a reused tensor
+from a new one that got a recycled ``id``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..model_io import call_model
-from ..model_structure import decoder_layer_prefixes, find_weight
+from ..model_structure import block_prefixes, find_weight
 from ..observer import LinearCall, LinearObserver
 from ..weight_slots import WatchedWeights, WeightSlot, weight_slots
 from .masking import candidate_masks
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Block:
-    """One decoder layer: its module, its planned linears grouped by shared input."""
+    """One layer holding planned linears: its module, those linears grouped by shared input."""
 
     prefix: str
     module: nn.Module
@@ -130,7 +131,7 @@ def discover_layout(
     names = list(names)
     weights = {name: find_weight(model, name) for name in names}
     watched = WatchedWeights(weight_slots(model, [n for n, found in weights.items() if found is not None]).values())
-    prefixes = decoder_layer_prefixes(model)
+    prefixes = block_prefixes(model, names)
     captured: dict[str, BlockCalls] = {p: BlockCalls() for p in prefixes}
     handles = []
     for prefix in prefixes:
@@ -170,5 +171,5 @@ def discover_layout(
         placed.update(members)
     outside = [n for n in names if n not in placed]
     if outside:
-        log.info("%d planned linears lie outside the decoder layers; they keep the target sparsity", len(outside))
+        log.info("%d planned linears lie outside every layer list; they keep the target sparsity", len(outside))
     return Layout(blocks, outside), {b.prefix: captured[b.prefix] for b in blocks}
