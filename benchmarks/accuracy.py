@@ -4,7 +4,7 @@ Wikipedia and on text of other kinds.
 Calibrates on the first half of the gensim Wikipedia articles only (by default one 256-token window from
 the start of each of its first 16 articles), and evaluates perplexity with
 every planned linear masked eagerly (``masked_linears``, the math the compiled model runs) on the
-second half of the articles and on the other domains of ``cli.data.DOMAINS`` (news articles,
+second half of the articles and on the other domains of ``wisparse_compile.data.DOMAINS`` (news articles,
 Usenet posts, Python's reference documentation), none of which calibration sees. The achieved
 sparsity is measured on the held-out Wikipedia tokens. Results are checkpointed per configuration
 in ``results/accuracy.json`` (a rerun skips what is there); after each configuration the markdown
@@ -26,7 +26,7 @@ import torch
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
 from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.config import ACROSS_BLOCKS, METHODS
-from wisparse_compile.cli.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 log = logging.getLogger("accuracy")

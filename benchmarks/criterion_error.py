@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 
 HERE = Path(__file__).resolve().parent
 

@@ -91,7 +91,7 @@ def _data(args: argparse.Namespace):
         calib = [torch.randint(0, 256, (1, 32), generator=g) for _ in range(2)]
         windows = [torch.randint(0, 256, (1, 64), generator=g) for _ in range(2)]
         return model, calib, windows
-    from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+    from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 
     model, tokenizer = load_causal_lm(args.model)
     calib_texts, eval_texts = split_articles(wikipedia_articles())

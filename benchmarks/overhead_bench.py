@@ -142,7 +142,7 @@ def build(model_name: str):
     """(model, calibration batches, prompt): SmolLM2 on Wikipedia text, or a random Llama (of
     SmolLM2's shape, for machines without the model package; or tiny) on random tokens."""
     if model_name == "smollm2":
-        from wisparse_compile.cli.data import load_causal_lm, token_windows, wikipedia_articles
+        from wisparse_compile.data import load_causal_lm, token_windows, wikipedia_articles
 
         model, tokenizer = load_causal_lm("smollm2")
         windows = token_windows(tokenizer, wikipedia_articles()[:4], 128, max_tokens=128 * 5)

@@ -15,7 +15,7 @@ then runs two configurations, each in fresh processes:
 
 In each, a dense model (``torch.compile``, Inductor) and a sparse one (the plan attached,
 ``backend="wisparse"``) decode greedily from the same prefilled static cache, interleaved round by
-round (``cli.decoding``), so the dense/sparse ratio of each configuration is measured side by side;
+round (``wisparse_compile.decoding``), so the dense/sparse ratio of each configuration is measured side by side;
 the ratios between configurations come from the same run of this script. Each configuration also
 records its greedy tokens (tensor-parallel and single must agree) and, per rank, how many planned
 linears the compile report says were rewritten.
@@ -92,7 +92,7 @@ def run_process(args: argparse.Namespace) -> None:
 
     import wisparse_compile as wsc
     from wisparse_compile.backend import COMPILED_REPORTS
-    from wisparse_compile.cli.decoding import GreedyDecoder, interleaved_tokens_per_s, median
+    from wisparse_compile.decoding import GreedyDecoder, interleaved_tokens_per_s, median
 
     torch.set_num_threads(args.threads)
     tp = args.role == "tp"

@@ -23,8 +23,8 @@ import time
 import torch
 
 import wisparse_compile as wsc
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
-from wisparse_compile.cli.decoding import GreedyDecoder, interleaved_tokens_per_s, median
+from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.decoding import GreedyDecoder, interleaved_tokens_per_s, median
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 

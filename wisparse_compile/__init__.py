@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import decode_compile_options, last_compile_report, sparse_backend, wisparse_backend
+from .backend import last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, SparsityConfig
+from .decoding import decode_compile_options
 from .plan import PlanError, SparsityPlan
 from .quantize import QuantizeConfig, quantization_of
 from .reference import masked_linears, measure_sparsity

@@ -1,4 +1,4 @@
-"""``GreedyDecoder`` (wisparse_compile/cli/decoding.py) with the installed transformers: the cache goes in
+"""``GreedyDecoder`` (wisparse_compile/decoding.py) with the installed transformers: the cache goes in
 under the keyword the model's forward declares, so the decode raises no deprecation warning, and
 its tokens are the cache-free greedy tokens (a cache passed under a name the forward ignored would
 leave every step without the prompt)."""
@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from tests.conftest import tiny_llama
-from wisparse_compile.cli.decoding import GreedyDecoder
+from wisparse_compile.decoding import GreedyDecoder
 from wisparse_compile.model_io import cache_keyword
 
 
