@@ -90,13 +90,15 @@ class GreedyDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, backend: str, prompt_len: int, new_tokens: int,
-                 prompt: torch.Tensor | None = None):
+                 prompt: torch.Tensor | None = None, options: dict[str, Any] | None = None):
         from transformers import StaticCache
 
         self.model = model
         # a decode loop changes no module attribute: skip Dynamo's module guards (dense and sparse alike),
-        # on a backend object of this decoder's own (own_backend)
-        self.step = torch.compile(model, backend=own_backend(backend), options=decode_compile_options())
+        # on a backend object of this decoder's own (own_backend); ``options`` add to them (an Inductor
+        # mode's options, the wisparse backend's)
+        options = {**decode_compile_options(), **(options or {})}
+        self.step = torch.compile(model, backend=own_backend(backend), options=options or None)
         if prompt is None:  # random tokens: the speed of a decode step does not depend on them
             prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
         if tuple(prompt.shape) != (1, prompt_len):
@@ -144,9 +146,11 @@ class GreedyDecoder:
                 **{self.cache_keyword: self.cache},
             )
             token = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
+            tokens.append(token)  # no host sync per step: a GPU keeps queueing steps
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        self.last_tokens = tokens
+        self.last_tokens = torch.cat(tokens, dim=1).flatten().tolist()
         return new_tokens / elapsed
 
 
