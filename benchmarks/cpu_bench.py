@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machine", default=None, help="results folder name (default: harness.machine_id())")
     parser.add_argument("--variant", default=None,
-                        help="file-name tag of a partial run (default: quick, peer or 1b-only when that is what ran)")
+                        help="file-name tag of a partial run (default: quick, peer or llama1b when that is what ran)")
     parser.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny kernel shapes and a tiny random Llama, 2 tokens, 1 round: checks the script, NOT figures")

@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python benchmarks/tp_bench.py                          # CPU: random 1.1B Llama (bf16), 2 ranks x 1 thread (gloo)
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --model smollm2 --nproc 3  # SmolLM2-135M (9 heads: 3 ranks)
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --backend nccl --nproc 4 --model llama1b   # one GPU per rank
-    PYTHONPATH=$PWD python benchmarks/tp_bench.py --dry-run --out /tmp/tp  # a tiny Llama, seconds: proves the script
+    PYTHONPATH=$PWD python benchmarks/tp_bench.py --dry-run              # a tiny Llama, seconds: proves the script
 
 The driver saves the model as a Hugging Face folder and calibrates one plan on the unsharded model
 (TEAL scores on random tokens, as ``cpu_bench.py``: a rough plan, the achieved sparsity is real),
