@@ -4,14 +4,15 @@ Wikipedia and on text of other kinds.
 Calibrates on the first half of the gensim Wikipedia articles only (by default one 256-token window from
 the start of each of its first 16 articles), and evaluates perplexity with
 every planned linear masked eagerly (``masked_linears``, the math the compiled model runs) on the
-second half of the articles and on the other domains of ``cli.data.DOMAINS`` (news articles,
+second half of the articles and on the other domains of ``wisparse_compile.data.DOMAINS`` (news articles,
 Usenet posts, Python's reference documentation), none of which calibration sees. The achieved
 sparsity is measured on the held-out Wikipedia tokens. Results are checkpointed per configuration
-in ``results/accuracy.json`` (a rerun skips what is there); after each configuration the markdown
-table and the plot are rewritten.
+in ``results/accuracy/<machine>/<date>.json`` (a rerun continues the newest result of the same
+setup, skipping what is there); after each configuration the markdown table and the plot beside it
+are rewritten.
 
     PYTHONPATH=. python benchmarks/accuracy.py --threads 1 --sparsities 0.4 0.5 0.6
-    PYTHONPATH=. python benchmarks/accuracy.py --dry-run     # a tiny random model, seconds
+    PYTHONPATH=. python benchmarks/accuracy.py --dry-run     # a tiny random model, a minute
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import latest_result, machine_id, out_dir_for, write_result
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.allocation.search import Search
 from wisparse_compile.config import METHODS
-from wisparse_compile.cli.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.data import DOMAINS, domain_texts, load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 log = logging.getLogger("accuracy")
-HERE = Path(__file__).resolve().parent
-README_BEGIN, README_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="model folder, .gguf file or 'smollm2'")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.4, 0.5, 0.6])
@@ -58,19 +57,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--validation-tokens", type=int, default=1024)
     p.add_argument("--refinement-tokens", type=int, default=512)
     p.add_argument("--refinement-step", type=float, default=0.1)
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true",
                    help="a tiny random Llama, few tokens, results to a temporary folder: checks the script runs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.dry_run:
-        import tempfile
-
         args.model, args.sparsities, args.methods = "random:llama", [0.5], ["teal", "wisparse"]
         args.calibration_batches, args.calibration_length, args.eval_tokens, args.window = 8, 32, 128, 64
         args.validation_tokens, args.refinement_tokens = 64, 64
-        args.out, args.readme = Path(tempfile.mkdtemp(prefix="accuracy-dry-run-")), None
+        args.population, args.generations = 3, 1
+    args.out = out_dir_for(args.out_dir, args.dry_run, "accuracy")
+    args.machine = "dry-run" if args.dry_run else machine_id()
     return args
 
 
@@ -144,25 +142,15 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def update_readme(readme: Path | None, table: str) -> None:
-    if readme is None:
-        return
-    text = readme.read_text(encoding="utf-8")
-    if README_BEGIN not in text:
-        log.warning("%s has no %s marker: table not inserted", readme, README_BEGIN)
-        return
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    atomic_write_text(readme, f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
-
-
-def write_outputs(record: dict, args: argparse.Namespace) -> str:
-    atomic_write_json(args.out / "accuracy.json", record)
+def write_outputs(record: dict, args: argparse.Namespace) -> dict:
+    """Checkpoint: the result file (one record per configuration), its table, and the plot beside them."""
     table = markdown_table(record["results"])
-    atomic_write_text(args.out / "accuracy.md", table)
+    records = [{"key": key, **r} for key, r in record["results"].items()]
+    result = write_result("accuracy", record["setup"], records, table, out_dir=args.out, machine=args.machine,
+                          dry_run=args.dry_run)
     if len(record["results"]) > 1:
-        plot(record["results"], args.out / "accuracy.png")
-    return table
+        plot(record["results"], Path(result["path"]).with_suffix(".png"))
+    return result
 
 
 def calibration_windows(tokenizer, texts: list[str], args: argparse.Namespace) -> list[torch.Tensor]:
@@ -199,22 +187,18 @@ def make_setup(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "accuracy.json"
     setup = make_setup(args)
     record = {"setup": setup, "results": {}}
-    if json_path.is_file():
-        import json
-
-        old = json.loads(json_path.read_text())
-        if old.get("setup", {}) | {"torch": None, "threads": None} == setup | {"torch": None, "threads": None}:
-            record["results"] = old["results"]
-            log.info("resuming: %d configurations already done", len(record["results"]))
+    old = latest_result(args.out, "accuracy", args.machine)
+    ignore = {"torch": None, "threads": None}
+    if old and old["setup"] | ignore == setup | ignore:
+        record["results"] = {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in old["records"]}
+        log.info("resuming: %d configurations already done", len(record["results"]))
 
     model, tokenizer = load_causal_lm(args.model)
     calib_texts, eval_texts = split_articles(wikipedia_articles())
@@ -270,10 +254,9 @@ def main() -> None:
             log.info("%s: ppl %s (achieved sparsity %.3f), calib %.0fs eval %.0fs", key,
                      {d: round(r.perplexity, 3) for d, r in reps.items()}, achieved, t1 - t0, time.perf_counter() - t1)
             write_outputs(record, args)
-    table = write_outputs(record, args)
-    update_readme(args.readme, table)
-    print(table)
-
+    result = write_outputs(record, args)
+    print(markdown_table(record["results"]))
+    return result
 
 if __name__ == "__main__":
     main()

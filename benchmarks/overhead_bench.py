@@ -1,7 +1,7 @@
 """Per-decode-step Python time the wisparse wrapper adds around the compiled graph (CPU).
 
     PYTHONPATH=$PWD python benchmarks/overhead_bench.py           # SmolLM2-135M, uniform TEAL 50%
-    PYTHONPATH=$PWD python benchmarks/overhead_bench.py --quick   # a tiny random Llama, seconds
+    PYTHONPATH=$PWD python benchmarks/overhead_bench.py --dry-run # a tiny random Llama, seconds
     PYTHONPATH=$PWD python benchmarks/overhead_bench.py --model smollm2-shape  # no model package needed
 
 The backend hands Dynamo a wrapper (``backend._with_thresholds``) that appends the thresholds of
@@ -16,21 +16,20 @@ greedy decode step (static cache, eager prefill, compiled one-token steps):
 - for comparison, one registry lookup per planned weight per call (the design before the cache).
 
 Targets (issue #17): under 20 us per step and under 2% of a SmolLM2 CPU decode step.
-Writes ``benchmarks/results/overhead_<model>.json`` and a markdown table beside it.
+Writes ``benchmarks/results/overhead/<machine>/<date>-<model>.json`` and the markdown table beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from benchmarks.harness import out_dir_for, random_batches, random_llama, write_result
 
 log = logging.getLogger("overhead_bench")
 TARGET_US, TARGET_SHARE = 20.0, 0.02
@@ -93,14 +92,6 @@ def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
     return lambda: setattr(backend, "_with_thresholds", original)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def per_call_ns(fn: Callable[[], Any], repeat: int) -> float:
     """Median over 5 rounds of the mean time of ``fn()``, in ns."""
     rounds = []
@@ -142,26 +133,15 @@ def build(model_name: str):
     """(model, calibration batches, prompt): SmolLM2 on Wikipedia text, or a random Llama (of
     SmolLM2's shape, for machines without the model package; or tiny) on random tokens."""
     if model_name == "smollm2":
-        from wisparse_compile.cli.data import load_causal_lm, token_windows, wikipedia_articles
+        from wisparse_compile.data import load_causal_lm, token_windows, wikipedia_articles
 
         model, tokenizer = load_causal_lm("smollm2")
         windows = token_windows(tokenizer, wikipedia_articles()[:4], 128, max_tokens=128 * 5)
         return model, windows[:4], windows[4][:, :32]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if model_name == "smollm2-shape":
-        config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                             num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
-                             tie_word_embeddings=True)
-        length, count = 128, 4
-    else:
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
-        length, count = 64, 2
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, config.vocab_size, (1, length), generator=g) for _ in range(count)]
-    return LlamaForCausalLM(config).eval(), batches, torch.randint(0, config.vocab_size, (1, 16), generator=g)
+    length, count = (128, 4) if model_name == "smollm2-shape" else (64, 2)
+    model = random_llama("smollm2" if model_name == "smollm2-shape" else "tiny")
+    vocab = model.config.vocab_size
+    return model, random_batches(vocab, count, length), random_batches(vocab, 1, 16, seed=4)[0]
 
 
 @torch.no_grad()
@@ -199,18 +179,18 @@ def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, timin
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    parser.add_argument("--quick", action="store_true", help="same as --model tiny")
+    parser.add_argument("--dry-run", "--quick", dest="dry_run", action="store_true",
+                        help="--model tiny, results to a temporary folder: checks the script, NOT figures")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=None, help="decode steps (first 3 are warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import wisparse_compile as wsc
-    from wisparse_compile.files import atomic_write_json, atomic_write_text
 
-    name = "tiny" if args.quick else args.model
+    name = "tiny" if args.dry_run else args.model
     steps = args.steps or (12 if name == "tiny" else 40)
     warmup = 4
     model, batches, prompt = build(name)
@@ -246,19 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     record["meets_targets"] = record["wrapper_us_per_step_in_situ"] < TARGET_US and (
         name == "tiny" or record["wrapper_share_of_step"] < TARGET_SHARE
     )
-    result = {
-        "device": f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "records": [record],
-        # other processes on the machine inflate every figure (and torch's threads, oversubscribed, the step)
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    out = Path(args.out_dir)
-    atomic_write_json(out / f"overhead_{name}.json", result)
+    setup = {"model": MODELS[name], "sparsity": args.sparsity, "steps": steps, "warmup_steps": warmup,
+             "threads": torch.get_num_threads()}
     r = record
     table = "\n".join([
-        f"Device: {result['device']}, load average {result['load_average_1min']}, torch {result['torch']}; "
-        f"{r['model']}, {r['plan']}, "
-        f"{r['threshold_inputs']} threshold inputs, medians over {r['decode_steps']} decode steps",
+        f"{r['model']}, {r['plan']}, {r['threshold_inputs']} threshold inputs, medians over {r['decode_steps']} decode steps",
         "",
         "| decode step | wrapper per step (in situ) | raw: wrapper / stand-in | wrapper per call (isolated) | "
         "share of step | one lookup per weight per call (before) |",
@@ -270,12 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "in situ = wrapper minus a stand-in that appends fixed thresholds (alternate steps); isolated = the "
         "wrapper around a no-op on the step's arguments; before = one registry lookup per weight per call.",
-        "",
     ])
-    atomic_write_text(out / f"overhead_{name}.md", table)
+    # other processes on the machine inflate every figure (and torch's threads, oversubscribed, the step)
+    result = write_result("overhead", setup, [record], table, out_dir=out_dir_for(args.out_dir, args.dry_run, "overhead"),
+                          variant=name, dry_run=args.dry_run)
     print(table)
     return result
-
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)

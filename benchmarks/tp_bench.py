@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python benchmarks/tp_bench.py                          # CPU: random 1.1B Llama (bf16), 2 ranks x 1 thread (gloo)
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --model smollm2 --nproc 3  # SmolLM2-135M (9 heads: 3 ranks)
     PYTHONPATH=$PWD python benchmarks/tp_bench.py --backend nccl --nproc 4 --model llama1b   # one GPU per rank
-    PYTHONPATH=$PWD python benchmarks/tp_bench.py --dry-run --out /tmp/tp  # a tiny Llama, seconds: proves the script
+    PYTHONPATH=$PWD python benchmarks/tp_bench.py --dry-run              # a tiny Llama, seconds: proves the script
 
 The driver saves the model as a Hugging Face folder and calibrates one plan on the unsharded model
 (TEAL scores on random tokens, as ``cpu_bench.py``: a rough plan, the achieved sparsity is real),
@@ -15,12 +15,12 @@ then runs two configurations, each in fresh processes:
 
 In each, a dense model (``torch.compile``, Inductor) and a sparse one (the plan attached,
 ``backend="wisparse"``) decode greedily from the same prefilled static cache, interleaved round by
-round (``cli.decoding``), so the dense/sparse ratio of each configuration is measured side by side;
+round (``wisparse_compile.decoding``), so the dense/sparse ratio of each configuration is measured side by side;
 the ratios between configurations come from the same run of this script. Each configuration also
 records its greedy tokens (tensor-parallel and single must agree) and, per rank, how many planned
 linears the compile report says were rewritten.
 
-Writes ``benchmarks/results/tp_<machine>_<model>.json`` and ``.md`` (``--out`` elsewhere).
+Writes ``benchmarks/results/tp/<machine>/<date>-<model>.json`` and ``.md`` (``--out-dir`` elsewhere).
 ``--dry-run`` runs a tiny random Llama for a few tokens: its numbers are NOT speed figures.
 """
 
@@ -42,33 +42,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 16
 
 
-def _machine() -> str:
-    from benchmarks.cpu_bench import machine_name
-
-    return machine_name()
-
-
 def _build_model(name: str, layers: int | None = None) -> torch.nn.Module:
     """The model to benchmark, unsharded: SmolLM2-135M (fp32), the random 1.1B Llama (bf16), or a tiny one."""
-    if name == "smollm2":
-        from benchmarks.cpu_bench import load_smollm2
+    from benchmarks.harness import load_smollm2, random_llama
 
+    if name == "smollm2":
         return load_smollm2()
     if name == "llama1b":
-        from benchmarks.cpu_bench import random_llama_1b
-
-        return random_llama_1b(layers or 16)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+        return random_llama("llama-1.1b", torch.bfloat16, layers=layers)
+    return random_llama("tiny")
 
 
 def prepare(model_name: str, folder: Path, sparsity: float, nproc: int, layers: int | None = None) -> dict:
     """Save the model as a folder and its plan (calibrated unsharded) beside it."""
     import wisparse_compile as wsc
+    from benchmarks.harness import random_batches
 
     model = _build_model(model_name, layers)
     heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
@@ -76,8 +64,7 @@ def prepare(model_name: str, folder: Path, sparsity: float, nproc: int, layers: 
         raise SystemExit(f"{model_name} has {heads[0]} attention and {heads[1]} kv heads: transformers' tensor "
                          f"parallelism needs both to divide by the rank count, and {nproc} does not")
     model.save_pretrained(folder / "model")
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, model.config.vocab_size, (1, 64), generator=g) for _ in range(2)]
+    batches = random_batches(model.config.vocab_size, 2, 64)
     plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=sparsity, method="teal", allocation=wsc.Uniform()))
     plan.save(folder / "plan.wsp")
     return {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype).removeprefix("torch."),
@@ -92,7 +79,7 @@ def run_process(args: argparse.Namespace) -> None:
 
     import wisparse_compile as wsc
     from wisparse_compile.backend import COMPILED_REPORTS
-    from wisparse_compile.cli.decoding import GreedyDecoder, interleaved_tokens_per_s, median
+    from wisparse_compile.decoding import GreedyDecoder, interleaved_tokens_per_s, median
 
     torch.set_num_threads(args.threads)
     tp = args.role == "tp"
@@ -169,18 +156,18 @@ def launch(role: str, nproc: int, threads: int, args: argparse.Namespace, folder
     return json.loads(result.read_text())
 
 
-def markdown(record: dict) -> str:
+def markdown(setup: dict, record: dict) -> str:
     single, tp = record["single"], record["tp"]
-    n, t = record["nproc"], record["threads_per_rank"]
+    n, t = setup["nproc"], setup["threads_per_rank"]
     rows = [
         ("1 process", f"{n * t} threads", single),
-        (f"{n} ranks (tensor parallel, {record['backend']})", f"{t} thread{'s' if t > 1 else ''} each", tp),
+        (f"{n} ranks (tensor parallel, {setup['backend']})", f"{t} thread{'s' if t > 1 else ''} each", tp),
     ]
     lines = [
-        f"{record['model']} ({record['parameters'] / 1e6:,.1f}M parameters, {record['dtype']}), sparsity "
-        f"{record['sparsity']}, {record['new_tokens']} greedy tokens x {record['rounds']} rounds, machine {record['machine']}.",
+        f"{setup['model']} ({setup['parameters'] / 1e6:,.1f}M parameters, {setup['dtype']}), sparsity "
+        f"{setup['sparsity']}, {setup['new_tokens']} greedy tokens x {setup['rounds']} rounds.",
         "",
-        f"| setup | threads | dense ({record['dense_backend']}) tok/s | sparse (wisparse) tok/s | sparse / dense |",
+        f"| setup | threads | dense ({setup['dense_backend']}) tok/s | sparse (wisparse) tok/s | sparse / dense |",
         "|---|---|---|---|---|",
     ]
     for label, threads, r in rows:
@@ -190,7 +177,7 @@ def markdown(record: dict) -> str:
     lines += ["", f"Tensor parallel vs 1 process: dense {ratio['dense']:.2f}x, sparse {ratio['sparse']:.2f}x. "
               f"Greedy tokens of the two setups equal: dense {record['tokens_equal']['dense']}, sparse "
               f"{record['tokens_equal']['sparse']}. Planned linears rewritten per rank: {record['rewritten_per_rank']} "
-              f"of {record['planned_linears']}."]
+              f"of {setup['planned_linears']}."]
     return "\n".join(lines)
 
 
@@ -208,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dense-backend", choices=("inductor", "eager"), default="inductor",
                         help="how the dense model's decode step runs (--dry-run: eager, to compile half as much)")
-    parser.add_argument("--machine", default=None)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--machine", default=None, help="results folder name (default: harness.machine_id())")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                        help="default benchmarks/results (--dry-run: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="tiny random Llama, 4 tokens, 1 round: not speed figures")
     parser.add_argument("--role", choices=("single", "tp"), help=argparse.SUPPRESS)  # a worker process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -224,30 +212,31 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.backend == "nccl" and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"--backend nccl needs a CUDA device per rank: {args.nproc} ranks, "
                          f"{torch.cuda.device_count()} devices")
-    machine = args.machine or ("dry-run" if args.dry_run else _machine())
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as tmp:
         folder = Path(tmp)
         info = prepare(args.model, folder, args.sparsity, args.nproc, args.layers)
         single = launch("single", 1, args.nproc * args.threads_per_rank, args, folder)
         tp = launch("tp", args.nproc, args.threads_per_rank, args, folder)
-    record = {
-        "machine": machine, "model": args.model, **info, "sparsity": args.sparsity, "nproc": args.nproc,
+    setup = {
+        "model": args.model, **info, "sparsity": args.sparsity, "nproc": args.nproc,
         "threads_per_rank": args.threads_per_rank, "backend": args.backend, "new_tokens": args.new_tokens,
-        "rounds": args.rounds, "layers": args.layers, "dense_backend": args.dense_backend, "torch": torch.__version__, "dry_run": args.dry_run,
+        "rounds": args.rounds, "layers": args.layers, "dense_backend": args.dense_backend,
+    }
+    record = {
         "tp_vs_single": {k: tp["tokens_per_s"][k] / single["tokens_per_s"][k] for k in ("dense", "sparse")},
         "tokens_equal": {k: tp["tokens"][k] == single["tokens"][k] for k in ("dense", "sparse")},
         "rewritten_per_rank": [max((r["rewritten"] for r in rank["reports"]), default=0) for rank in tp["reports_per_rank"]],
         "single": single, "tp": tp,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"tp_{machine}_{args.model}" + (f"_{args.layers}layers" if args.layers else "")
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    table = markdown(record)
-    (out / f"{stem}.md").write_text(table + "\n")
-    print(table)
-    return record
+    from benchmarks.harness import out_dir_for, write_result
 
+    table = markdown(setup, record)
+    variant = args.model + (f"-{args.layers}layers" if args.layers else "")
+    result = write_result("tp", setup, [record], table, out_dir=out_dir_for(args.out_dir, args.dry_run, "tp"),
+                          machine=args.machine, variant=variant, device="cuda" if args.backend == "nccl" else "cpu",
+                          dry_run=args.dry_run)
+    print(table)
+    return result
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 from transformers import CompileConfig
 
 import wisparse_compile as wsc
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> tuple[str, float]:

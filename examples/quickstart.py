@@ -9,8 +9,10 @@
 4. compiles the decode step twice, ``torch.compile`` (Inductor, dense) and ``backend="wisparse"``, and
    decodes greedily from the same prompt, interleaving the two round by round: tokens/s side by side.
 
-About 3 minutes on 2 CPU cores. ``--method wisparse`` runs the full evolutionary allocation (several
-minutes more); the default ``teal`` uses the greedy within-block allocation, which is quick.
+About 3 minutes on 2 CPU cores. The default ``teal`` gives every block the target and splits it
+greedily inside the block, which is quick; ``--method wisparse`` also weighs each block's error by
+its effect on the loss and trades the budget across blocks (gradients on the calibration text:
+more minutes).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import time
 import torch
 
 import wisparse_compile as wsc
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
-from wisparse_compile.cli.decoding import GreedyDecoder, interleaved_tokens_per_s, median
+from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.decoding import GreedyDecoder, interleaved_tokens_per_s, median
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads; total {time.perf_counter() - started:.0f} s)")
     if args.method != "wisparse":
         print(f"The demo allocates with {args.method}'s greedy within-block split to stay within a few minutes; "
-              "--method wisparse adds the evolutionary search across blocks (several minutes more on 2 cores).")
+              "--method wisparse also trades the budget across blocks by estimated loss (more minutes on 2 cores).")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig
 
 import wisparse_compile as wsc
 from wisparse_compile.backend import COMPILED_REPORTS
-from wisparse_compile.cli.data import smollm2_gguf
+from wisparse_compile.data import smollm2_gguf
 
 
 def load(spec: str, device: str):

@@ -362,7 +362,7 @@ def test_guard_filtered_models_of_one_class_each_get_their_graph_on_their_own_ba
     own (GreedyDecoder's own_backend) each run their own graph: outputs equal their eager selves."""
     if not wsc.decode_compile_options():
         pytest.skip("this torch has no skip_guard_on_all_nn_modules_unsafe")
-    from wisparse_compile.cli.decoding import own_backend
+    from wisparse_compile.decoding import own_backend
 
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(2))
     models = [tiny_llama(seed=0, layers=2), tiny_llama(seed=1, layers=3)]

@@ -31,7 +31,7 @@ SPARSE = ("sparse", "fused")  # rewritten to a sparse op, alone or fused with it
 def calibrated(arch: Arch) -> tuple[torch.nn.Module, wsc.SparsityPlan]:
     """The model with a default-chosen plan attached (uniform split: the allocation has its own tests)."""
     model = arch.build()
-    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     decoding = decoding_layers(model)
     assert decoding is not None and all(n.startswith(decoding.name + ".") for n in plan.names), plan.names
     wsc.attach(model, plan)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.cli.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
+from wisparse_compile.data import load_causal_lm, split_articles, token_windows, wikipedia_articles
 from wisparse_compile.eval import evaluate, overall_sparsity
 
 #: Dense perplexity of SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32) on the first 512
@@ -48,21 +48,3 @@ def test_smollm2_dense_sparse_and_compiled_agree():
     finally:
         detach(model)
         torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("domain", ["news", "newsgroups", "python-docs"])
-def test_other_text_domains_load_as_prose(domain):
-    from wisparse_compile.cli.data import domain_texts
-
-    docs = domain_texts(domain)
-    assert len(docs) >= 50 and all(isinstance(d, str) and d == d.strip() and d for d in docs)
-    assert sum(len(d) for d in docs) > 300_000  # enough for 4096-token evaluations
-    if domain == "newsgroups":  # mail headers dropped: bodies only
-        assert not any(d.startswith(("From:", "Newsgroups:", "Xref:", "Path:")) for d in docs)
-
-
-def test_unknown_domain_names_the_known_ones():
-    from wisparse_compile.cli.data import domain_texts
-
-    with pytest.raises(ValueError, match="known: \\['wikipedia', 'news'"):
-        domain_texts("poetry")

@@ -72,7 +72,7 @@ def test_attaching_to_a_model_without_experts_does_not_warn(caplog):
     """Gemma3's SigLIP tower holds a [1, 1, D] probe; attach says nothing about experts."""
     model = BY_NAME["gemma3"].build()
     assert any(p.dim() == 3 and p.shape[:2] == (1, 1) for n, p in model.named_parameters() if n.endswith("probe"))
-    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     with caplog.at_level(logging.DEBUG, logger="wisparse_compile.experts"):
         wsc.attach(model, plan)
     assert not [r.getMessage() for r in caplog.records if r.name == "wisparse_compile.experts"]

@@ -119,7 +119,7 @@ def test_generate_encoder_decoder_and_vision_language_model(name: str):
     import torch._inductor.compile_fx as compile_fx_module
 
     model = BY_NAME[name].build()
-    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, uniform=True))
+    plan = wsc.calibrate(model, text_batches(model), wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     wsc.attach(model, plan)
     new = dict(NEW, min_new_tokens=NEW["max_new_tokens"])
     counters.clear()

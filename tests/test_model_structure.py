@@ -121,12 +121,12 @@ def test_include_and_plan_encoder_choose_the_blocks():
     batches = text_batches(model)
     encoder = [f"model.encoder.layers.{i}." for i in range(4)]
     decoder = [f"model.decoder.layers.{i}." for i in range(2)]
-    by_include = wsc.calibrate(model, batches, wsc.SparsityConfig(include=r"^model\.encoder\.layers\.", uniform=True))
+    by_include = wsc.calibrate(model, batches, wsc.SparsityConfig(include=r"^model\.encoder\.layers\.", allocation=wsc.Uniform()))
     assert sorted(by_include.names) == _weights_under(model, encoder)
     layout, calls = discover_layout(model, by_include.names, batches, torch.device("cpu"))
     assert [b.prefix for b in layout.blocks] == encoder and not layout.outside
     assert all(len(calls[p].calls) == 1 for p in encoder)  # each block's call captured for its re-runs
-    both = wsc.calibrate(model, batches, wsc.SparsityConfig(plan_encoder=True, uniform=True))
+    both = wsc.calibrate(model, batches, wsc.SparsityConfig(plan_encoder=True, allocation=wsc.Uniform()))
     assert sorted(both.names) == _weights_under(model, encoder + decoder)
     layout, _ = discover_layout(model, both.names, batches, torch.device("cpu"))
     assert [b.prefix for b in layout.blocks] == encoder + decoder
@@ -162,7 +162,7 @@ def test_undecidable_layer_lists_raise_naming_them_and_the_include():
     model = _PlainEncoderDecoder()
     batches = token_batches(1, batch=2, length=8, vocab=32)
     with pytest.raises(LayerChoiceError) as caught:
-        wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, uniform=True))
+        wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Uniform()))
     message = str(caught.value)
     assert "encoder.layers (3 layers" in message and "decoder.layers (2 layers" in message
     assert r"include=r'^decoder\.layers\.'" in message

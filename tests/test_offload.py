@@ -132,32 +132,33 @@ def test_watched_weights_follow_a_slot_to_the_tensor_it_holds_now():
 
 def test_calibration_memory_benchmark_dry_run(tmp_path):
     """benchmarks/calibration_memory.py runs end to end on a tiny Llama, whole and offloaded, and writes its record."""
-    record = calibration_memory.main(["--dry-run", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)])
-    data = json.loads((tmp_path / "calibration_memory_dry_run.json").read_text())
-    assert data == json.loads(json.dumps(record))
-    whole, offloaded = data["cases"]
+    result = calibration_memory.main(["--dry-run", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)])
+    path = tmp_path / "calibration_memory" / "dry-run" / f"{result['date']}.json"
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps({k: v for k, v in result.items() if k != "path"}))
+    whole, offloaded = data["records"]
     assert whole["planned_linears"] == offloaded["planned_linears"] == 28
     assert whole["offloaded_planned_linears"] == 0 and offloaded["offloaded_planned_linears"] > 0
     assert offloaded["resident_bytes"] < whole["resident_bytes"] == whole["model_bytes"] == offloaded["model_bytes"]
-    for case in data["cases"]:
+    for case in data["records"]:
         assert case["rss_after_load"] > 0 and case["peak_rss_calibrating"] >= case["rss_after_load"] - (1 << 20)
         assert case["load_before"] and case["load_after"] and case["held_by_settings_estimate"]["histograms"] > 0
-    assert "peak RSS calibrating" in (tmp_path / "calibration_memory_dry_run.md").read_text()
+    assert "peak RSS calibrating" in path.with_suffix(".md").read_text()
 
 
-def test_readme_recipe_runs(saved, tmp_path, monkeypatch):
-    """The README's "Calibrating a model that does not fit" code, on the tiny model with most of it on disk."""
+def test_big_models_doc_recipe_runs(saved, tmp_path, monkeypatch):
+    """docs/big-models.md's "Calibrating a model that does not fit" code, on the tiny model with most of it on disk."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Calibrating a model that does not fit", 1)[1]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "big-models.md").read_text()
+    section = doc.split("## Calibrating a model that does not fit", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'folder = "path/to/hf-model"' in code and '"2GiB"' in code
     code = code.replace('folder = "path/to/hf-model"', f"folder = {saved!r}").replace('"2GiB"', '"300KB"')
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/big-models.md", "exec"), scope)
     try:
         assert (tmp_path / "plan.wsp").is_file() and wsc.attached_plan(scope["model"]) is not None
         assert len(scope["plan"].names) == 28

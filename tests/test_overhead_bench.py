@@ -10,12 +10,13 @@ KEYS = {
 }
 
 
-def test_overhead_bench_quick(tmp_path):
-    result = overhead_bench.main(["--quick", "--steps", "3", "--out-dir", str(tmp_path)])
-    data = json.loads((tmp_path / "overhead_tiny.json").read_text())
-    assert data == json.loads(json.dumps(result))
+def test_overhead_bench_dry_run(tmp_path):
+    result = overhead_bench.main(["--dry-run", "--steps", "3", "--out-dir", str(tmp_path)])
+    path = tmp_path / "overhead" / "dry-run" / f"{result['date']}-tiny.json"
+    data = json.loads(path.read_text())
+    assert {k: v for k, v in result.items() if k != "path"} == json.loads(json.dumps(data))
     (record,) = data["records"]
     assert KEYS <= record.keys()
     assert record["threshold_inputs"] == 14 and record["decode_steps"] == 3
     assert record["step_ms"] > 0 and record["wrapper_us_per_call_isolated"] >= 0
-    assert "wrapper per step (in situ)" in (tmp_path / "overhead_tiny.md").read_text()
+    assert "wrapper per step (in situ)" in path.with_suffix(".md").read_text()

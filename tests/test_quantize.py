@@ -284,8 +284,8 @@ def test_torchao_int8_weight_only_tensors_are_taken_without_requantizing():
 def test_int8_accuracy_script_quick_mode(tmp_path):
     from benchmarks import int8_accuracy
 
-    record = int8_accuracy.main(["--quick", "--out", str(tmp_path)])
-    results = record["results"]
+    result = int8_accuracy.main(["--dry-run", "--out-dir", str(tmp_path)])
+    results = {r["key"]: r for r in result["records"]}
     assert list(results) == [
         "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5",
         "int4 dense", "int4 dense, float head", "int4 + teal@0.5", "int4 + wisparse@0.5",
@@ -298,7 +298,7 @@ def test_int8_accuracy_script_quick_mode(tmp_path):
     assert q4 != q8 and abs(q4 / fp - 1) < 0.1  # int4: coarser, still close on a random tiny model
     sparse = [k for k in results if "@" in k]
     assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in sparse)
-    table = (tmp_path / "int8_accuracy_quick.md").read_text()
+    table = (tmp_path / "int8_accuracy" / "dry-run" / f"{result['date']}.md").read_text()
     assert "| int8 | teal 0.5 |" in table and "| int4 | wisparse 0.5 |" in table
 
 

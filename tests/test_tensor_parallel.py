@@ -328,10 +328,12 @@ def test_tp_bench_dry_run(tmp_path):
     rewrites every planned linear; the JSON and the markdown table are written."""
     from benchmarks import tp_bench
 
-    record = tp_bench.main(["--dry-run", "--out", str(tmp_path)])
+    result = tp_bench.main(["--dry-run", "--out-dir", str(tmp_path)])
+    (record,) = result["records"]
     assert record["tokens_equal"] == {"dense": True, "sparse": True}, record["tokens_equal"]
-    assert record["rewritten_per_rank"] == [record["planned_linears"]] * WORLD
+    assert record["rewritten_per_rank"] == [result["setup"]["planned_linears"]] * WORLD
     for setup in ("single", "tp"):
         assert all(v > 0 for v in record[setup]["tokens_per_s"].values())
-    assert json.loads((tmp_path / "tp_dry-run_tiny.json").read_text())["nproc"] == WORLD
-    assert "| 2 ranks (tensor parallel, gloo) |" in (tmp_path / "tp_dry-run_tiny.md").read_text()
+    path = tmp_path / "tp" / "dry-run" / f"{result['date']}-tiny.json"
+    assert json.loads(path.read_text())["setup"]["nproc"] == WORLD
+    assert "| 2 ranks (tensor parallel, gloo) |" in path.with_suffix(".md").read_text()

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import decode_compile_options, last_compile_report, sparse_backend, wisparse_backend
+from .backend import last_compile_report, sparse_backend, wisparse_backend
 from .calibrate import calibrate
 from .config import BackendConfig, Greedy, Sensitivity, SparsityConfig, Uniform
+from .decoding import decode_compile_options
 from .plan import PlanError, SparsityPlan
 from .config import QuantizeConfig
 from .quant.model import quantization_of

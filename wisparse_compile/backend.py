@@ -34,33 +34,6 @@ log = logging.getLogger(__name__)
 COMPILED_REPORTS = CompileHistory()
 
 
-def decode_compile_options() -> dict[str, Any]:
-    """``torch.compile`` options for a decode step whose module attributes stay as compiled.
-
-    Dynamo checks guards on every module attribute and parameter before each call: ~10,000 guards
-    on SmolLM2-135M, 2.3-2.5 ms of a 13-16 ms int8 decode step on a 2-core EPYC (1.4 ms dense), more
-    than its attention. torch's ``skip_guard_on_all_nn_modules_unsafe`` filter drops the module
-    guards (inputs such as the cache stay guarded); measured 0.4 ms. Safe for wisparse's own
-    changes: a plan swap (``attach`` again) keeps the weights, and a weight replaced under the
-    compiled graph (``detach``, another ``weights=`` mode) raises ``WeightLayoutChanged`` for the
-    planned weights. Not for models whose attributes change after compiling (``train()``/``eval()``,
-    config flags): Dynamo would not notice. Nor does it tell two models of one class apart: compile
-    each with a backend object of its own (``wsc.sparse_backend()`` makes a new one;
-    ``cli.decoding.own_backend`` wraps any), or the second runs the first one's graph.
-
-    The same holds for Inductor's per-call size/stride and alignment asserts, which these options
-    turn off too (Inductor config keys, passed on by the ``wisparse`` and ``inductor`` backends):
-    one assert per graph input, ~940 on SmolLM2 (its parameters, thresholds and cache), 0.5 ms of
-    a 9 ms int8 step. What they would catch is a parameter re-laid after compiling, which the
-    skipped guards already leave to the caller; the planned weights keep the ``WeightLayoutChanged``
-    check. On a torch without the filter the dict is empty: the asserts stay, as the guards do.
-    """
-    filter_fn = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    if filter_fn is None:
-        return {}
-    return {"guard_filter_fn": filter_fn, "size_asserts": False, "alignment_asserts": False}
-
-
 def last_compile_report() -> CompileReport:
     """The report of the graph the wisparse backend compiled last in this process."""
     if not len(COMPILED_REPORTS):

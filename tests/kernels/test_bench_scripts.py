@@ -3,6 +3,7 @@
 import json
 
 from benchmarks import decode_bench, kernel_bench
+from benchmarks.harness import RESULT_KEYS
 
 KERNEL_KEYS = {"shape", "dtype", "batch", "sparsity", "dense_ms", "sparse_ms", "speedup"}
 DECODE_KEYS = {"model", "dtype", "sparsity", "dense_tokens_per_s", "sparse_tokens_per_s", "speedup"}
@@ -25,11 +26,13 @@ def test_kernel_bench_smoke_schema(tmp_path):
             assert r["rows_loaded"] < 1.0
 
 
-def test_decode_bench_smoke_schema(tmp_path):
-    decode_bench.main(["--smoke", "--out-dir", str(tmp_path)])
-    data = json.loads((tmp_path / "decode_smoke.json").read_text())
-    assert {"device", "torch", "records"} <= data.keys() and data["smoke"] is True
-    assert "NOT speed figures" in data["note"]
+def test_decode_bench_dry_run_schema(tmp_path):
+    result = decode_bench.main(["--dry-run", "--out-dir", str(tmp_path)])
+    path = tmp_path / "decode" / "dry-run" / f"{result['date']}.json"
+    data = json.loads(path.read_text())
+    assert set(RESULT_KEYS) == data.keys() and data["bench"] == "decode" and data["dry_run"] is True
+    assert "NOT figures" in data["note"] and "NOT figures" in path.with_suffix(".md").read_text()
+    assert result["smoke"] is True and result["records"] == data["records"]
     assert [r["sparsity"] for r in data["records"]] == [0.5]
     for r in data["records"]:
         assert DECODE_KEYS <= r.keys()

@@ -1,27 +1,22 @@
-"""The CPU decode benchmark's harness on a tiny model: one compile per model, none per plan swap,
-and every run decodes from the same prefilled cache."""
+"""benchmarks/cpu_bench.py on a tiny model: one compile per model, none per plan swap; kernel rows
+read cold weight copies; the peer table says why a peer is missing."""
+
+import json
 
 import pytest
-import torch
 
 from benchmarks import cpu_bench
 from tests.conftest import tiny_llama
 
 
-def test_greedy_decoder_runs_repeat_from_the_prefilled_cache():
-    decoder = cpu_bench.GreedyDecoder(tiny_llama(layers=1), "eager", prompt_len=8, new_tokens=5)
-    decoder.tokens_per_s()
-    first = decoder.last_tokens
-    decoder.tokens_per_s()
-    assert decoder.last_tokens == first and len(first) == 5
-    decoder.tokens_per_s(2)
-    assert decoder.last_tokens == first[:2]
-
-
-def test_bench_decode_compiles_once_per_model_and_never_on_a_plan_swap():
-    records = cpu_bench.bench_decode(
-        "tiny", lambda: tiny_llama(layers=1), "fp32", new_tokens=3, rounds=1, calib_tokens=32, warmup_tokens=2
-    )
+def test_dry_run_compiles_once_per_model_and_never_on_a_plan_swap(tmp_path):
+    """``cpu_bench.py --dry-run``: kernel rows and decode rows of a tiny model, written in the harness layout."""
+    result = cpu_bench.main(["--dry-run", "--out-dir", str(tmp_path)])
+    path = tmp_path / "cpu" / "dry-run" / f"{result['date']}.json"
+    data = json.loads(path.read_text())
+    assert data["bench"] == "cpu" and data["dry_run"] and "NOT figures" in data["note"]
+    assert json.loads(json.dumps({k: v for k, v in result.items() if k != "path"})) == data
+    records = [r for r in data["records"] if r["kind"] == "decode"]
     assert [r["sparsity"] for r in records] == list(cpu_bench.DECODE_SPARSITIES)
     r = records[0]
     assert r["graphs_compiled_in_warmup"] == {"dense": 1, "0.0": 1, "0.4": 0, "0.5": 0}
@@ -29,6 +24,9 @@ def test_bench_decode_compiles_once_per_model_and_never_on_a_plan_swap():
     assert r["warmup_tokens"]["0.0"] == r["warmup_tokens"]["dense"]
     assert {"build_models", "calibrate", "prefill", "warmup_dense", "warmup_0.0", "rounds"} <= r["phase_s"].keys()
     assert all(x["dense_tokens_per_s"] > 0 and x["sparse_tokens_per_s"] > 0 for x in records)
+    kernels = [r for r in data["records"] if r["kind"] == "kernel"]
+    assert len(kernels) == len(cpu_bench.DTYPES) * len(cpu_bench.KERNEL_SPARSITIES)
+    assert "| tiny random Llama | fp32 | 0.5 |" in path.with_suffix(".md").read_text()
 
 
 def test_bench_kernels_cycles_cold_weight_copies(monkeypatch):

@@ -37,7 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(spec: str, tokenizer: bool = False):
     """A causal LM (eval mode, fp32) from a folder, a GGUF file, ``smollm2`` or ``random:<model_type>``;
     with ``tokenizer=True`` the pair (model, tokenizer). Bad specs exit with the reason."""
-    from .data import load_causal_lm
+    from ..data import load_causal_lm
 
     try:
         model, tok = load_causal_lm(spec, tokenizer=tokenizer)
@@ -114,7 +114,7 @@ def add_text_arguments(parser: argparse.ArgumentParser, tokens: int, length: int
 
 def text_windows(tokenizer, args: argparse.Namespace, part: str) -> list[torch.Tensor]:
     """[1, length] id windows of ``--text``: a file, or the ``part`` ("calibration"/"evaluation") split."""
-    from .data import read_text, split_articles, token_windows, wikipedia_articles
+    from ..data import read_text, split_articles, token_windows, wikipedia_articles
 
     if args.tokens < args.length:
         raise SystemExit(f"wisparse: --tokens {args.tokens} is less than one --length {args.length} sequence")

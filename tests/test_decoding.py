@@ -1,4 +1,4 @@
-"""``GreedyDecoder`` (wisparse_compile/cli/decoding.py) with the installed transformers: the cache goes in
+"""``GreedyDecoder`` (wisparse_compile/decoding.py) with the installed transformers: the cache goes in
 under the keyword the model's forward declares, so the decode raises no deprecation warning, and
 its tokens are the cache-free greedy tokens (a cache passed under a name the forward ignored would
 leave every step without the prompt)."""
@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from tests.conftest import tiny_llama
-from wisparse_compile.cli.decoding import GreedyDecoder
+from wisparse_compile.decoding import GreedyDecoder
 from wisparse_compile.model_io import cache_keyword
 
 
@@ -48,3 +48,13 @@ def test_greedy_decoder_compiles_dense_inductor_with_the_decode_options():
     _, code = run_and_get_code(decoder.tokens_per_s)
     assert code and all("assert_size_stride(" not in c for c in code)  # the options reached Inductor
     assert [int(decoder.first_token)] + decoder.last_tokens == _greedy_without_cache(model, prompt, 4)
+
+
+def test_greedy_decoder_runs_repeat_from_the_prefilled_cache():
+    decoder = GreedyDecoder(tiny_llama(layers=1), "eager", prompt_len=8, new_tokens=5)
+    decoder.tokens_per_s()
+    first = decoder.last_tokens
+    decoder.tokens_per_s()
+    assert decoder.last_tokens == first and len(first) == 5
+    decoder.tokens_per_s(2)
+    assert decoder.last_tokens == first[:2]
