@@ -24,14 +24,13 @@ target (``wisparse_compile/kernels/triton_aot.py``: registers, shared memory):
 
 Ranked by predicted fraction. It is a model: ``gpu_check.py`` measures the same launches on a GPU
 and prints measured next to modelled, which confirms or refutes it. Writes
-``benchmarks/results/gpu_model.json`` and ``.md`` (``--out-dir``).
+``benchmarks/results/gpu_model/modelled/<date>.json`` and ``.md`` (the harness's layout; ``--out-dir``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -225,15 +224,16 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     predictions.sort(key=lambda p: (p.gpu, p.form, p.n, p.k, p.rows, p.sparsity, -p.fraction_of_peak))
     text = table(predictions)
     print(text)
-    out_dir = args.out_dir or (None if args.dry_run else ROOT / "benchmarks" / "results")
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"latency_ns": LATENCY_NS, "dense_fraction": DENSE_FRACTION, "modelled": True,
-                  "predictions": [dataclasses.asdict(p) for p in predictions]}
-        (out_dir / "gpu_model.json").write_text(json.dumps(record, indent=1) + "\n")
-        (out_dir / "gpu_model.md").write_text(
-            f"# Modelled (not measured): Triton sparse GEMV bandwidth\n\n`python benchmarks/gpu_model.py`; latency "
-            f"{LATENCY_NS:.0f} ns, dense baseline at {DENSE_FRACTION:.0%} of peak.\n\n{text}\n")
+    if not args.dry_run or args.out_dir is not None:
+        from benchmarks.harness import RESULTS, write_result
+
+        setup = {"latency_ns": LATENCY_NS, "dense_fraction": DENSE_FRACTION, "gpus": [dataclasses.asdict(g) for g in GPUS],
+                 "shapes": [list(s) for s in SHAPES], "modelled": True}
+        heading = (f"Modelled (not measured): Triton sparse GEMV bandwidth. Latency {LATENCY_NS:.0f} ns; the dense "
+                   f"baseline reads the whole weight at {DENSE_FRACTION:.0%} of peak.\n\n")
+        write_result("gpu_model", setup, [dataclasses.asdict(p) for p in predictions], heading + text,
+                     out_dir=args.out_dir or RESULTS, machine="modelled", dry_run=args.dry_run,
+                     note="a model of the compiled kernels; gpu_check.py measures the same launches")
     return predictions
 
 
