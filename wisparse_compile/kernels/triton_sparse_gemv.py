@@ -154,35 +154,33 @@ def split_k_for(column_blocks: int, num_warps: int, k: int, sms: int) -> int:
 
 
 @triton.jit
+def _past(pid_n, blocks, g, start, end, first, next_g, next_start, next_end, BLOCK_N: tl.constexpr):
+    """Segment ``next_g`` (columns [next_start, next_end)) if program ``pid_n`` lies past the
+    ``blocks`` column blocks before it, else the segment found so far; and the blocks up to its end."""
+    if pid_n >= blocks:
+        g = next_g
+        start = next_start
+        end = next_end
+        first = next_start + (pid_n - blocks) * BLOCK_N
+    return g, start, end, first, blocks + tl.cdiv(next_end - next_start, BLOCK_N)
+
+
+@triton.jit
 def _segment_of(pid_n, N, SEG_END_0, SEG_END_1, SEG_END_2, NUM_SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Column-block program ``pid_n``'s segment: (index, first column, end column, the block's first column).
 
     Blocks are numbered segment after segment, ``cdiv(segment width, BLOCK_N)`` each."""
-    g = 0
-    start = 0
-    end = SEG_END_0
+    g = pid_n * 0
+    start = pid_n * 0
+    end = SEG_END_0 + pid_n * 0
     first = pid_n * BLOCK_N
+    blocks = tl.cdiv(SEG_END_0, BLOCK_N)
     if NUM_SEGMENTS > 1:
-        blocks_0 = tl.cdiv(SEG_END_0, BLOCK_N)
-        if pid_n >= blocks_0:
-            g = 1
-            start = SEG_END_0
-            end = SEG_END_1
-            first = SEG_END_0 + (pid_n - blocks_0) * BLOCK_N
-        if NUM_SEGMENTS > 2:
-            blocks_1 = blocks_0 + tl.cdiv(SEG_END_1 - SEG_END_0, BLOCK_N)
-            if pid_n >= blocks_1:
-                g = 2
-                start = SEG_END_1
-                end = SEG_END_2
-                first = SEG_END_1 + (pid_n - blocks_1) * BLOCK_N
-            if NUM_SEGMENTS > 3:
-                blocks_2 = blocks_1 + tl.cdiv(SEG_END_2 - SEG_END_1, BLOCK_N)
-                if pid_n >= blocks_2:
-                    g = 3
-                    start = SEG_END_2
-                    end = N
-                    first = SEG_END_2 + (pid_n - blocks_2) * BLOCK_N
+        g, start, end, first, blocks = _past(pid_n, blocks, g, start, end, first, 1, SEG_END_0, SEG_END_1, BLOCK_N)
+    if NUM_SEGMENTS > 2:
+        g, start, end, first, blocks = _past(pid_n, blocks, g, start, end, first, 2, SEG_END_1, SEG_END_2, BLOCK_N)
+    if NUM_SEGMENTS > 3:
+        g, start, end, first, blocks = _past(pid_n, blocks, g, start, end, first, 3, SEG_END_2, N, BLOCK_N)
     return g, start, end, first
 
 
@@ -211,6 +209,20 @@ def _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t):
     row_ok = (offs_k * 0 + m) < M
     xm = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=k_ok & row_ok, other=0.0).to(tl.float32)
     return xm, (tl.abs(xm) > t) | (xm != xm)
+
+
+@triton.jit
+def _k_block(x_ptr, t_ptr, k_first, k_end, stride_xm, stride_xk, M, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This step's channels, which exist, their thresholds, and which channels some token row keeps
+    (the union of the rows' masks: the weight rows to load)."""
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
+    needed = offs_k < 0
+    for m in tl.static_range(BLOCK_M):
+        _, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
+        needed = needed | keep
+    return offs_k, k_ok, t, needed
 
 
 @triton.jit
@@ -255,13 +267,7 @@ def _sparse_gemv_kernel(
     # A constexpr trip count (triton 3.6's interpreter takes no runtime loop bound); the last
     # slice's steps past K load nothing.
     for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
-        needed = offs_k < 0
-        for m in tl.static_range(BLOCK_M):  # the union of the token rows' masks
-            _, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
-            needed = needed | keep
+        offs_k, k_ok, t, needed = _k_block(x_ptr, t_ptr, k_start + k0, k_end, stride_xm, stride_xk, M, BLOCK_M, BLOCK_K)
         w = tl.load(w_cols + offs_k[:, None].to(tl.int64) * stride_wk,
                     mask=needed[:, None] & load_ok[None, :], other=0.0).to(tl.float32)
         for m in tl.static_range(BLOCK_M):  # x re-read from L1: cheaper in registers than keeping it
@@ -304,13 +310,7 @@ def _sparse_gemv_int4_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        t = tl.load(t_ptr + offs_k, mask=k_ok, other=float("inf")).to(tl.float32)
-        needed = offs_k < 0
-        for m in tl.static_range(BLOCK_M):
-            _, keep = _kept(x_ptr, m, stride_xm, stride_xk, offs_k, k_ok, M, t)
-            needed = needed | keep
+        offs_k, k_ok, t, needed = _k_block(x_ptr, t_ptr, k_start + k0, k_end, stride_xm, stride_xk, M, BLOCK_M, BLOCK_K)
         rows = offs_k[:, None].to(tl.int64)
         wanted = needed[:, None] & load_ok[None, :]
         packed = tl.load(q_ptr + rows * stride_qk + offs_c[None, :], mask=wanted, other=0).to(tl.int32)
