@@ -143,3 +143,14 @@ def test_without_logits_every_block_keeps_the_target_and_says_why(caplog):
     assert record["across_blocks"] == "uniform (no output sensitivities)" and record["split_error"] == "mse"
     assert set(record["block_sparsities"].values()) == {0.5}
     assert plan.mean_sparsity() == pytest.approx(0.5, abs=0.005)
+
+
+def test_next_token_targets_come_from_the_decoder_tokens_of_an_encoder_decoder_batch():
+    """The logits of an encoder-decoder run over its decoder's tokens, so the targets do too."""
+    from wisparse_compile.allocation.sensitivity import _labels
+
+    decoder_ids = torch.tensor([[2, 7, 8, 9]])
+    batch = {"input_ids": torch.tensor([[5, 6, 1, 1, 1, 1]]), "decoder_input_ids": decoder_ids,
+             "decoder_attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    assert _labels(batch, torch.device("cpu")).tolist() == [[7, 8, -100]]
+    assert _labels({"input_ids": torch.tensor([[5, 6, 7]])}, torch.device("cpu")).tolist() == [[6, 7]]

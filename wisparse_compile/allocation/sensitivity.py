@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def _labels(batch: Any, device: torch.device) -> torch.Tensor:
-    """Next-token targets [batch, seq - 1] of a batch, -100 where the attention mask is 0."""
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    """Next-token targets [batch, seq - 1] of a batch, -100 where the attention mask is 0. An
+    encoder-decoder's logits run over its decoder's tokens: its targets are ``decoder_input_ids``
+    (masked by ``decoder_attention_mask``) where the batch has them."""
+    decoder = isinstance(batch, Mapping) and isinstance(batch.get("decoder_input_ids"), torch.Tensor)
+    prefix = "decoder_" if decoder else ""
+    ids = batch.get(f"{prefix}input_ids") if isinstance(batch, Mapping) else batch
     if not isinstance(ids, torch.Tensor):
         raise TypeError("output sensitivities need input_ids to take next-token targets from")
     ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).to(device)
     labels = ids[:, 1:].clone()
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    mask = batch.get(f"{prefix}attention_mask") if isinstance(batch, Mapping) else None
     if isinstance(mask, torch.Tensor):
         labels[mask.to(device).reshape(ids.shape)[:, 1:] == 0] = -100
     return labels
