@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.config import METHODS
+from wisparse_compile.config import METHODS, QuantizeConfig
 from wisparse_compile.eval import evaluate, overall_sparsity
 from wisparse_compile.files import atomic_write_json, atomic_write_text
 from wisparse_compile.model_structure import decoder_layer_prefixes, find_weight
-from wisparse_compile.config import QuantizeConfig
 from wisparse_compile.quant.model import dequantize_model, quantize_model
 from wisparse_compile.quant.primitives import WEIGHT_FORMATS
 

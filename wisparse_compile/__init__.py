@@ -3,7 +3,7 @@
     plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wina"))
     wsc.attach(model, plan)
     fast = torch.compile(model, backend="wisparse")
-    # or typed, with an Inductor mode: backend=wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=True)
+    # or typed, with an Inductor mode: backend=wsc.WisparseBackend(mode="reduce-overhead", fuse_siblings=True)
     print(wsc.last_compile_report().summary())
 """
 
@@ -12,20 +12,21 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import decode_compile_options, last_compile_report, sparse_backend, wisparse_backend
+from .backend import WisparseBackend, decode_compile_options, last_compile_report, wisparse_backend
 from .calibrate import calibrate
-from .config import BackendConfig, SparsityConfig
+from .config import BackendConfig, QuantizeConfig, SparsityConfig
 from .plan import PlanError, SparsityPlan
-from .config import QuantizeConfig
-from .quant.model import quantization_of
+from .quant.model import Quantization, quantization_of
 from .reference import masked_linears, measure_sparsity
 
 __all__ = [
     "BackendConfig",
     "PlanError",
+    "Quantization",
     "QuantizeConfig",
     "SparsityConfig",
     "SparsityPlan",
+    "WisparseBackend",
     "attach",
     "attached_plan",
     "calibrate",
@@ -35,8 +36,6 @@ __all__ = [
     "masked_linears",
     "measure_sparsity",
     "quantization_of",
-    "sparse_backend",
-    "wisparse_backend",
 ]
 __version__ = "0.1.0"
 
