@@ -28,10 +28,9 @@ import torch
 
 from benchmarks.harness import latest_result, machine_id, out_dir_for, random_llama, write_result
 from wisparse_compile import SparsityConfig, attach, calibrate, detach, masked_linears
-from wisparse_compile.config import METHODS
+from wisparse_compile.config import METHODS, QuantizeConfig
 from wisparse_compile.eval import evaluate, overall_sparsity
 from wisparse_compile.model_structure import decoder_layer_prefixes, find_weight
-from wisparse_compile.config import QuantizeConfig
 from wisparse_compile.quant.model import dequantize_model, quantize_model
 from wisparse_compile.quant.primitives import WEIGHT_FORMATS
 

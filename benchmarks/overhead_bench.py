@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python benchmarks/overhead_bench.py --dry-run # a tiny random Llama, seconds
     PYTHONPATH=$PWD python benchmarks/overhead_bench.py --model smollm2-shape  # no model package needed
 
-The backend hands Dynamo a wrapper (``backend._with_thresholds``) that appends the thresholds of
+The backend hands Dynamo a wrapper (``runtime.with_thresholds``) that appends the thresholds of
 the weights actually passed to every call of a compiled graph. This measures what that costs per
 greedy decode step (static cache, eager prefill, compiled one-token steps):
 
@@ -55,10 +55,10 @@ class GraphTiming:
 
 
 def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
-    """Wrap ``backend._with_thresholds`` so each compiled graph records its times; returns undo."""
+    """Wrap ``runtime.with_thresholds`` (as the backend calls it) so each compiled graph records its times; returns undo."""
     from wisparse_compile import backend
 
-    original = backend._with_thresholds
+    original = backend.with_thresholds
 
     def timed_with_thresholds(compiled: Callable[..., Any], result: Any, example_inputs: Any) -> Callable[..., Any]:
         timing = GraphTiming(result)
@@ -88,8 +88,8 @@ def instrument_backend(timings: list[GraphTiming]) -> Callable[[], None]:
 
         return timed_run
 
-    backend._with_thresholds = timed_with_thresholds
-    return lambda: setattr(backend, "_with_thresholds", original)
+    backend.with_thresholds = timed_with_thresholds
+    return lambda: setattr(backend, "with_thresholds", original)
 
 
 def per_call_ns(fn: Callable[[], Any], repeat: int) -> float:
@@ -105,8 +105,8 @@ def per_call_ns(fn: Callable[[], Any], repeat: int) -> float:
 
 def isolated_figures(timing: GraphTiming, repeat: int) -> dict[str, float]:
     """Wrapper cost on the step's real arguments, without the compiled graph (us per call)."""
-    from wisparse_compile.attach import thresholds_of
-    from wisparse_compile.backend import _with_thresholds
+    from wisparse_compile.planned import thresholds_of
+    from wisparse_compile.runtime import with_thresholds
 
     args = timing.last_args
     sources = timing.result.threshold_sources
@@ -114,7 +114,7 @@ def isolated_figures(timing: GraphTiming, repeat: int) -> dict[str, float]:
     def noop(*a: Any) -> None:
         return None
 
-    wrapped = _with_thresholds(noop, timing.result, args)  # the step's own weights as the compiled ones
+    wrapped = with_thresholds(noop, timing.result, args)  # the step's own weights as the compiled ones
     base = per_call_ns(lambda: noop(*args), repeat)
     return {
         "wrapper_us_per_call": (per_call_ns(lambda: wrapped(*args), repeat) - base) / 1e3,

@@ -11,9 +11,8 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
-from wisparse_compile.attach import (
-    ThresholdFeed, attach_generation, planned_sparsity, site_of, thresholds_of, unplanned,
-)
+from wisparse_compile.attach import unplanned
+from wisparse_compile.planned import plan_generation, plan_of, planned_sparsity, thresholds_of
 from wisparse_compile.backend import COMPILED_REPORTS
 from wisparse_compile.reference import masked_linears
 
@@ -156,58 +155,11 @@ def test_thresholds_move_once_then_stay_the_same_tensor(plan):
     assert thresholds_of(w) is on_cpu and on_cpu.dtype == torch.float32
     # Module.to(another device) keeps the Parameter object and sets its data; the site then moves
     # the thresholds at the next lookup on that device, once
-    site = site_of(w)
+    site = plan_of(w)
     moved = site.thresholds_on(torch.device("meta"))
     assert moved.device.type == "meta" and site.thresholds_on(torch.device("meta")) is moved
     back = thresholds_of(w)  # and back, once
     assert back.device.type == "cpu" and torch.equal(back, on_cpu) and thresholds_of(w) is back
-
-
-def test_threshold_feed_resolves_once_per_weights_and_plan(plan):
-    """The compiled wrapper's feed: same tensors step to step; a plan swap, other weights or an
-    unplanned weight are noticed at the next call."""
-    a, b = wsc.attach(tiny_llama(), plan), wsc.attach(tiny_llama(seed=1), plan)
-    names = plan.names[:3]
-    unplanned_calls = []
-    feed = ThresholdFeed([1, 3, 5], [plan.channel_thresholds[n] for n in names], lambda: unplanned_calls.append(1))
-
-    def args_of(model):
-        return ["x", _weight(model, names[0]), "y", _weight(model, names[1]), "z", _weight(model, names[2])]
-
-    first = feed(args_of(a))
-    assert all(t is thresholds_of(_weight(a, n)) for t, n in zip(first, names))
-    again = feed(args_of(a))
-    assert again is first and all(x is y for x, y in zip(again, first))
-    other = feed(args_of(b))  # another instance, same graph
-    assert all(t is thresholds_of(_weight(b, n)) for t, n in zip(other, names))
-
-    swapped = wsc.calibrate(tiny_llama(), token_batches(1), wsc.SparsityConfig(sparsity=0.3, method="teal"))
-    wsc.attach(b, swapped)
-    after_swap = feed(args_of(b))
-    assert all(torch.equal(t, swapped.channel_thresholds[n]) for t, n in zip(after_swap, names))
-
-    assert unplanned_calls == []
-    wsc.detach(b)
-    dense = feed(args_of(b))
-    assert all(torch.count_nonzero(t) == 0 for t in dense) and unplanned_calls == [1]
-    assert all(x is y for x, y in zip(feed(args_of(b)), dense))  # the same zeros each call
-
-    single = ThresholdFeed([0], [plan.channel_thresholds[names[0]]], lambda: None)
-    assert single([_weight(a, names[0])])[0] is thresholds_of(_weight(a, names[0]))
-
-
-def test_threshold_feed_lets_a_deleted_model_go(plan):
-    """The feed holds the weights it resolved last only while their model lives."""
-    import gc
-    import weakref
-
-    model = wsc.attach(tiny_llama(), plan)
-    feed = ThresholdFeed([0], [plan.channel_thresholds[DOWN]], lambda: None)
-    feed([_weight(model)])
-    weight = weakref.ref(_weight(model))
-    del model
-    gc.collect()
-    assert weight() is None
 
 
 def test_planned_sparsity_and_unplanned(plan):
@@ -215,10 +167,10 @@ def test_planned_sparsity_and_unplanned(plan):
     weights = [_weight(model, n) for n in plan.names]
     assert [planned_sparsity(w) for w in weights] == [plan.sparsities[n] for n in plan.names]
     assert planned_sparsity(model.lm_head.weight) is None and planned_sparsity("not a tensor") is None
-    generation = attach_generation()
+    generation = plan_generation()
     with unplanned(weights[:2]):
-        assert site_of(weights[0]) is None and site_of(weights[1]) is None
-        assert site_of(weights[2]) is not None
-        assert attach_generation() > generation
-    assert all(site_of(w) is not None for w in weights)
+        assert plan_of(weights[0]) is None and plan_of(weights[1]) is None
+        assert plan_of(weights[2]) is not None
+        assert plan_generation() > generation
+    assert all(plan_of(w) is not None for w in weights)
     assert [planned_sparsity(w) for w in weights[:2]] == [plan.sparsities[n] for n in plan.names[:2]]

@@ -12,7 +12,7 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
 from torch._dynamo.utils import counters
-from wisparse_compile.attach import WeightLayoutChanged
+from wisparse_compile.runtime import WeightLayoutChanged
 from wisparse_compile.backend import COMPILED_REPORTS
 
 
@@ -226,7 +226,7 @@ def test_typed_backend_combines_mode_and_options(inductor_calls):
     plan = _random_plan(model)
     wsc.attach(model, plan)
     ids = torch.randint(0, 256, (1, 1))
-    backend = wsc.sparse_backend(
+    backend = wsc.WisparseBackend(
         mode="max-autotune-no-cudagraphs", fuse_siblings=True, max_sparse_rows=2, inductor_options={"epilogue_fusion": False}
     )
     out = logits(torch.compile(model, backend=backend), ids)
@@ -241,16 +241,16 @@ def test_typed_backend_combines_mode_and_options(inductor_calls):
         torch.testing.assert_close(out, logits(model, ids), rtol=1e-4, atol=1e-4)
     # torch.compile's own mode= applies over a typed backend that has none
     torch._dynamo.reset()
-    logits(torch.compile(model, backend=wsc.sparse_backend(fuse_siblings=True), mode="reduce-overhead"), ids)
+    logits(torch.compile(model, backend=wsc.WisparseBackend(fuse_siblings=True), mode="reduce-overhead"), ids)
     assert inductor_calls[-1][1]["triton.cudagraphs"] is True
     assert sum(d.decision == "fused" for d in wsc.last_compile_report().decisions) == 10
 
 
 def test_typed_backend_rejects_bad_options():
     with pytest.raises(ValueError, match="unknown Inductor mode 'fastest'"):
-        wsc.sparse_backend(mode="fastest")
+        wsc.WisparseBackend(mode="fastest")
     with pytest.raises(ValueError, match="wisparse options, not Inductor's"):
-        wsc.sparse_backend(inductor_options={"fuse_siblings": True})
+        wsc.WisparseBackend(inductor_options={"fuse_siblings": True})
     with pytest.raises(ValueError, match="contradicts the backend's mode"):
         wsc.BackendConfig(mode="max-autotune").with_compile_args("reduce-overhead", None)
 
@@ -421,7 +421,7 @@ def test_many_compiles_keep_a_bounded_tensor_free_history(inductor_calls, monkey
     import weakref
 
     from wisparse_compile import backend as backend_module
-    from wisparse_compile.attach import thresholds_of
+    from wisparse_compile.planned import thresholds_of
     from wisparse_compile.debug import CompileHistory
 
     assert COMPILED_REPORTS.maxlen == 64  # the process-wide history is bounded

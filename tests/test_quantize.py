@@ -1,9 +1,9 @@
-"""int8 and int4 weights: the quantizers, the ``Int8Weight``/``Int4Weight`` tensors in eager code,
+"""int8 and int4 weights (the model API, ``quant/model.py``): the ``Int8Weight``/``Int4Weight`` tensors in eager code,
 ``attach(..., weights="int8"|"int4")`` through the compiler (sparse planned linears and the dense
-quantized head), tied heads, detach, switching formats, bad input, and torchao's int8 weight-only tensors."""
+quantized head), tied heads, detach, switching formats, bad input, and torchao's int8 weight-only tensors.
+(The quantizers themselves: tests/quant.)"""
 
 import copy
-import importlib.util
 import logging
 from typing import Callable, NamedTuple
 
@@ -21,57 +21,8 @@ from wisparse_compile.config import QuantizeConfig
 from wisparse_compile.kernels import Layout, Route
 from wisparse_compile.passes.decisions import Outcome
 from wisparse_compile.quant.model import quantization_of
-from wisparse_compile.quant.primitives import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from wisparse_compile.quant.primitives import quantize_int4, quantize_int8
 from wisparse_compile.quant.tensors import Int4Weight, Int8Weight, from_torchao
-
-
-# ---- the quantizers: one layout per format ----
-
-def test_quantize_int8_is_symmetric_per_output_channel():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(24, 40, generator=g) * torch.linspace(0.1, 3, 24)[:, None]
-    w[5] = 0  # a zero row: scale 1, zero codes
-    q, s = quantize_int8(w)
-    assert q.dtype == torch.int8 and q.shape == (40, 24) and q.is_contiguous() and s.shape == (24,)
-    assert q.abs().max() <= 127 and (q.abs().amax(0)[torch.arange(24) != 5] == 127).all()
-    assert s[5] == 1 and (q[:, 5] == 0).all()
-    err = (dequantize_int8(q, s) - w).abs()
-    assert (err <= s[:, None] / 2 + 1e-6).all()  # round to nearest: at most half a step per channel
-
-
-def test_quantize_int4_groups_32_outputs_per_input_channel_and_packs_the_documented_nibbles():
-    g = torch.Generator().manual_seed(0)
-    n, k = 75, 6  # two full 32-output blocks and a partial one of 11 (h = 6: a spare high nibble)
-    w = torch.randn(n, k, generator=g) * torch.linspace(0.1, 3, n)[:, None]
-    w[32:64, 2] = 0  # a zero group: scale 1, zero codes
-    q, s = quantize_int4(w)
-    assert q.dtype == torch.uint8 and q.shape == (k, 38) and q.is_contiguous()
-    assert s.dtype == torch.float32 and s.shape == (k, 3) and s[2, 1] == 1
-    steps = s.repeat_interleave(32, dim=1)[:, :n]
-    codes = torch.round(w.t() / steps).clamp(-8, 7).to(torch.int64)
-    nib = codes & 0xF
-    assert (codes[2, 32:64] == 0).all()
-    # block 0: byte b = output b (low) | output b + 16 (high); the partial block: h = 6
-    assert torch.equal(q[:, :16].long(), nib[:, :16] | (nib[:, 16:32] << 4))
-    assert torch.equal(q[:, 32:37].long(), nib[:, 64:69] | (nib[:, 70:75] << 4))
-    assert torch.equal(q[:, 37].long(), nib[:, 69])  # the spare high nibble is zero
-    deq = dequantize_int4(q, s, n)
-    assert torch.equal(deq, (codes * steps).t())
-    # each group's scale is the least-squares choice among max|W|/6..9, so no worse than max|W|/7 (no clipping)
-    sq = lambda a: a.t().reshape(k, -1).square()  # noqa: E731
-    for gi, (lo, hi) in enumerate(((0, 32), (32, 64), (64, 75))):
-        plain = (w[lo:hi].abs().amax(0) / 7).clamp_min(1e-30)
-        plain_err = ((torch.round(w[lo:hi] / plain) * plain - w[lo:hi]) ** 2).sum(0)
-        assert ((deq[lo:hi] - w[lo:hi]) ** 2).sum(0).le(plain_err + 1e-6).all(), gi
-    assert (deq - w).abs().max() <= 2 * s.max() + 1e-6  # clipping at max|W|/9 costs at most two steps
-
-
-def test_int4_weight_checks_its_output_count_and_group_scales():
-    q, s = quantize_int4(torch.randn(40, 8))
-    with pytest.raises(ValueError, match="41 outputs take 21 bytes per row"):
-        Int4Weight(q, s, torch.float32, 41)
-    with pytest.raises(ValueError, match="scale must be fp32 of shape \\[8, 2\\]"):
-        Int4Weight(q, s[:, :1].contiguous(), torch.float32, 40)
 
 
 _CALIBRATED: dict = {}
@@ -116,18 +67,6 @@ FORMATS = {
     "int4": Format(Int4Weight, quantize_int4, Layout.INT4,  # two steps of at most
                    head_error=2 / 6, error_bounds=(0.01, 0.2)),  # max|W| / 6; coarser than int8, still close
 }
-
-
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_quantizers_reject_bad_weights(fmt):
-    quantize = FORMATS[fmt].quantize
-    with pytest.raises(ValueError, match=f"{fmt} quantization takes a 2-D"):
-        quantize(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match=f"{fmt} quantization takes a floating-point"):
-        quantize(torch.ones(2, 3, dtype=torch.int32))
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            quantize(torch.tensor([[1.0, bad]]))
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -220,7 +220,7 @@ def placements_worker(rank: int, folder: str) -> None:
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor, init_device_mesh
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from wisparse_compile.attach import sharding_problem, thresholds_of
+    from wisparse_compile.planned import sharding_problem, thresholds_of
     from wisparse_compile.mask import masked_input
     from wisparse_compile.sharding import ShardingError, local_thresholds
 

@@ -3,7 +3,7 @@
     plan = wsc.calibrate(model, batches, wsc.SparsityConfig(sparsity=0.5, method="wina"))
     wsc.attach(model, plan)
     fast = torch.compile(model, backend="wisparse")
-    # or typed, with an Inductor mode: backend=wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=True)
+    # or typed, with an Inductor mode: backend=wsc.WisparseBackend(mode="reduce-overhead", fuse_siblings=True)
     print(wsc.last_compile_report().summary())
 """
 
@@ -12,24 +12,25 @@ from __future__ import annotations
 import logging
 
 from .attach import attach, attached_plan, detach
-from .backend import last_compile_report, sparse_backend, wisparse_backend
+from .backend import WisparseBackend, last_compile_report, wisparse_backend
 from .calibrate import calibrate
-from .config import BackendConfig, Greedy, Sensitivity, SparsityConfig, Uniform
+from .config import BackendConfig, Greedy, QuantizeConfig, Sensitivity, SparsityConfig, Uniform
 from .decoding import decode_compile_options
 from .plan import PlanError, SparsityPlan
-from .config import QuantizeConfig
-from .quant.model import quantization_of
+from .quant.model import Quantization, quantization_of
 from .reference import masked_linears, measure_sparsity
 
 __all__ = [
     "BackendConfig",
     "Greedy",
     "PlanError",
+    "Quantization",
     "QuantizeConfig",
     "Sensitivity",
     "SparsityConfig",
     "SparsityPlan",
     "Uniform",
+    "WisparseBackend",
     "attach",
     "attached_plan",
     "calibrate",
@@ -39,8 +40,6 @@ __all__ = [
     "masked_linears",
     "measure_sparsity",
     "quantization_of",
-    "sparse_backend",
-    "wisparse_backend",
 ]
 __version__ = "0.1.0"
 

@@ -1,138 +1,45 @@
-"""attach / detach: a model carries its plan, and each planned weight knows its thresholds.
+"""attach / detach: a model carries its plan, and each planned weight carries its plan slot.
 
-Compiled graphs take parameters as inputs and Dynamo does not guard on their identity, so one
-graph may run for several model instances (or, after a graph break, several layers). Thresholds
-therefore travel with the *weight tensor actually passed*: a process-wide registry maps each
-planned Parameter to its site record (plan entry, fp32 thresholds, target sparsity).
-
-The thresholds are not module buffers: ``model.to(torch.bfloat16)`` / ``.half()`` would cast
-them (masks would shift; in fp16 large thresholds become inf). They stay fp32, and follow their
-weight to another device once, on first use there (``thresholds_of``), never per call.
+``attach`` validates the plan against the model, quantizes the planned weights if asked
+(``weights="int8"|"int4"``), re-lays planned float weights input-major, and puts a ``WeightPlan``
+(plan entry, fp32 thresholds) on each planned weight (``planned.py``: what the compiler, the
+runtime and the eager reference read off the weight they are given). ``detach`` undoes all of it.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .config import QuantizeConfig
 from .experts import make_experts_traceable
 from .kernels import input_major_gemm_is_slow
 from .kernels.layout import input_major as input_major_copy, padded_row_length
 from .model_structure import find_weight
 from .plan import PlanError, SparsityPlan
+from .planned import WeightPlan, clear_plan, plan_of, set_plan
+from .quant.model import dequantize_model, quantization_of, quantize_model
 from .sharding import ShardingError, describe, is_dtensor, local_tensor, local_thresholds, tensor_parallel_size
 from .weight_slots import require_resident
-from .config import QuantizeConfig
-from .quant.model import dequantize_model, quantization_of, quantize_model
 
 log = logging.getLogger(__name__)
 
-
-class _Site:
-    """A planned weight's record: its plan entry, fp32 thresholds, and whether attach re-laid it."""
-
-    __slots__ = ("name", "in_dim", "sparsity", "relaid", "model", "_thresholds")
-
-    def __init__(
-        self, name: str, in_dim: int, sparsity: float, thresholds: torch.Tensor, relaid: bool, model: nn.Module
-    ) -> None:
-        self.name = name
-        self.in_dim = in_dim
-        self.sparsity = sparsity
-        self.relaid = relaid  # attach re-laid the weight input-major; detach lays it back
-        self.model = weakref.ref(model)  # the model the plan was attached to
-        self._thresholds = {thresholds.device: thresholds}  # one fp32 copy per device used
-
-    def thresholds_on(self, device: torch.device) -> torch.Tensor:
-        """The fp32 thresholds on ``device``: copied there once, then the same tensor every call."""
-        t = self._thresholds.get(device)
-        if t is None:
-            t = self._thresholds[device] = next(iter(self._thresholds.values())).to(device)
-        return t
-
-
-_SITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_UNSLICEABLE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # planned sharded weight -> why it runs dense
-_LOCAL_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # local shard of a planned DTensor weight -> site
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, SparsityPlan]" = weakref.WeakKeyDictionary()
-_generation = 0
 
 
-def attach_generation() -> int:
-    """Counter bumped whenever any weight's plan changes (attach, detach, ``unplanned``)."""
-    return _generation
-
-
-def _bump_generation() -> None:
-    global _generation
-    _generation += 1
-
-
-def any_attached() -> bool:
-    """Cheap check used on hot paths: is any plan attached anywhere in this process?"""
-    return len(_SITES) > 0
-
-
-def site_of(weight: object) -> _Site | None:
-    """The site record of a planned weight, or None (also for non-tensors).
-
-    A tensor-parallel weight's local shard is registered too, and so is found any view of it that
-    keeps its shape and strides: what a DTensor parameter's ``to_local()`` returns in eager mode
-    (a fresh view per call on torch 2.13), so the eager masked reference sees the local shard.
-    """
-    try:
-        site = _SITES.get(weight)
-    except TypeError:
-        return None
-    if site is None and _LOCAL_SHARDS and isinstance(weight, torch.Tensor):
-        base = weight._base
-        if base is not None and base.shape == weight.shape and base.stride() == weight.stride():
-            site = _LOCAL_SHARDS.get(base)
-    return site
-
-
-def _register(weight: torch.Tensor, site: _Site) -> None:
-    _SITES[weight] = site
-    if is_dtensor(weight):
-        _LOCAL_SHARDS[local_tensor(weight)] = site
-        _SITES[local_tensor(weight)] = site
-
-
-def _unregister_weight(weight: torch.Tensor) -> _Site | None:
-    if is_dtensor(weight):
-        _LOCAL_SHARDS.pop(local_tensor(weight), None)
-        _SITES.pop(local_tensor(weight), None)
-    return _SITES.pop(weight, None)
-
-
-def thresholds_of(weight: torch.Tensor) -> torch.Tensor | None:
-    """The fp32 thresholds of a planned weight, on its device; None if it has no plan."""
-    site = site_of(weight)
-    return None if site is None else site.thresholds_on(weight.device)
-
-
-def sharding_problem(weight: object) -> str | None:
-    """Why a planned tensor-parallel weight runs dense (its shard takes no slice of the thresholds), or None."""
-    try:
-        return _UNSLICEABLE.get(weight)
-    except TypeError:
-        return None
-
-
-def planned_sparsity(weight: object) -> float | None:
-    """The target sparsity the attached plan gives ``weight``; None if it has no plan."""
-    site = site_of(weight)
-    return None if site is None else site.sparsity
+def _carriers(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that carry a weight's plan: the weight and, for a tensor-parallel one, its local shard
+    (what the compiled graph and the eager reference compute with)."""
+    return [weight, local_tensor(weight)] if is_dtensor(weight) else [weight]
 
 
 def attached_plan(model: nn.Module) -> SparsityPlan | None:
+    """The plan attached to ``model``, or None."""
     return _PLANS.get(model)
 
 
@@ -142,127 +49,14 @@ def unplanned(weights: Iterable[torch.Tensor]) -> Iterator[None]:
 
     For references that mask some linears and not others; the plan comes back on exit.
     """
-    saved = [(w, site) for w in weights if (site := _SITES.get(w)) is not None]
+    saved = [(w, slot) for w in weights if (slot := plan_of(w)) is not None]
     for w, _ in saved:
-        _unregister_weight(w)
-    _bump_generation()
+        clear_plan(_carriers(w))
     try:
         yield
     finally:
-        for w, site in saved:
-            _register(w, site)
-        _bump_generation()
-
-
-class WeightLayoutChanged(RuntimeError):
-    """A compiled graph met a weight of another type, dtype, shape or layout than it was compiled for."""
-
-
-def weight_layout(weight: Any) -> tuple:
-    """What a compiled graph assumes of a weight: its type, dtype, shape and strides."""
-    if not isinstance(weight, torch.Tensor):
-        return (type(weight),)
-    return (type(weight), weight.dtype, tuple(weight.shape), tuple(weight.stride()))
-
-
-def _describe(layout: tuple) -> str:
-    if len(layout) == 1:
-        return layout[0].__name__
-    kind, dtype, shape, stride = layout
-    return f"{kind.__name__} {str(dtype).removeprefix('torch.')} {list(shape)} strides {list(stride)}"
-
-
-class ThresholdFeed:
-    """The thresholds of the weights at fixed argument positions, for a compiled graph's extra inputs.
-
-    Resolved once per (weight objects, ``attach_generation()``): a steady decode step costs one
-    identity check of the weight arguments (C-level, no registry lookups) and gets the same tensor
-    objects step to step (CUDA graphs need stable input addresses). The weights of the last
-    resolution are held only while their model lives (a weak reference to it drops them). A weight
-    with no plan gets zero thresholds (runs dense), and ``on_unplanned`` is called; such calls are
-    resolved again each time (the backend warns once about them).
-
-    ``compiled_weights`` (the weights the graph was compiled for) make each resolution check that
-    the weights passed still have their type, dtype, shape and strides: Dynamo's guards recompile
-    before that could differ, unless the model was compiled with a guard filter that skips module
-    guards (``decode_compile_options``); then a weight swapped under the compiled graph (``detach``,
-    a new ``weights=`` mode) raises ``WeightLayoutChanged`` instead of running on a wrong layout.
-    """
-
-    def __init__(
-        self, positions: Sequence[int], examples: Sequence[torch.Tensor], on_unplanned: Callable[[], None],
-        compiled_weights: Sequence[torch.Tensor] = (),
-    ) -> None:
-        self._layouts = [weight_layout(w) for w in compiled_weights]
-        self._examples = list(examples)
-        self._on_unplanned = on_unplanned
-        get = operator.itemgetter(*positions) if positions else (lambda args: ())
-        self._weights_of: Callable[[Sequence[Any]], tuple] = (lambda args: (get(args),)) if len(positions) == 1 else get
-        self._weights: tuple | None = None  # the weights resolved last, while cacheable
-        self._generation = -1
-        self._thresholds: tuple[torch.Tensor, ...] = ()
-        self._model_refs: list[weakref.ref] = []
-        self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def __call__(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        weights = self._weights_of(args)
-        cached = self._weights
-        if cached is None or self._generation != _generation or not all(map(operator.is_, weights, cached)):
-            self._resolve(weights)
-        return self._thresholds
-
-    def bind(self, compiled: Callable[..., Any]) -> Callable[..., Any]:
-        """``compiled`` called with the thresholds appended to its arguments: ``__call__`` inlined
-        into one frame, since this runs before every call of the compiled graph."""
-        weights_of, is_ = self._weights_of, operator.is_
-
-        def run(*args: Any) -> Any:
-            weights = weights_of(args)
-            cached = self._weights
-            if cached is None or self._generation != _generation or not all(map(is_, weights, cached)):
-                self._resolve(weights)
-            return compiled(*(args + self._thresholds))
-
-        return run
-
-    def _forget(self, _ref: object = None) -> None:
-        self._weights, self._thresholds = None, ()  # the model died: let its weights and thresholds go
-
-    def _resolve(self, weights: tuple) -> None:
-        for j, (weight, layout) in enumerate(zip(weights, self._layouts)):
-            if weight_layout(weight) != layout:
-                raise WeightLayoutChanged(
-                    f"wisparse: weight {j} of a compiled graph was {_describe(layout)} when compiled and is now "
-                    f"{_describe(weight_layout(weight))} (detached, or attached with another weights= mode). "
-                    "Dynamo's guards would recompile, but this model was compiled with a guard filter that skips "
-                    "module guards: call torch._dynamo.reset() and compile again after changing weights"
-                )
-        thresholds: list[torch.Tensor] = []
-        models: dict[int, nn.Module] = {}
-        unplanned_weights, orphaned = 0, False
-        for j, weight in enumerate(weights):
-            site = site_of(weight)
-            model = site.model() if site is not None else None
-            if model is not None:
-                models[id(model)] = model
-            elif site is not None:
-                orphaned = True  # its model is gone: nothing would let the weight go
-            if site is not None:
-                thresholds.append(site.thresholds_on(weight.device))
-                continue
-            unplanned_weights += 1
-            t = self._zeros.get((j, weight.device))
-            if t is None:
-                t = self._zeros[(j, weight.device)] = torch.zeros_like(self._examples[j], device=weight.device)
-            thresholds.append(t)
-        # cacheable when every weight is planned on a live model (whose death then lets them go)
-        cacheable = not unplanned_weights and not orphaned
-        self._thresholds = tuple(thresholds)
-        self._generation = _generation
-        self._weights = weights if cacheable else None
-        self._model_refs = [weakref.ref(m, self._forget) for m in models.values()] if cacheable else []
-        if unplanned_weights:
-            self._on_unplanned()
+        for w, slot in saved:
+            set_plan(_carriers(w), slot)
 
 
 def validate_plan(model: nn.Module, plan: SparsityPlan) -> None:
@@ -350,20 +144,20 @@ def _relay(model: nn.Module, weight: torch.Tensor, input_major: bool) -> torch.T
     return relaid
 
 
-def _site_thresholds(name: str, weight: torch.Tensor, plan: SparsityPlan, in_dim: int) -> torch.Tensor | None:
-    """The fp32 thresholds ``weight`` computes with: the plan's, or its shard's slice of them (a
-    tensor-parallel DTensor weight, ``sharding.local_thresholds``). None, with the reason kept for
-    the compile report and one warning, when the shard takes no slice: that linear runs dense."""
+def _weight_plan(name: str, weight: torch.Tensor, plan: SparsityPlan, in_dim: int, relaid: bool, model: nn.Module) -> WeightPlan:
+    """The slot of ``weight``: the plan's fp32 thresholds, or its shard's slice of them (a tensor-parallel
+    DTensor weight, ``sharding.local_thresholds``). A shard that takes no slice gets a slot with the
+    reason instead (kept for the compile report, one warning): that linear runs dense."""
     thresholds = plan.channel_thresholds[name].detach().to(weight.device, torch.float32)
+    sparsity = float(plan.sparsities[name])
     try:
         thresholds = local_thresholds(name, weight, thresholds, in_dim)
     except ShardingError as e:
-        _UNSLICEABLE[weight] = str(e)
         log.warning("wisparse: %s; this linear runs dense", e)
-        return None
+        return WeightPlan(name, in_dim, sparsity, None, relaid, model, problem=str(e))
     if is_dtensor(weight):
         log.debug("%s: %s, thresholds %s", name, describe(weight), list(thresholds.shape))
-    return thresholds
+    return WeightPlan(name, in_dim, sparsity, thresholds, relaid, model)
 
 
 def attach(
@@ -397,30 +191,26 @@ def attach(
     """
     quantize = weights if isinstance(weights, QuantizeConfig) or weights is None else QuantizeConfig(weights)
     validate_plan(model, plan)
-    if quantize is not None:  # the previous plan off the float weights, then swap in quantized ones (sites go on those)
+    if quantize is not None:  # the previous plan off the float weights, then swap in quantized ones (slots go on those)
         _unregister(model, keep_layout_of=set())
         previous = quantization_of(model)
         if previous is not None and previous.format != quantize.weights:
             dequantize_model(model)  # another format: back to float, never codes re-quantized
         quantize_model(model, plan.names, quantize, in_dims=plan.in_dims)
-    weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
-    still_planned = {id(w) for _, w in weights if w.dim() == 2} if input_major else set()
+    planned_weights = [find_weight(model, name)[1] for name in plan.names]  # type: ignore[index]
+    still_planned = {id(w) for w in planned_weights if w.dim() == 2} if input_major else set()
     kept_input_major = _unregister(model, keep_layout_of=still_planned)
-    # laying a weight back may have put a new (tensor-parallel) parameter in its place: look again
-    weights = [(name, find_weight(model, name)[1]) for name in plan.names]  # type: ignore[index]
-    for name, weight in weights:
+    for name in plan.names:
+        # looked up after _unregister: laying a weight back may have put a new (tensor-parallel) parameter in its place
+        weight = find_weight(model, name)[1]  # type: ignore[index]
         in_dim = plan.in_dims[name] % weight.dim()
-        thresholds = _site_thresholds(name, weight, plan, in_dim)
-        if thresholds is None:
-            continue
-        relaid = id(weight) in kept_input_major
-        if input_major and weight.dim() == 2 and in_dim == 1 and local_tensor(weight).stride(0) != 1:
+        slot = _weight_plan(name, weight, plan, in_dim, id(weight) in kept_input_major, model)
+        if slot.problem is None and input_major and weight.dim() == 2 and in_dim == 1 and local_tensor(weight).stride(0) != 1:
             weight = _relay(model, weight, input_major=True)
-            relaid = True
+            slot.relaid = True
             _warn_slow_eager_layout(local_tensor(weight))
-        _register(weight, _Site(name, in_dim, float(plan.sparsities[name]), thresholds, relaid, model))
+        set_plan(_carriers(weight), slot)
     _PLANS[model] = plan
-    _bump_generation()
     make_experts_traceable(model)
     log.info("attached %r to %s (%d linears)", plan, type(model).__name__, len(plan.names))
     return model
@@ -435,7 +225,7 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def _unregister(model: nn.Module, keep_layout_of: set[int]) -> set[int]:
-    """Drop ``model``'s sites; lay re-laid weights back unless their id is in ``keep_layout_of``.
+    """Take the plan slots off ``model``'s weights; lay re-laid weights back unless their id is in ``keep_layout_of``.
 
     Returns the ids of weights left input-major by a previous attach (still to be laid back later).
     """
@@ -448,13 +238,11 @@ def _unregister(model: nn.Module, keep_layout_of: set[int]) -> set[int]:
         if found is None:
             continue
         weight = found[1]
-        _UNSLICEABLE.pop(weight, None)
-        site = _unregister_weight(weight)
-        if site is None or not site.relaid:
+        slot = clear_plan(_carriers(weight))
+        if slot is None or not slot.relaid:
             continue
         if id(weight) in keep_layout_of:
             kept.add(id(weight))
         elif _is_input_major(weight):
             _relay(model, weight, input_major=False)
-    _bump_generation()
     return kept

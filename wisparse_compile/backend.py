@@ -2,12 +2,11 @@
 
 ``torch.compile(model, backend="wisparse")`` finds ``wisparse_backend`` through the
 ``torch_dynamo_backends`` entry point (no import needed once the package is installed);
-``torch.compile(model, backend=wsc.sparse_backend(...))`` gives the same backend typed options.
+``torch.compile(model, backend=wsc.WisparseBackend(...))`` gives the same backend typed options.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from typing import Any, Callable, Sequence
@@ -16,16 +15,17 @@ import torch
 from torch import fx
 
 from . import kernels  # noqa: F401  (registers torch.ops.wisparse.*)
-from .attach import ThresholdFeed, any_attached, attach_generation, site_of
 from .config import BackendConfig
 from .debug import record_graph
 from .debug.history import CompileHistory
 from .kernels import cpu_compile_patches
-from .passes.decisions import CompileReport, DenseReason, RewriteResult
+from .passes.decisions import CompileReport, DenseReason
 from .passes.fuse_siblings import FusionResult, fuse_sibling_linears, with_fused_weights
 from .passes.graph_utils import copy_dynamo_graph_module
 from .passes.group_quantized import group_quantized_siblings
 from .passes.sparsify import rewrite_sparse_linears
+from .planned import plan_of
+from .runtime import watch_for_late_plans, with_thresholds
 from .sharding import process_rank
 
 log = logging.getLogger(__name__)
@@ -39,55 +39,6 @@ def last_compile_report() -> CompileReport:
     if not len(COMPILED_REPORTS):
         raise LookupError("the wisparse backend has compiled nothing yet: run the torch.compile'd model first")
     return COMPILED_REPORTS[-1]
-
-
-def _with_thresholds(
-    compiled: Callable[..., Any], result: RewriteResult, example_inputs: Sequence[Any]
-) -> Callable[..., Any]:
-    """Append, per call, the thresholds of the weights actually passed.
-
-    ``ThresholdFeed`` resolves them once per (weights, plan generation): a steady decode step adds
-    one identity check, and the same threshold tensors every step; a plan swap (attach again)
-    takes effect at the next call without recompiling.
-    """
-    warned = False
-
-    def warn_unplanned() -> None:
-        nonlocal warned
-        if not warned:
-            warned = True
-            warnings.warn(
-                "wisparse: a graph compiled for a model with a plan is running with weights "
-                "that have none; those linears run dense (zero thresholds)",
-                stacklevel=4,  # the caller of the bound run (as before the feed)
-            )
-
-    compiled_weights = [example_inputs[i] for i in result.threshold_sources]
-    return ThresholdFeed(result.threshold_sources, result.threshold_examples, warn_unplanned, compiled_weights).bind(
-        compiled
-    )
-
-
-def _watch_for_late_plans(compiled: Callable[..., Any], weight_indices: list[int]) -> Callable[..., Any]:
-    """A dense graph that later meets planned weights (plan attached after compiling) says so."""
-    if not weight_indices:
-        return compiled
-    seen_generation = -1
-
-    def run(*args: Any) -> Any:
-        nonlocal seen_generation
-        generation = attach_generation()
-        if seen_generation != generation:
-            seen_generation = generation
-            if any_attached() and any(site_of(args[i]) is not None for i in weight_indices):
-                warnings.warn(
-                    "wisparse: this graph was compiled before a plan was attached and runs dense; "
-                    "attach the plan before torch.compile, or call torch._dynamo.reset() and compile again",
-                    stacklevel=2,
-                )
-        return compiled(*args)
-
-    return run
 
 
 def _records_autograd(example_inputs: Sequence[Any]) -> bool:
@@ -114,15 +65,24 @@ def _compile_dense_for_autograd(
     return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
-@dataclasses.dataclass(frozen=True)
 class WisparseBackend:
-    """The wisparse backend with its options: ``torch.compile(model, backend=WisparseBackend(config))``.
+    """The wisparse torch.compile backend: ``torch.compile(model, backend=wsc.WisparseBackend(mode="reduce-overhead"))``.
 
-    ``wsc.sparse_backend(...)`` builds one from keywords. ``mode``/``options`` that torch.compile
-    passes as well are applied over ``config`` (``BackendConfig.with_compile_args``).
+    Takes a ``BackendConfig`` or its fields as keywords (``WisparseBackend(fuse_siblings=True)``).
+    Unlike ``backend="wisparse", options=...`` it takes an Inductor ``mode`` together with the
+    backend's options and Inductor's (``inductor_options``, applied over the mode's); ``mode``/
+    ``options`` that torch.compile passes as well are applied over the config
+    (``BackendConfig.with_compile_args``). Each object is a backend of its own: Dynamo tells two
+    models compiled with module guards skipped apart by their backend objects.
     """
 
-    config: BackendConfig = dataclasses.field(default_factory=BackendConfig)
+    def __init__(self, config: BackendConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("WisparseBackend takes a BackendConfig or its fields as keywords, not both")
+        self.config = config if config is not None else BackendConfig(**options)
+
+    def __repr__(self) -> str:
+        return f"WisparseBackend({self.config!r})"
 
     def __call__(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
@@ -132,36 +92,9 @@ class WisparseBackend:
         return _compile(gm, example_inputs, config)
 
 
-def sparse_backend(
-    *,
-    mode: str | None = None,
-    fuse_siblings: bool = BackendConfig.fuse_siblings,
-    group_quantized: bool = BackendConfig.group_quantized,
-    max_sparse_rows: int = BackendConfig.max_sparse_rows,
-    mask_prefill: bool = BackendConfig.mask_prefill,
-    debug_dir: str | None = BackendConfig.debug_dir,
-    inductor_options: dict[str, Any] | None = None,
-) -> WisparseBackend:
-    """The wisparse backend, typed: ``torch.compile(model, backend=wsc.sparse_backend(mode="reduce-overhead"))``.
-
-    Unlike ``backend="wisparse", options=...`` it takes an Inductor ``mode`` together with the
-    backend's options and Inductor's (``inductor_options``, applied over the mode's); the fields
-    are ``BackendConfig``'s.
-    """
-    return WisparseBackend(BackendConfig(
-        max_sparse_rows=max_sparse_rows, mask_prefill=mask_prefill, debug_dir=debug_dir,
-        fuse_siblings=fuse_siblings, group_quantized=group_quantized, mode=mode, inductor_options=dict(inductor_options or {}),
-    ))
-
-
-def wisparse_backend(
-    gm: fx.GraphModule,
-    example_inputs: Sequence[Any],
-    mode: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> Callable[..., Any]:
-    """Dynamo backend ``"wisparse"``: ``options`` holds the backend's keys and Inductor's."""
-    return WisparseBackend()(gm, example_inputs, mode=mode, options=options)
+#: Dynamo backend ``"wisparse"`` (the ``torch_dynamo_backends`` entry point): ``options`` holds the
+#: backend's keys and Inductor's.
+wisparse_backend = WisparseBackend()
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendConfig) -> Callable[..., Any]:
@@ -170,7 +103,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendC
 
     patches = config.inductor_patches()
     before = gm
-    if any_attached() and any(site_of(e) is not None for e in example_inputs):
+    if any(plan_of(e) is not None for e in example_inputs):
         if _records_autograd(example_inputs):
             return _compile_dense_for_autograd(gm, example_inputs, patches)
         gm = copy_dynamo_graph_module(gm)
@@ -181,7 +114,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendC
     report = result.report
     report.rank = process_rank()  # each rank of a tensor-parallel run compiles (and reports) its own shard
     COMPILED_REPORTS.append(report)
-    record_graph(before, gm, example_inputs, report, config.debug_dir)
+    record_graph(before, gm, report, config.debug_dir)
     log.info("wisparse: %s", report.summary())
     if not report.rewritten:
         planned = [d for d in report.decisions if d.name is not None and d.reason_kind is not DenseReason.PREFILL]
@@ -192,7 +125,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: BackendC
                 stacklevel=2,
             )
         compiled = compile_fx(gm, list(example_inputs), config_patches=patches)
-        return _watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
+        return watch_for_late_plans(compiled, sorted(set(result.unplanned_weight_inputs)))
     patches.update(cpu_compile_patches(example_inputs))
     compiled = compile_fx(gm, [*example_inputs, *result.threshold_examples, *fusion.examples], config_patches=patches)
-    return _with_thresholds(with_fused_weights(compiled, fusion), result, example_inputs)
+    return with_thresholds(with_fused_weights(compiled, fusion), result, example_inputs)

@@ -234,7 +234,7 @@ class SparsityConfig:
 class BackendConfig:
     """Options of the ``wisparse`` torch.compile backend, Inductor's included.
 
-    Typed: ``torch.compile(model, backend=wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=True))``.
+    Typed: ``torch.compile(model, backend=wsc.WisparseBackend(mode="reduce-overhead", fuse_siblings=True))``.
     By name: ``torch.compile(model, backend="wisparse", options={"mask_prefill": False})``, where
     every option key that is not a field here goes to Inductor unchanged (torch.compile takes
     ``mode`` or ``options``, not both; the typed form takes both).

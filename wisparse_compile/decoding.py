@@ -35,7 +35,7 @@ def decode_compile_options() -> dict[str, Any]:
     compiled graph (``detach``, another ``weights=`` mode) raises ``WeightLayoutChanged`` for the
     planned weights. Not for models whose attributes change after compiling (``train()``/``eval()``,
     config flags): Dynamo would not notice. Nor does it tell two models of one class apart: compile
-    each with a backend object of its own (``wsc.sparse_backend()`` makes a new one;
+    each with a backend object of its own (``wsc.WisparseBackend()`` makes a new one;
     ``own_backend`` below wraps any), or the second runs the first one's graph.
 
     The same holds for Inductor's per-call size/stride and alignment asserts, which these options

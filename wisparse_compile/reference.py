@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .attach import site_of, thresholds_of
+from .planned import plan_of, thresholds_of
 from .mask import apply_keep, expert_keep_mask
 from .model_io import model_device, run_batch
 from .observer import LinearCall, LinearObserver
@@ -27,7 +27,7 @@ class masked_linears(LinearObserver):
     """
 
     def __init__(self, apply: bool = True, max_rows: int | None = None) -> None:
-        super().__init__(lambda t: site_of(t) is not None)
+        super().__init__(lambda t: plan_of(t) is not None)
         self.apply = apply
         self.max_rows = max_rows
         self.pruned: dict[str, float] = {}
@@ -37,7 +37,7 @@ class masked_linears(LinearObserver):
         x = call.x
         if self.max_rows is not None and x.numel() > self.max_rows * x.shape[-1]:
             return None
-        name = site_of(call.weight).name
+        name = plan_of(call.weight).name
         keep = expert_keep_mask(x, thresholds_of(call.weight), call.row_experts)
         self.pruned[name] = self.pruned.get(name, 0.0) + float((~keep).sum())
         self.seen[name] = self.seen.get(name, 0.0) + keep.numel()

@@ -12,8 +12,9 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.debug.models import Net, planned_net
-from wisparse_compile.debug import GraphReport, dotted_source_name
-from wisparse_compile.passes.decisions import DenseReason, Route
+from wisparse_compile.debug import dotted_source_name
+from wisparse_compile.kernels import Route
+from wisparse_compile.passes.decisions import CompileReport, DenseReason
 from wisparse_compile.passes.graph_utils import copy_dynamo_graph_module
 from wisparse_compile.passes.sparsify import rewrite_sparse_linears
 
@@ -24,8 +25,8 @@ def _graphs(debug_dir: Path) -> list[Path]:
     return sorted(p for p in debug_dir.iterdir() if p.is_dir())
 
 
-def _report(folder: Path) -> GraphReport:
-    return GraphReport.from_json((folder / "linears.json").read_text())
+def _report(folder: Path) -> CompileReport:
+    return CompileReport.from_json((folder / "linears.json").read_text())
 
 
 def _run(model, x, **options):
@@ -40,14 +41,14 @@ def test_tiny_llama_report_lists_every_linear(tmp_path):
     _run(model, torch.randint(0, 256, (1, 6)), debug_dir=str(tmp_path))
     (folder,) = _graphs(tmp_path)
     report = _report(folder)
-    rows = {r.module: r for r in report.rows}
+    rows = {d.module: d for d in report.decisions}
     assert set(rows) == {*plan.names, "lm_head"}
     for name in plan.names:
-        assert (rows[name].outcome, rows[name].reason, rows[name].route) == ("sparse", "", Route.CPU_KERNEL)
+        assert (rows[name].decision, rows[name].reason, rows[name].route) == ("sparse", "", Route.CPU_KERNEL)
         assert rows[name].planned_sparsity == pytest.approx(plan.sparsities[name])
-        assert rows[name].weight_shape == list(plan.shapes[name]) and rows[name].dtype == "float32"
+        assert rows[name].weight_shape == tuple(plan.shapes[name]) and rows[name].dtype == "float32"
     head = rows["lm_head"]
-    assert (head.outcome, head.reason_kind, head.planned_sparsity) == ("dense", DenseReason.NO_PLAN, None)
+    assert (head.decision, head.reason_kind, head.planned_sparsity) == ("dense", DenseReason.NO_PLAN, None)
     assert head.route == Route.DENSE
     assert report.counts == {"found": 8, "rewritten": 7, "fused": 0, "dense": 1}
     diff = (folder / "diff.patch").read_text()
@@ -65,8 +66,8 @@ def test_diff_is_empty_exactly_when_nothing_is_rewritten(tmp_path, monkeypatch):
     (folder,) = _graphs(tmp_path / "env")
     assert (folder / "diff.patch").read_text() == ""
     report = _report(folder)
-    assert [r.module for r in report.rows] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
-    assert {(r.outcome, r.reason_kind) for r in report.rows} == {("dense", "no plan entry")}
+    assert [d.module for d in report.decisions] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+    assert {(d.decision.value, d.reason_kind.value) for d in report.decisions} == {("dense", "no plan entry")}
     monkeypatch.delenv("WISPARSE_DEBUG_DIR")
 
     # planned but prefill-sized with mask_prefill=False: nothing rewritten, empty diff, reason given
@@ -75,7 +76,7 @@ def test_diff_is_empty_exactly_when_nothing_is_rewritten(tmp_path, monkeypatch):
     _run(net, torch.randn(16, 16), debug_dir=str(tmp_path / "prefill"), mask_prefill=False, max_sparse_rows=4)
     (folder,) = _graphs(tmp_path / "prefill")
     assert (folder / "diff.patch").read_text() == ""
-    kinds = {r.module: r.reason_kind for r in _report(folder).rows}
+    kinds = {d.module: d.reason_kind.value for d in _report(folder).decisions}
     assert kinds == {**dict.fromkeys(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], "prefill size"), "head": "no plan entry"}
 
     # the same model at decode size: rewritten, non-empty diff
@@ -89,12 +90,12 @@ def test_unsupported_dtype_is_reported(tmp_path):
     net = planned_net(bf16_down=True)
     _run(net, torch.randn(2, 16), debug_dir=str(tmp_path))
     (folder,) = _graphs(tmp_path)
-    rows = {r.module: r for r in _report(folder).rows}
+    rows = {d.module: d for d in _report(folder).decisions}
     mixed = rows["blocks.1.down"]
-    assert (mixed.outcome, mixed.reason_kind, mixed.dtype) == ("dense", DenseReason.DTYPE_MISMATCH, "bfloat16")
+    assert (mixed.decision, mixed.reason_kind, mixed.dtype) == ("dense", DenseReason.DTYPE_MISMATCH, "bfloat16")
     assert mixed.planned_sparsity == pytest.approx(wsc.attached_plan(net).sparsities["blocks.1.down"])
     assert "differs from weight dtype" in mixed.reason
-    assert rows["blocks.1.up"].outcome == "sparse"
+    assert rows["blocks.1.up"].decision == "sparse"
     assert "dtype mismatch: input dtype float32 differs" in (folder / "linears.txt").read_text()
 
 
@@ -165,3 +166,16 @@ def test_torch_logs_and_trace_artifacts(tmp_path):
     for name in ("wisparse_graph_before", "wisparse_graph_after", "wisparse_linears"):
         assert json.dumps(name) in trace
     assert "torch.ops.wisparse.sparse_linear.default" in trace
+
+
+def test_fused_linears_count_alike_in_the_report_and_its_debug_view(tmp_path):
+    """One report model: the debug files and the backend's report give the same counts, fused included."""
+    model = tiny_llama(layers=1)
+    plan = wsc.calibrate(model, token_batches(1), wsc.SparsityConfig(sparsity=0.4))
+    wsc.attach(model, plan)
+    _run(model, torch.randint(0, 256, (1, 1)), debug_dir=str(tmp_path), fuse_siblings=True)
+    (folder,) = _graphs(tmp_path)
+    written = _report(folder)
+    assert written == wsc.last_compile_report()
+    assert written.counts == {"found": 8, "rewritten": 7, "fused": 5, "dense": 1}
+    assert "7 rewritten, 5 fused, 1 left dense" in (folder / "linears.txt").read_text()

@@ -1,4 +1,4 @@
-"""The ``wisparse::sparse_linear`` op: its routes (``route_of``), honest under symbolic batch sizes,
+"""The ``wisparse::sparse_linear`` op on float weights: its routes honest under symbolic batch sizes,
 and host code fit for CUDA graphs (no device-to-host sync on the decode route, no recompile on a
 plan swap)."""
 
@@ -12,11 +12,10 @@ import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks
 from tests.kernels.operands import linear_operands, sibling_operands
-from wisparse_compile.kernels import Route, keep_mask, route_of, sparse_linear, sparse_linear_reference
+from wisparse_compile.kernels import keep_mask, sparse_linear, sparse_linear_reference
 from wisparse_compile.kernels.cpu_sparse_gemv import cpu_kernel_available
 from wisparse_compile.passes.fuse_siblings import fused_weight
 
-linear_op = sys.modules["wisparse_compile.kernels.linear_op"]
 triton_route = sys.modules["wisparse_compile.kernels.triton_route"]
 
 
@@ -24,24 +23,6 @@ def test_keep_rule_is_strict_greater_and_keeps_nan():
     x = torch.tensor([0.5, -0.5, 0.6, 0.0, float("nan"), float("-inf")])
     t = torch.tensor([0.5, 0.4, 0.7, 0.0, 1e9, 1e9])
     assert keep_mask(x, t).tolist() == [False, True, False, False, True, True]
-
-
-def test_routes_by_device_rows_and_dtype():
-    x, w, b, t = linear_operands(2, 24, 40, 0.5, torch.float32)
-    expected_cpu = Route.CPU_KERNEL if cpu_kernel_available() else Route.MASKED_DENSE
-    assert route_of(x, w, "float", 8) == expected_cpu
-    assert route_of(torch.randn(9, 40), w, "float", 8) == Route.MASKED_DENSE  # prefill
-    assert route_of(x, w, "float", 1) == Route.MASKED_DENSE
-    assert route_of(x.half(), w.half(), "float", 8) == Route.MASKED_DENSE  # no fp16 CPU kernel
-    assert route_of(x, w.t().contiguous(), "float", 8) == Route.MASKED_DENSE  # output-major weight
-
-
-def test_routes_triton_on_triton_devices(monkeypatch):
-    monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
-    x, w, b, t = linear_operands(3, 24, 40, 0.5, torch.float16)
-    assert route_of(x, w, "float", 8) == Route.TRITON
-    assert route_of(torch.randn(9, 40).half(), w, "float", 8) == Route.MASKED_DENSE
-    assert route_of(x.to(torch.int32), w, "float", 8) == Route.MASKED_DENSE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

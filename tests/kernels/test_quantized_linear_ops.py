@@ -4,11 +4,10 @@ group size 8/4/1, 1-8 token rows, fp32 and bf16, sparse and dense, out not a mul
 vector steps or of int4's 32-output blocks, NaN input, bad operands, split across threads), the
 prefill route and the route choice. Then what one format alone has: the Triton int8 GEMV under the
 interpreter (one K slice and several, K/N not multiples of the blocks, 1-8 rows, dense), and int4's
-Triton route and the masked-dense fallback of a layout without a Triton kernel."""
+output counts and group scales. (Routes, the int4 Triton route among them: test_sparse_kernels.py.)"""
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -20,16 +19,13 @@ import torch
 
 from tests.kernels.operands import assert_matches, linear_operands
 from wisparse_compile.kernels import (
-    KERNELS,
     Layout,
     Route,
     formats,
     route_of,
     sparse_gemv_int8,
-    sparse_kernels,
     sparse_linear,
     sparse_linear_reference,
-    triton_route,
 )
 from wisparse_compile.kernels.cpu_sparse_gemv import cpu_kernel_available
 from wisparse_compile.kernels.triton_sparse_gemv import Launch
@@ -200,7 +196,7 @@ def test_op_takes_leading_dims_and_checks_operands(fmt):
         fmt.op(x, *w, b, t[:5])
 
 
-# ---- int4 alone: output counts, group scales, no Triton kernel ----
+# ---- int4 alone: output counts, group scales ----
 
 INT4 = FORMATS["int4"]
 
@@ -218,45 +214,6 @@ def test_int4_checks_the_output_count_and_the_group_scales():
         INT4.op(x, q, s, 30, b, t)
     with pytest.raises(RuntimeError, match="scale must be \\[32, 1\\]"):
         INT4.op(x, q, s.t(), n, b, t)
-
-
-def test_triton_devices_route_int4_to_its_triton_gemv():
-    """int4 has a Triton GEMV (a route table entry): decode calls on a Triton device take it, and the
-    Triton op run directly matches the reference (the kernel itself: test_triton_sparse_gemv.py)."""
-    from wisparse_compile.kernels.sparse_kernels import sparse_gemv_int4
-
-    x, (q, s, n), b, t = INT4.operands(3, 40, 50, 0.5, torch.float32)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
-        assert route_of(x, q, "int4", 8) == Route.TRITON
-    assert_matches(sparse_gemv_int4(x, q, s, n, b, t), INT4.expected(x, (q, s, n), b, t), torch.float32)
-
-
-def test_a_layout_without_a_triton_kernel_takes_masked_dense_and_says_so_once(monkeypatch, caplog):
-    """Where the table has no Triton entry for a layout, its decode calls mask and run dense, with one warning."""
-    x, (q, s, n), b, t = INT4.operands(1, 40, 50, 0.5, torch.float32)
-    monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(sparse_kernels, "_logged_missing", set())
-    monkeypatch.delitem(sparse_kernels.KERNELS, (Layout.INT4, sparse_kernels.TRITON))
-    with caplog.at_level(logging.WARNING, logger="wisparse_compile.kernels.sparse_kernels"):
-        assert route_of(x, q, "int4", 8) == Route.MASKED_DENSE
-        assert route_of(x, q, "int4", 8) == Route.MASKED_DENSE
-        assert_matches(INT4.op(x, q, s, n, b, t), INT4.expected(x, (q, s, n), b, t), torch.float32)
-    assert caplog.text.count("no Triton kernel for int4 weights exists yet") == 1
-    assert route_of(x, q.view(torch.int8), "int8", 8) == Route.TRITON
-
-
-def test_a_route_is_one_table_entry(monkeypatch):
-    """An int4 Triton kernel is one more entry of the route table, keyed by (layout, device)."""
-    x, (q, s, n), b, t = INT4.operands(1, 40, 50, 0.5, torch.float32)
-    monkeypatch.setattr(triton_route, "TRITON_DEVICES", ("cuda", "cpu"))
-    ran = []
-    entry = sparse_kernels.SparseKernel(
-        Route.TRITON, lambda x, w, rows: rows >= 1, lambda *args: ran.append(args) or torch.zeros(1, n)
-    )
-    monkeypatch.setitem(KERNELS, (Layout.INT4, sparse_kernels.TRITON), entry)
-    assert route_of(x, q, "int4", 8) == Route.TRITON
-    assert INT4.op(x, q, s, n, b, t).shape == (1, n) and len(ran) == 1
 
 
 # ---- int8 alone: the Triton GEMV (interpreter) ----

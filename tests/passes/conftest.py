@@ -17,3 +17,19 @@ def lowered_graphs(monkeypatch):
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", lower)
     return graphs
+
+
+def dynamo_graph(model, *args):
+    """The Dynamo graph of ``model(*args)`` (no_grad) and its example inputs, as a backend receives them."""
+    import torch
+
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*args)
+    return captured[0]

@@ -66,7 +66,7 @@ def test_reduce_overhead_and_fullgraph_match(fuse):
     the typed backend takes the mode together with the fusion option."""
     model, plan = _calibrated()
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(4))
-    backend = wsc.sparse_backend(mode="reduce-overhead", fuse_siblings=fuse)
+    backend = wsc.WisparseBackend(mode="reduce-overhead", fuse_siblings=fuse)
     compiled = torch.compile(model.model, backend=backend, fullgraph=True)
     with torch.no_grad():
         out = compiled(ids).last_hidden_state

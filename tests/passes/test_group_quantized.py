@@ -47,7 +47,7 @@ def test_siblings_become_one_group_call_with_the_ungrouped_output(fmt, lowered_g
     assert report.rewritten == 7
 
     torch._dynamo.reset()
-    apart = logits(torch.compile(model, backend=wsc.sparse_backend(group_quantized=False)), ids)
+    apart = logits(torch.compile(model, backend=wsc.WisparseBackend(group_quantized=False)), ids)
     graph = lowered_graphs[-1].graph
     assert not _ops_in(graph, "sparse_linear_group", fmt) and len(_ops_in(graph, "sparse_linear", fmt)) == 8
     torch.testing.assert_close(grouped, apart, rtol=1e-5, atol=1e-5)
@@ -71,5 +71,5 @@ def test_an_unplanned_sibling_groups_but_stays_reported_dense(lowered_graphs):
     k = [d for d in wsc.last_compile_report().decisions if d.node == qkv[0].name and d.decision != Outcome.FUSED]
     assert len(k) == 1 and k[0].decision == Outcome.DENSE and "siblings in" in k[0].reason
     torch._dynamo.reset()
-    apart = logits(torch.compile(model, backend=wsc.sparse_backend(group_quantized=False)), ids)
+    apart = logits(torch.compile(model, backend=wsc.WisparseBackend(group_quantized=False)), ids)
     torch.testing.assert_close(out, apart, rtol=1e-5, atol=1e-5)

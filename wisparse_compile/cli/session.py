@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..debug.dump import REPORT_JSON
-from ..debug.report import GraphReport
+from ..passes.decisions import CompileReport
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def attach_plan(model: nn.Module, args: argparse.Namespace) -> None:
 @dataclass
 class CompiledGraph:
     folder: Path
-    report: GraphReport
+    report: CompileReport
 
 
 def compile_into(model: nn.Module, args: argparse.Namespace, debug_dir: Path) -> list[CompiledGraph]:
@@ -95,7 +95,7 @@ def read_graphs(debug_dir: Path) -> list[CompiledGraph]:
     """The graph folders of a debug directory, in compile order."""
     graphs = []
     for folder in sorted(p for p in Path(debug_dir).iterdir() if (p / REPORT_JSON).is_file()):
-        graphs.append(CompiledGraph(folder, GraphReport.from_json((folder / REPORT_JSON).read_text())))
+        graphs.append(CompiledGraph(folder, CompileReport.from_json((folder / REPORT_JSON).read_text())))
     return graphs
 
 

@@ -2,17 +2,15 @@
 
 from .dump import DEBUG_DIR_ENV, debug_dir, record_graph, unified_diff
 from .history import CompileHistory
-from .report import GraphReport, LinearRow, build_report, dotted_source_name, format_table
+from .report import dotted_source_name, format_table, name_decisions
 
 __all__ = [
     "CompileHistory",
     "DEBUG_DIR_ENV",
-    "GraphReport",
-    "LinearRow",
-    "build_report",
     "debug_dir",
     "dotted_source_name",
     "format_table",
+    "name_decisions",
     "record_graph",
     "unified_diff",
 ]

@@ -15,12 +15,12 @@ import logging
 import os
 from pathlib import Path
 from functools import cache
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 from torch import fx
 
 from ..passes.decisions import CompileReport
-from .report import GraphReport, build_report, format_table
+from .report import format_table, name_decisions
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def _trace_artifact(name: str, encoding: str, payload_fn: Callable[[], str]) -> 
 def record_graph(
     before: fx.GraphModule,
     after: fx.GraphModule,
-    example_inputs: Sequence[Any],
     result: CompileReport,
     directory: str | None = None,
-) -> GraphReport | None:
+) -> CompileReport | None:
     """Emit the before/after code, diff and linear table of one graph to every enabled outlet.
 
     Never fails the compile: a debugging aid that breaks compilation would hide the real problem.
@@ -106,7 +105,7 @@ def record_graph(
     try:
         graph = _graph_id()
         label = graph if result.rank is None else f"{graph}@rank{result.rank}"
-        report = build_report(label, before, example_inputs, result)
+        report = name_decisions(result, label, before)
         # printing a large graph takes a while: only when some outlet wants it
         before_code, after_code = cache(lambda: graph_code(before)), cache(lambda: graph_code(after))
         _trace_artifact("wisparse_graph_before", "string", before_code)

@@ -1,24 +1,20 @@
-"""The linear table of one compiled graph: every linear the pass found, named, and what it became.
+"""The debug view of a compile report: every linear the pass found, named, as a table.
 
-Built from the passes' ``CompileReport`` plus the graph and example inputs the backend saw, so the
-pass itself stays free of reporting code. Planned linears are named by their plan key; the rest by
-their weight placeholder's Dynamo source, turned into a dotted ``named_parameters`` path.
+Renders the passes' ``CompileReport`` (the one report model, ``passes/decisions.py``), after naming
+its decisions from the graph the backend saw, so the pass itself stays free of reporting code.
+Planned linears are named by their plan key; the rest by their weight placeholder's Dynamo source,
+turned into a dotted ``named_parameters`` path.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
 
-import torch
 from torch import fx
 
-from ..attach import planned_sparsity
 from ..model_structure import linear_name
 from ..kernels.routing import Route
-from ..passes.decisions import CompileReport, Outcome
+from ..passes.decisions import CompileReport, LinearDecision, Outcome
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|\"([^\"]*)\"|(\d+))\]")
 
@@ -55,105 +51,52 @@ def _module_path_from_meta(node: fx.Node | None) -> str | None:
     return dotted_source_name(str(path))
 
 
-@dataclass
-class LinearRow:
-    """One linear of a compiled graph, as the debug report shows it."""
-
-    module: str
-    node: str
-    form: str
-    weight_shape: list[int] | None
-    dtype: str | None
-    planned_sparsity: float | None
-    outcome: str  # an ``Outcome``: "sparse", "fused" or "dense"
-    reason: str = ""
-    reason_kind: str = ""  # a ``DenseReason`` when dense, else ""
-    route: str = ""  # a ``Route``: how the op runs ("" in reports written before routes were recorded)
-    layout: str = ""  # a ``Layout`` when the linear became a wisparse op, else ""
-
-
-@dataclass
-class GraphReport:
-    """The linear table and counts of one compiled graph."""
-
-    graph: str
-    rows: list[LinearRow] = field(default_factory=list)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        outcomes = [r.outcome for r in self.rows]
-        return {
-            "found": len(outcomes),
-            "rewritten": outcomes.count(Outcome.SPARSE),
-            "fused": outcomes.count(Outcome.FUSED),
-            "dense": outcomes.count(Outcome.DENSE),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps({"graph": self.graph, "counts": self.counts, "linears": [asdict(r) for r in self.rows]}, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "GraphReport":
-        data = json.loads(text)
-        return cls(data["graph"], [LinearRow(**row) for row in data["linears"]])
-
-
-def build_report(
-    graph: str, before: fx.GraphModule, example_inputs: Sequence[Any], result: CompileReport
-) -> GraphReport:
-    """Name every decision of ``result``; ``before`` is the graph as Dynamo gave it."""
+def name_decisions(report: CompileReport, graph: str, before: fx.GraphModule) -> CompileReport:
+    """Name every decision of ``report`` for display (``module``) and label it ``graph``; ``before`` is the
+    graph as Dynamo gave it. Returns ``report`` (changed in place: the backend keeps the named one)."""
     placeholders = [n for n in before.graph.nodes if n.op == "placeholder"]
     nodes = {n.name: n for n in before.graph.nodes}
-    report = GraphReport(graph)
-    for d in result.decisions:
-        weight = example_inputs[d.weight_input] if d.weight_input is not None else None
+    report.graph = graph
+    for d in report.decisions:
         module = d.name
         if module is None and d.weight_input is not None and d.weight_input < len(placeholders):
             source = placeholder_source(placeholders[d.weight_input])
             module = linear_name(dotted_source_name(source)) if source else None
-        module = module or _module_path_from_meta(nodes.get(d.node)) or d.node
-        report.rows.append(
-            LinearRow(
-                module=module,
-                node=d.node,
-                form=d.form,
-                weight_shape=list(d.weight_shape) if d.weight_shape is not None else None,
-                dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else d.dtype,
-                planned_sparsity=planned_sparsity(weight) if weight is not None else None,
-                outcome=Outcome(d.decision).value,
-                reason=d.reason,
-                reason_kind=d.reason_kind.value if d.reason_kind is not None else "",
-                route=d.route.value,
-                layout=d.layout.value if d.layout is not None else "",
-            )
-        )
+        d.module = module or _module_path_from_meta(nodes.get(d.node)) or d.node
     return report
 
 
-def format_table(report: GraphReport, colour: bool = False) -> str:
-    """Readable fixed-width table of ``report`` (ANSI colours when ``colour``)."""
+def _route_cell(d: LinearDecision) -> str:
+    if d.route == Route.DENSE:
+        return ""
+    return f"{d.layout.value} {d.route.value}" if d.layout is not None else d.route.value
+
+
+def format_table(report: CompileReport, colour: bool = False) -> str:
+    """Readable fixed-width table of ``report`` (ANSI colours when ``colour``): the debug view of the report model."""
     header = ("module", "shape", "dtype", "planned", "became", "route", "why dense")
     lines = [
         (
-            r.module,
-            "x".join(map(str, r.weight_shape)) if r.weight_shape else "?",
-            r.dtype or "?",
-            f"{r.planned_sparsity:.2f}" if r.planned_sparsity is not None else "-",
-            "sparse_linear" if r.outcome == Outcome.SPARSE else r.outcome,
-            (f"{r.layout} {r.route}" if r.layout else r.route) if r.route != Route.DENSE else "",
-            f"{r.reason_kind}: {r.reason}" if r.reason_kind and r.reason_kind != r.reason else r.reason,
+            d.module or d.name or d.node,
+            "x".join(map(str, d.weight_shape)) if d.weight_shape else "?",
+            d.dtype or "?",
+            f"{d.planned_sparsity:.2f}" if d.planned_sparsity is not None else "-",
+            "sparse_linear" if d.decision == Outcome.SPARSE else d.decision.value,
+            _route_cell(d),
+            f"{d.reason_kind.value}: {d.reason}" if d.reason_kind and d.reason_kind.value != d.reason else d.reason,
         )
-        for r in report.rows
+        for d in report.decisions
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = [f"graph {report.graph}", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
-    for row, line in zip(report.rows, lines):
+    for d, line in zip(report.decisions, lines):
         text = "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
         if colour:
-            code = "32" if row.outcome == Outcome.SPARSE else "36" if row.outcome == Outcome.FUSED else "33"
+            code = "32" if d.decision == Outcome.SPARSE else "36" if d.decision == Outcome.FUSED else "33"
             text = f"\033[{code}m{text}\033[0m"
         out.append(text)
     c = report.counts
-    out.append(f"{c['found']} linears found: {c['rewritten']} rewritten, {c['fused']} fused, {c['dense']} left dense")
+    out.append(f"{c['found']} linears found: {c['rewritten']} rewritten, {c['fused']} fused, {c['dense']} left dense"
+               + (" (fused ones count as rewritten)" if c["fused"] else ""))
     return "\n".join(out)

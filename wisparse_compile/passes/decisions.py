@@ -1,13 +1,18 @@
 """What the passes decided for each linear: outcome, reason (an enum), weight layout and route, per graph.
 
-Matches and emits nothing: the records the rewrite and fusion passes fill, that the backend keeps
-(``CompileReport``, tensor-free so a long-lived process can keep many) and the debug report shows.
+Matches and emits nothing: the one report model. The rewrite and fusion passes fill it, the backend
+keeps it (``CompileReport``, tensor-free so a long-lived process can keep many), the debug view
+names its linears and renders it (``debug/report.py``), and it is written to and read from JSON
+(``to_json``/``from_json``: the debug folders, ``wisparse explain``/``diff``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,17 +50,38 @@ class LinearDecision:
     form: str
     name: str | None  # plan key, if the weight is planned
     weight_shape: tuple[int, ...] | None
-    dtype: str | None
+    dtype: str | None  # the weight's dtype (the activation's where the weight is no graph input)
     decision: Outcome = Outcome.DENSE
     reason: str = ""  # particulars for people (empty when sparse)
     reason_kind: DenseReason | None = None  # set exactly when the decision is DENSE
     route: Route = Route.DENSE  # the route the emitted op takes (``kernels.route_of``, at trace time)
     layout: Layout | None = None  # the weight's layout when it became a wisparse op (quantized ones even without a plan)
     weight_input: int | None = None  # index of the weight's graph input (debug reports name it)
+    planned_sparsity: float | None = None  # the target sparsity the weight's plan gives it
+    module: str | None = None  # the name reports show: the plan key, else the weight's path (``debug.report``)
 
     def leave_dense(self, kind: DenseReason, reason: str = "") -> "LinearDecision":
         self.decision, self.reason_kind, self.reason, self.route = Outcome.DENSE, kind, reason or kind.value, Route.DENSE
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: enums as their values, the shape as a list."""
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, enum.Enum):
+                data[key] = value.value
+        data["weight_shape"] = list(self.weight_shape) if self.weight_shape is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LinearDecision":
+        fields = dict(data)
+        fields["decision"] = Outcome(fields["decision"])
+        fields["route"] = Route(fields["route"])
+        for key, kind in (("reason_kind", DenseReason), ("layout", Layout)):
+            fields[key] = kind(fields[key]) if fields.get(key) is not None else None
+        fields["weight_shape"] = tuple(fields["weight_shape"]) if fields.get("weight_shape") is not None else None
+        return cls(**fields)
 
 
 @dataclass
@@ -64,10 +90,34 @@ class CompileReport:
 
     decisions: list[LinearDecision] = field(default_factory=list)
     rank: int | None = None  # this process's rank in a multi-process (tensor-parallel) run, else None
+    graph: str = ""  # the graph's label in debug output (set when the debug view names the decisions)
 
     @property
     def rewritten(self) -> int:
+        """Linears that became wisparse sparse ops, fused ones included."""
         return sum(d.decision in (Outcome.SPARSE, Outcome.FUSED) for d in self.decisions)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """found = rewritten + dense; fused counts the rewritten linears that run with their siblings."""
+        outcomes = [d.decision for d in self.decisions]
+        return {
+            "found": len(outcomes),
+            "rewritten": self.rewritten,
+            "fused": outcomes.count(Outcome.FUSED),
+            "dense": outcomes.count(Outcome.DENSE),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"graph": self.graph, "rank": self.rank, "counts": self.counts, "linears": [d.to_dict() for d in self.decisions]},
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompileReport":
+        data = json.loads(text)
+        return cls([LinearDecision.from_dict(d) for d in data["linears"]], data.get("rank"), data.get("graph", ""))
 
     def summary(self) -> str:
         dense = [d for d in self.decisions if d.decision == Outcome.DENSE]

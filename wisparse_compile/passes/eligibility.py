@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from ..attach import sharding_problem, site_of
+from ..planned import plan_of, sharding_problem
 from ..config import BackendConfig
 from ..kernels import Layout, Route, decode_sized, route_of
 from ..sharding import is_dtensor
@@ -47,7 +47,7 @@ def check_eligibility(
     under_autocast: autocast would run the call in its own dtype, and the sparse ops have no
         autocast rule, so rewriting would silently change the precision.
     """
-    site = site_of(weight)
+    site = plan_of(weight)
     if site is None:
         problem = sharding_problem(weight)
         return Eligibility(None, DenseReason.SHARDING, problem) if problem else Eligibility(None, DenseReason.NO_PLAN)

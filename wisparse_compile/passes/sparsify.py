@@ -3,7 +3,7 @@
 Matches every contraction that ``rewrite_experts`` (stacked 3-D expert weights) or
 ``rewrite_linears`` (``linear``, ``addmm``, ``matmul``) recognises, and asks ``eligibility``
 whether it may run sparse. A node is tied to its plan entry by the weight *object* passed as its
-graph input (``attach`` registered it): exact, no names needed, and it survives graph breaks
+graph input (the plan slot ``attach`` put on it, ``planned.py``): exact, no names needed, and it survives graph breaks
 (sources relative to a frame) and tied weights.
 
 Emits the form's sparse op in place of each eligible node, fed by a new thresholds input appended
@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import fx
 
-from ..attach import thresholds_of
+from ..planned import planned_sparsity, thresholds_of
 from ..config import BackendConfig
 from ..kernels import Layout, Route
 from .decisions import DenseReason, LinearDecision, Outcome, RewriteResult
@@ -55,11 +55,13 @@ class Contraction(Protocol):
 def _decide(node: fx.Node, match: Contraction, inputs: GraphInputs, under_autocast: bool, config: BackendConfig) -> LinearDecision:
     """The decision for one matched node: sparse (with its route) or dense, and why."""
     x, weight = example_value(match.x), inputs.example(match.weight)
+    typed = weight if isinstance(weight, torch.Tensor) else x
     decision = LinearDecision(
         node=node.name, form=match.label, name=None,
         weight_shape=tuple(weight.shape) if isinstance(weight, torch.Tensor) else match.shape,
-        dtype=str(x.dtype).removeprefix("torch.") if isinstance(x, torch.Tensor) else None,
+        dtype=str(typed.dtype).removeprefix("torch.") if isinstance(typed, torch.Tensor) else None,
         weight_input=inputs.index_of.get(match.weight) if match.weight is not None else None,
+        planned_sparsity=planned_sparsity(weight),
     )
     if match.weight is None and match.problem is not None:
         return decision.leave_dense(*match.problem)

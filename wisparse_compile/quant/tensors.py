@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
+from ..planned import PLAN_ATTRIBUTE
 from .primitives import INT4_GROUP_SIZE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 
@@ -86,14 +87,14 @@ class QuantizedWeight(torch.Tensor):
         aten = torch.ops.aten
         if func in (aten.detach.default, aten.alias.default, aten.clone.default):
             w = args[0]
-            return type(w)(func(w.qdata), func(w.scale), w.dtype, w.out_features)
+            return _keeping_plan(w, type(w)(func(w.qdata), func(w.scale), w.dtype, w.out_features))
         if func is aten._to_copy.default:
             w = args[0]
             device = kwargs.get("device") or w.device
             dtype = kwargs.get("dtype") or w.dtype
             if not dtype.is_floating_point:
                 return func(w.dequantize(), **kwargs)
-            return type(w)(w.qdata.to(device), w.scale.to(device), dtype, w.out_features)
+            return _keeping_plan(w, type(w)(w.qdata.to(device), w.scale.to(device), dtype, w.out_features))
         if func is aten.copy_.default and isinstance(args[0], QuantizedWeight):
             raise RuntimeError(
                 f"in-place writes into a {args[0].FORMAT}-quantized weight are not supported: detach(model) first "
@@ -101,6 +102,16 @@ class QuantizedWeight(torch.Tensor):
             )
         plain = tree_map_only(QuantizedWeight, lambda w: w.dequantize(), (args, kwargs))
         return func(*plain[0], **plain[1])
+
+
+def _keeping_plan(source: QuantizedWeight, result: QuantizedWeight) -> QuantizedWeight:
+    """``result`` with ``source``'s plan slot (``planned.py``), if it has one: ``module.to()`` moves a
+    subclass parameter by swapping in a new tensor's contents, attributes included (through
+    ``_to_copy``, then ``detach`` to make it a Parameter), so a layout-keeping copy keeps the plan."""
+    plan = getattr(source, PLAN_ATTRIBUTE, None)
+    if plan is not None:
+        setattr(result, PLAN_ATTRIBUTE, plan)
+    return result
 
 
 class Int8Weight(QuantizedWeight):
