@@ -11,7 +11,7 @@ registered for its type (``registry``). The strategies, each a config and one fu
   block-output errors weighted by the output's sensitivity (diagonal Fisher: an estimate of the
   loss increase), and the budget traded across blocks at one exchange rate read off every block's
   greedy path (``budgets.lagrangian_budgets``; no search, no held-out tokens).
-- ``search.Search(...)``: an experiment that lost, opt-in: block budgets by an evolutionary search
+- ``search.Search(...)``: an experiment that lost, on request only: block budgets by an evolutionary search
   on KL to dense over held-out tokens.
 
 The modules: ``blocks`` (decoder layers and input-sharing groups, found by dataflow), ``masking``

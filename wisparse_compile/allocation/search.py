@@ -1,6 +1,6 @@
 """The ``Search`` allocation, an experiment that lost: block sparsities searched on KL to dense.
 
-Kept opt-in, out of the default surface (``SparsityConfig(allocation=Search(...))``, importable from
+Kept on request only, out of the default surface (``SparsityConfig(allocation=Search(...))``, importable from
 here only): every block's greedy split (``refine``, plain output error, as ``Greedy``), and the
 budget across blocks found by an evolutionary search whose fitness is the mean KL divergence of the
 masked model's next-token distribution to the dense model's on held-out calibration tokens, every

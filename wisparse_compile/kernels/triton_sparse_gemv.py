@@ -522,15 +522,9 @@ def sparse_gemv_int8_triton(
 
 
 def sparse_gemv_int4_triton(
-    x2d: torch.Tensor,
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-    out_features: int,
-    thresholds: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    launcher: Callable = lambda kernel: kernel,
-    max_rows: int = 8,
-    launch: Launch | None = None,
+    x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, out_features: int,
+    thresholds: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    launcher: Callable = lambda kernel: kernel, max_rows: int = 8, launch: Launch | None = None,
 ) -> torch.Tensor:
     """``(x2d * keep) @ dequantized(qdata, scale)^T + bias`` for the packed int4 layout of
     ``quant/primitives.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
