@@ -165,7 +165,7 @@ def _check_generation(arch: str, tmp_path: Path) -> None:
         for table in tables:
             data = json.loads(table.read_text())
             assert data["graph"].endswith(f"@rank{rank}")
-            assert sorted(r["module"] for r in data["linears"] if r["outcome"] == "sparse") == sorted(plan.names)
+            assert sorted(r["module"] for r in data["linears"] if r["decision"] == "sparse") == sorted(plan.names)
 
 
 @pytest.mark.slow
