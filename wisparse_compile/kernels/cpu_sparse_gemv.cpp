@@ -259,7 +259,7 @@ int64_t gather_kept(const X* xp, const float* tp, int64_t m, int64_t k, std::vec
 
 // ---- Segments: the work split of every call ----
 // A call covers one weight, or several sibling weights that read the same x (q/k/v, gate/up: one
-// call instead of three, wisparse::sparse_linear_int8_group). A segment is one weight's share: its
+// call instead of three, wisparse::sparse_linear_group). A segment is one weight's share: its
 // own kept channels (its own thresholds) and how many bytes one of its kept rows streams.
 struct Segment {
   const float* thresholds = nullptr;  // [k]; nullptr keeps every channel (a dense call)
