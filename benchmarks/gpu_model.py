@@ -90,32 +90,13 @@ class Prediction:
     speedup_vs_dense: float
 
 
-def _launches(form: str, dtype: torch.dtype, rows: int, n: int, k: int):
-    """The host call's recorded launches (the grid and constexprs a GPU with DEFAULT_SMS would get)."""
-    from wisparse_compile.kernels import triton_aot
-    from wisparse_compile.kernels import triton_sparse_gemv as g
-
-    x, t = torch.empty(rows, k, dtype=dtype), torch.empty(k)
-    if form == "int8":
-        q, s = torch.empty(k, n, dtype=torch.int8), torch.empty(n)
-        call = lambda launcher: g.sparse_gemv_int8_triton(x, q, s, t, None, launcher)  # noqa: E731
-    elif form == "int4":
-        q, s = torch.empty(k, (n + 1) // 2, dtype=torch.uint8), torch.empty(k, -(-n // 32))
-        call = lambda launcher: g.sparse_gemv_int4_triton(x, q, s, n, t, None, launcher)  # noqa: E731
-    else:
-        w = torch.empty(k, n, dtype=dtype).t()
-        call = lambda launcher: g.sparse_gemv_triton(x, w, [t], [None], [n], launcher)  # noqa: E731
-    recorder = triton_aot._Recorder()
-    call(recorder)
-    return call, recorder.launches
-
-
 def predict(gpu: Gpu, form: str, dtype: torch.dtype, rows: int, n: int, k: int, sparsity: float) -> list[Prediction]:
     """One prediction per autotune config of this call (see the module docstring)."""
     from wisparse_compile.kernels import triton_aot
 
-    call, launches = _launches(form, dtype, rows, n, k)
-    artefacts = triton_aot.compile_call(call, gpu.cc)
+    call = triton_aot.call_of(triton_aot.Case(form, str(dtype).removeprefix("torch."), rows, n, k, padded=False))
+    launches = triton_aot.recorded_launches(call)
+    artefacts = triton_aot.compile_call(call, gpu.cc, launches)
     launch = launches[0]
     launches_per_call = len(launches)  # rows past ROWS_PER_LAUNCH run as several launches
     grid = launch.grid

@@ -169,12 +169,18 @@ def compile_launch(launch: _Launch, cc: int) -> list[Artefact]:
     return out
 
 
-def compile_call(call: Callable[[Callable], Any], cc: int) -> list[Artefact]:
-    """AOT-compile every launch ``call(launcher)`` makes (``call`` runs a host function with that launcher)."""
+def recorded_launches(call: Callable[[Callable], Any]) -> list[_Launch]:
+    """The launches ``call(launcher)`` makes (``call`` runs a host function with that launcher), not run."""
     recorder = _Recorder()
     call(recorder)
+    return recorder.launches
+
+
+def compile_call(call: Callable[[Callable], Any], cc: int, launches: list[_Launch] | None = None) -> list[Artefact]:
+    """AOT-compile every launch ``call`` makes (or ``launches``, recorded from it already)."""
     distinct = {}
-    for launch in recorder.launches:  # row chunks launch the same kernel with the same constexprs
+    for launch in launches if launches is not None else recorded_launches(call):
+        # row chunks launch the same kernel with the same constexprs
         key = (id(launch.kernel), tuple(sorted((k, v) for k, v in launch.kwargs.items() if isinstance(v, (int, str)))))
         distinct.setdefault(key, launch)
     return [artefact for launch in distinct.values() for artefact in compile_launch(launch, cc)]

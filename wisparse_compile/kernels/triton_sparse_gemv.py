@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .routing import DEFAULT_MAX_SPARSE_ROWS
 from .triton_route import MAX_SEGMENTS
 from .triton_toolchain import configure_ptxas
 
@@ -421,7 +422,7 @@ def sparse_gemv_triton(
     biases: Sequence[Optional[torch.Tensor]],
     splits: Sequence[int],
     launcher: Callable = lambda kernel: kernel,
-    max_rows: int = 8,
+    max_rows: int = DEFAULT_MAX_SPARSE_ROWS,
     launch: Launch | None = None,
     scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -503,7 +504,7 @@ def sparse_gemv_int8_triton(
     thresholds: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     launcher: Callable = lambda kernel: kernel,
-    max_rows: int = 8,
+    max_rows: int = DEFAULT_MAX_SPARSE_ROWS,
     launch: Launch | None = None,
 ) -> torch.Tensor:
     """``((x2d * keep) @ qweight) * scale + bias`` with ``qweight`` int8 ``[K, N]`` (input-major codes)
@@ -524,7 +525,7 @@ def sparse_gemv_int8_triton(
 def sparse_gemv_int4_triton(
     x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, out_features: int,
     thresholds: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    launcher: Callable = lambda kernel: kernel, max_rows: int = 8, launch: Launch | None = None,
+    launcher: Callable = lambda kernel: kernel, max_rows: int = DEFAULT_MAX_SPARSE_ROWS, launch: Launch | None = None,
 ) -> torch.Tensor:
     """``(x2d * keep) @ dequantized(qdata, scale)^T + bias`` for the packed int4 layout of
     ``quant/primitives.py``: ``qdata`` uint8 ``[K, ceil(N/2)]`` (rows contiguous), ``scale`` fp32
