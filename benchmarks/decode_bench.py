@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-from pathlib import Path
 
 import torch
 
@@ -43,9 +42,6 @@ def markdown(records: list[dict], mode: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU; not speed figures")
-    # the old spelling, as benchmarks/gpu_check.py calls it: a dry run that also leaves the old flat
-    # file (<out-dir>/decode_smoke.json) that gpu_check's test looks for, until gpu_check moves onto the harness
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     parser.add_argument("--method", default="teal", choices=["teal", "wina", "wisparse"])
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -55,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     import wisparse_compile as wsc
 
-    dry = args.dry_run or args.smoke or not torch.cuda.is_available()
+    dry = args.dry_run or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
     new_tokens, rounds = (3, 1) if dry else (args.new_tokens, args.rounds)
     sparsities = [0.5] if dry else [float(s) for s in args.sparsities.split(",")]
@@ -84,10 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = write_result("decode", setup, records, table, out_dir=out_dir_for(args.out_dir, dry, "decode"),
                           device=device, dry_run=dry)
     print(table)
-    if args.smoke and args.out_dir:
-        from wisparse_compile.files import atomic_write_json
-
-        atomic_write_json(Path(args.out_dir) / "decode_smoke.json", {k: v for k, v in result.items() if k != "path"})
     return {**result, "smoke": dry}  # ``smoke``: what benchmarks/gpu_check.py reads
 
 

@@ -26,11 +26,12 @@ Steps, each in its own process with its own timeout (one failing or hanging step
 Targets, reported as met or not: kernel >= 1.8x cuBLAS at 50% sparsity, batch 1 (the limit is 2x);
 kernel >= 0.95x cuBLAS at 0%; decode >= 1.5x dense ``torch.compile`` at 50%.
 
-Writes to ``benchmarks/results/`` (``--out-dir``): ``gpu_check.json`` (every step's record, the
-targets) and ``gpu_check.md`` (a readable table), the step records under ``gpu_check/``, and the
-benchmarks' own ``kernel_<gpu>.json|md`` and ``decode_<gpu>.json|md``. ``--dry-run`` runs every step
-on the CPU (the Triton interpreter, tiny shapes, the C++ kernel in the tiny decode) and writes to a
-temporary folder unless ``--out-dir`` is given: it proves the script, its numbers are not speed figures.
+Writes through the harness (``harness.write_result``) under ``benchmarks/results/`` (``--out-dir``):
+``gpu_check/<gpu>/<date>.json`` (a record per step, including the int8 op's timings and measured vs
+modelled per point, and one per target) and the readable table beside it; the two benchmarks it runs
+write their own, ``kernel_gpu/<gpu>/<date>`` and ``decode/<gpu>/<date>``. ``--dry-run`` runs every step on
+the CPU (the Triton interpreter, tiny shapes, the C++ kernel in the tiny decode) and writes to a
+temporary folder unless ``--out-dir`` is given: it proves the script, its numbers are NOT speed figures.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ import time
 import traceback
 from pathlib import Path
 from typing import Callable
+
+from benchmarks.harness import out_dir_for, write_result
+from wisparse_compile.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds each step may take on the GPU (8.5 minutes in all, start-up included) and in a dry run.
@@ -395,23 +399,18 @@ def step_tiny_decode(dry: bool, out: Path) -> dict:
 def step_kernel_bench(dry: bool, out: Path) -> dict:
     from benchmarks import kernel_bench
 
-    args = ["--shapes", "4096x14336,14336x4096", "--dtypes", "bfloat16", "--batches", "1,4",
-            "--sparsities", "0,0.5,0.7", "--out-dir", str(out)]
-    if dry:
-        args = ["--smoke", "--shapes", "96x64", "--dtypes", "bfloat16", "--batches", "1,4", "--sparsities", "0,0.5,0.7",
-                "--out-dir", str(out)]
-    result = kernel_bench.main(args)
+    shapes = "96x64" if dry else "4096x14336,14336x4096"
+    args = ["--shapes", shapes, "--dtypes", "bfloat16", "--batches", "1,4", "--sparsities", "0,0.5,0.7", "--out-dir", str(out)]
+    result = kernel_bench.main(args + (["--dry-run"] if dry else []))
     points = {(r["shape"][0], r["shape"][1], r["batch"], r["sparsity"]): r["speedup"] for r in result["records"]}
     at = lambda s: [v for (n, k, b, sp), v in points.items() if b == 1 and sp == s]  # noqa: E731
     int8 = _int8_speed(dry)
-    (out / "gpu_check").mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check" / "int8_kernel.json").write_text(json.dumps(int8, indent=2))
     model = _measured_vs_modelled(result["records"])
-    (out / "gpu_check" / "model_vs_measured.json").write_text(json.dumps(model, indent=2))
     for row in model:
         print(f"model: {row['shape'][0]}x{row['shape'][1]} batch {row['batch']} sparsity {row['sparsity']}: measured "
               f"{row['measured_us']} us, modelled {row['modelled_us']} us ({row['measured_over_modelled']}x)", flush=True)
-    return {"records": len(result["records"]), "smoke": result["smoke"],
+    return {"result": result["path"], "records": len(result["records"]), "smoke": result["smoke"],
+            "int8_kernel": int8, "measured_vs_modelled": model,
             "measured_over_modelled": [row["measured_over_modelled"] for row in model],
             "speedup_50pct_batch1": at(0.5), "speedup_0pct_batch1": at(0.0),
             "int8_speedup_0pct_batch1": [r["speedup"] for r in int8 if r["sparsity"] == 0.0],
@@ -484,9 +483,9 @@ def step_decode_bench(dry: bool, out: Path) -> dict:
 
     args = ["--sparsities", "0,0.5", "--new-tokens", "96", "--rounds", "3", "--out-dir", str(out)]
     if dry:
-        args = ["--smoke", "--out-dir", str(out)]
+        args = ["--dry-run", "--out-dir", str(out)]
     result = decode_bench.main(args)
-    return {"records": result["records"], "smoke": result["smoke"],
+    return {"result": result["path"], "records": result["records"], "smoke": result["smoke"],
             "speedup_50pct": [r["speedup"] for r in result["records"] if r["sparsity"] == 0.5], "ok": True}
 
 
@@ -499,16 +498,15 @@ STEP_FUNCTIONS: dict[str, Callable[[bool, Path], dict]] = {
 # ------------------------------------------------------------------------------------- the driver
 
 
-def run_step(name: str, dry: bool, out: Path) -> None:
-    """Run one step in this process and write its record (or its error) to ``out/gpu_check/NAME.json``."""
-    (out / "gpu_check").mkdir(parents=True, exist_ok=True)
+def run_step(name: str, dry: bool, out: Path, record_file: Path) -> None:
+    """Run one step in this process and write its record (or its error) to ``record_file`` for the driver."""
     t0 = time.perf_counter()
     try:
         record = STEP_FUNCTIONS[name](dry, out)
     except Exception as e:  # noqa: BLE001  (the record says what failed; the driver goes on)
         record = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     record["seconds"] = time.perf_counter() - t0
-    (out / "gpu_check" / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    atomic_write_json(record_file, record)
 
 
 def targets(records: dict) -> dict:
@@ -557,12 +555,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes: proves the script")
     parser.add_argument("--steps", default=",".join(STEPS), help="which steps: " + ", ".join(STEPS))
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", default=None, help="default benchmarks/results (--dry-run: a temporary folder)")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
+    parser.add_argument("--record", default=None, help=argparse.SUPPRESS)  # internal: where that step's record goes
     args = parser.parse_args(argv)
-    out = Path(args.out_dir or (tempfile.mkdtemp(prefix="wisparse-gpu-check-") if args.dry_run else ROOT / "benchmarks" / "results"))
+    out = out_dir_for(args.out_dir, args.dry_run, "gpu_check")
     if args.step:
-        run_step(args.step, args.dry_run, out)
+        run_step(args.step, args.dry_run, out, Path(args.record))
         return {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.dry_run:
@@ -570,35 +569,41 @@ def main(argv: list[str] | None = None) -> dict:
     order = [s for s in args.steps.split(",") if s]
     steps: dict[str, dict] = {}
     started = time.perf_counter()
-    for name in order:
-        timeout = STEP_TIMEOUTS[name][1 if args.dry_run else 0]
-        if not args.dry_run:
-            timeout = int(min(timeout, BUDGET_S - (time.perf_counter() - started)))
-            if timeout < 10:
-                steps[name] = {"ok": False, "error": f"skipped: the {BUDGET_S} s budget is spent"}
-                continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out-dir", str(out)] + (["--dry-run"] if args.dry_run else [])
-        t0 = time.perf_counter()
-        print(f"[gpu_check] {name} (timeout {timeout} s) ...", flush=True)
-        try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            record_file = out / "gpu_check" / f"{name}.json"
-            if record_file.exists():
-                steps[name] = json.loads(record_file.read_text())
-            else:
-                steps[name] = {"ok": False, "error": f"exit {done.returncode}, no record", "stderr": done.stderr[-4000:]}
-        except subprocess.TimeoutExpired:
-            steps[name] = {"ok": False, "error": f"timed out after {timeout} s"}
-        steps[name].setdefault("seconds", time.perf_counter() - t0)
-        print(f"[gpu_check] {name}: {'ok' if steps[name].get('ok') else 'FAILED ' + str(steps[name].get('error', ''))[:300]}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="wisparse-gpu-check-steps-") as records_dir:
+        for name in order:
+            timeout = STEP_TIMEOUTS[name][1 if args.dry_run else 0]
+            if not args.dry_run:
+                timeout = int(min(timeout, BUDGET_S - (time.perf_counter() - started)))
+                if timeout < 10:
+                    steps[name] = {"ok": False, "error": f"skipped: the {BUDGET_S} s budget is spent"}
+                    continue
+            record_file = Path(records_dir) / f"{name}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--record", str(record_file),
+                   "--out-dir", str(out)] + (["--dry-run"] if args.dry_run else [])
+            t0 = time.perf_counter()
+            print(f"[gpu_check] {name} (timeout {timeout} s) ...", flush=True)
+            try:
+                done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                if record_file.exists():
+                    steps[name] = json.loads(record_file.read_text())
+                else:
+                    steps[name] = {"ok": False, "error": f"exit {done.returncode}, no record", "stderr": done.stderr[-4000:]}
+            except subprocess.TimeoutExpired:
+                steps[name] = {"ok": False, "error": f"timed out after {timeout} s"}
+            steps[name].setdefault("seconds", time.perf_counter() - t0)
+            print(f"[gpu_check] {name}: {'ok' if steps[name].get('ok') else 'FAILED ' + str(steps[name].get('error', ''))[:300]}",
+                  flush=True)
     summary = {"dry_run": args.dry_run, "order": order, "steps": steps, "targets": targets(steps),
                "ok": all(s.get("ok") for s in steps.values())}
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
     table = markdown(summary)
-    (out / "gpu_check.md").write_text(table + "\n")
     print(table)
-    print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
-    return summary
+    records = ([{"kind": "step", "step": name, **steps[name]} for name in order if name in steps]
+               + [{"kind": "target", "target": name, **t} for name, t in summary["targets"].items()])
+    setup = {"steps": order, "budget_s": BUDGET_S, "step_timeouts_s": {n: STEP_TIMEOUTS[n][args.dry_run] for n in order},
+             "targets": TARGETS}
+    result = write_result("gpu_check", setup, records, table, out_dir=out, device="cpu" if args.dry_run else "cuda",
+                          dry_run=args.dry_run)
+    return {**result, **summary}
 
 
 if __name__ == "__main__":

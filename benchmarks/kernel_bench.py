@@ -1,7 +1,7 @@
 """GPU benchmark of the sparse GEMV: sparse vs dense (cuBLAS ``F.linear`` and Inductor's dense).
 
     PYTHONPATH=$PWD python benchmarks/kernel_bench.py                      # on a CUDA machine: the full grid
-    PYTHONPATH=$PWD python benchmarks/kernel_bench.py --smoke              # anywhere: tiny shapes, Triton interpreter
+    PYTHONPATH=$PWD python benchmarks/kernel_bench.py --dry-run            # anywhere: tiny shapes, Triton interpreter
 
 Grid: Llama-3-8B shapes (4096x4096, 14336x4096, 4096x14336) and SmolLM2-135M shapes, sparsity
 0..0.9, batch 1/2/4/8, bf16 and fp16. Each point times, in one run with ``triton.testing.do_bench``:
@@ -12,8 +12,8 @@ quantile of |x| (x ~ N(0, 1)), so each token row keeps about (1 - s) of the chan
 b rows loads the union (recorded as ``rows_loaded``). Achieved bandwidth counts the weight rows
 loaded plus x and the output, against the GPU's peak (``--peak-gbps`` or a table of known GPUs).
 
-Writes ``benchmarks/results/kernel_<gpu>.json`` (``{"device", "torch", "records"}``) and a markdown
-table.
+Writes ``benchmarks/results/kernel_gpu/<gpu>/<date>.json`` (``harness.write_result``; ``setup`` holds the
+grid and the peak) and the markdown table beside it.
 
     PYTHONPATH=$PWD python benchmarks/kernel_bench.py --cpu [--quick]    # the C++ CPU kernels, GB/s vs a read loop
 
@@ -26,24 +26,27 @@ round by round, so load from other processes hits both alike. Each call takes th
 weight copies (together >= 256 MiB), so weights come from DRAM. Target: >= 80% of the read loop on
 the large shapes. The fp32 kernel, streaming several rows at once, can beat the one-stream read loop,
 so each record also gives its GB/s as a fraction of the fp32 kernel's at the same point. Writes
-``kernel_cpu.json``/``.md``; ``--quick`` (small shapes, 2 rounds) only checks
-that the script works. ``--smoke`` (and any machine without CUDA) runs small shapes on the CPU through the Triton
-interpreter: the numbers prove the script works and are NOT speed figures.
+``results/kernel_cpu/<machine>/<date>[-<variant>].json`` and ``.md``; ``--quick`` (small shapes, 2 rounds,
+a temporary folder) only checks that the script works. ``--dry-run`` (``--smoke``; and any machine
+without CUDA) runs small shapes on the CPU through the Triton interpreter, into a temporary folder unless
+``--out-dir`` says otherwise: the numbers prove the script works and are NOT speed figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import re
+import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks.harness import (
+    device_description, interleaved, load_average, out_dir_for, summary, time_ms, write_result,
+)
 
 SHAPES = {  # [out, in]
     "Llama-3-8B": [(4096, 4096), (14336, 4096), (4096, 14336)],
@@ -57,15 +60,6 @@ PEAK_GBPS = {r"H200": 4800.0, r"H100.*PCIe": 2000.0, r"H100": 3350.0, r"A100.*80
 SMOKE_WARNING = "SMOKE RUN (CPU / Triton interpreter): these numbers are NOT speed figures"
 
 log = logging.getLogger("kernel_bench")
-
-
-def gpu_name() -> str:
-    """Short file-name tag of the GPU: ``h100``, ``h200``, ... (``cpu`` without CUDA)."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name()
-    found = re.search(r"([A-Z]+\d+[A-Z]*)", name)
-    return (found.group(1) if found else name.split()[-1]).lower()
 
 
 def peak_gbps(override: float | None) -> float | None:
@@ -157,18 +151,15 @@ def bench_point(out_f: int, in_f: int, dtype: torch.dtype, batch: int, sparsity:
     }
 
 
-def markdown(result: dict) -> str:
-    peak = result.get("peak_gbps")
-    lines = []
-    if result.get("smoke"):
-        lines += [f"**{SMOKE_WARNING}**", ""]
+def markdown(records: list[dict], device: str, peak: float | None, smoke: bool) -> str:
+    lines = [f"**{SMOKE_WARNING}**", ""] if smoke else []
     lines += [
-        f"Device: {result['device']}, torch {result['torch']}, peak {peak or '?'} GB/s",
+        f"Device: {device}, torch {torch.__version__}, peak {peak or '?'} GB/s",
         "",
         "| shape [out,in] | dtype | batch | sparsity | rows loaded | cuBLAS ms | Inductor ms | sparse ms | vs cuBLAS | vs Inductor | sparse GB/s (% peak) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["records"]:
+    for r in records:
         ind = f"{r['inductor_dense_ms']:.4f}" if r["inductor_dense_ms"] else "-"
         vs_ind = f"{r['speedup_vs_inductor']:.2f}x" if r["speedup_vs_inductor"] else "-"
         pct = f" ({100 * r['sparse_gbps'] / peak:.0f}%)" if peak else ""
@@ -184,17 +175,8 @@ CPU_QUICK_SHAPES = [(96, 64), (48, 128)]
 CPU_COLD_BYTES = 256 << 20
 
 
-def _median_ms(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / inner
-
-
-def cpu_bench(shapes: list[tuple[int, int]], rounds: int, cold_bytes: int = CPU_COLD_BYTES, read_bytes: int = 256 << 20) -> dict:
-    """GB/s of the C++ kernels (fp32, int8) at sparsity 0 and 0.5 next to a streaming read loop."""
-    import statistics
-
+def cpu_bench(shapes: list[tuple[int, int]], rounds: int, cold_bytes: int = CPU_COLD_BYTES, read_bytes: int = 256 << 20) -> list[dict]:
+    """Records: GB/s of the C++ kernels (fp32, int8) at sparsity 0 and 0.5 next to a streaming read loop."""
     from wisparse_compile.kernels import cpu_kernel_available
     from wisparse_compile.quant.primitives import quantize_int8
 
@@ -228,37 +210,29 @@ def cpu_bench(shapes: list[tuple[int, int]], rounds: int, cold_bytes: int = CPU_
 
                 inner = max(len(weights), -(-int(64e6 // (n * k * item * rows)) // len(weights)) * len(weights))
                 call()
-                kernel_ms, read_ms = [], []
-                for _ in range(rounds):
-                    read_ms.append(_median_ms(read, 2))
-                    kernel_ms.append(_median_ms(call, inner))
+                samples = interleaved({"read": lambda: time_ms(read, 2), "kernel": lambda: time_ms(call, inner)}, rounds)
                 moved = rows * n * k * item + (4 * n if wdtype == "int8" else 0) + 4 * (k + n)
-                kms, rms = statistics.median(kernel_ms), statistics.median(read_ms)
-                gbps, read_gbps = moved / kms / 1e6, buffer.numel() * 4 / rms / 1e6
+                kernel, read_ms = summary(samples["kernel"]), statistics.median(samples["read"])
+                gbps, read_gbps = moved / kernel["median"] / 1e6, buffer.numel() * 4 / read_ms / 1e6
                 records.append({
                     "shape": [n, k], "weights": wdtype, "batch": 1, "sparsity": sparsity, "rows_loaded": rows,
-                    "kernel_ms": kms, "kernel_ms_range": [min(kernel_ms), max(kernel_ms)],
+                    "kernel_ms": kernel["median"], "kernel_ms_range": [kernel["min"], kernel["max"]],
                     "gbps": gbps, "read_loop_gbps": read_gbps, "fraction_of_read_loop": gbps / read_gbps,
                 })
     fp32_gbps = {(tuple(r["shape"]), r["sparsity"]): r["gbps"] for r in records if r["weights"] == "float32"}
     for r in records:  # the fp32 kernel streams several rows at once and can beat the one-stream read loop
         r["fraction_of_fp32_kernel"] = r["gbps"] / fp32_gbps[(tuple(r["shape"]), r["sparsity"])]
-    return {
-        "device": f"{platform.processor() or 'cpu'} ({os.cpu_count()} logical CPUs, "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} torch threads)",
-        "torch": torch.__version__, "loadavg_1_5_15min": os.getloadavg(), "records": records,
-        "note": "read loop: torch.sum over a 256 MiB fp32 buffer, interleaved with the kernels round by round",
-    }
+    return records
 
 
-def cpu_markdown(result: dict) -> str:
+def cpu_markdown(records: list[dict], device: str, load: list[float] | None) -> str:
     lines = [
-        f"Device: {result['device']}, torch {result['torch']}, load average {result['loadavg_1_5_15min']}",
+        f"Device: {device}, load average {load}",
         "",
         "| shape [out,in] | weights | sparsity | rows loaded | kernel ms (range) | GB/s | read loop GB/s | % of read loop | % of fp32 kernel GB/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["records"]:
+    for r in records:
         lo, hi = r["kernel_ms_range"]
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['weights']} | {r['sparsity']:.1f} | {r['rows_loaded']:.2f} | "
@@ -269,19 +243,18 @@ def cpu_markdown(result: dict) -> str:
 
 
 def main_cpu(args: argparse.Namespace) -> dict:
+    load = load_average()
     if args.quick:
-        result = cpu_bench(CPU_QUICK_SHAPES, rounds=2, cold_bytes=1 << 20, read_bytes=4 << 20)
-        result["note"] += "; QUICK RUN (tiny shapes, cache-resident): NOT bandwidth figures"
+        records = cpu_bench(CPU_QUICK_SHAPES, rounds=2, cold_bytes=1 << 20, read_bytes=4 << 20)
     else:
-        result = cpu_bench(CPU_SHAPES, rounds=args.rounds)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu_quick" if args.quick else "cpu"
-    (out / f"kernel_{tag}.json").write_text(json.dumps(result, indent=2))
-    table = cpu_markdown(result)
-    (out / f"kernel_{tag}.md").write_text(table + "\n")
+        records = cpu_bench(CPU_SHAPES, rounds=args.rounds)
+    load = [load, load_average()]
+    table = cpu_markdown(records, device_description(), load)
     print(table)
-    return result
+    setup = {"shapes": CPU_QUICK_SHAPES if args.quick else CPU_SHAPES, "rounds": 2 if args.quick else args.rounds,
+             "read_loop": "torch.sum over a 256 MiB fp32 buffer, interleaved with the kernels round by round"}
+    return write_result("kernel_cpu", setup, records, table, out_dir=out_dir_for(args.out_dir, args.quick, "kernel_cpu"),
+                        variant=args.variant, dry_run=args.quick, load=load)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -289,21 +262,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpu", action="store_true", help="the C++ CPU kernels (fp32, int8): GB/s vs a read loop")
     parser.add_argument("--quick", action="store_true", help="with --cpu: tiny shapes, 2 rounds (checks the script)")
     parser.add_argument("--rounds", type=int, default=7, help="with --cpu: interleaved rounds")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter); not speed figures")
-    parser.add_argument("--dtypes", default=None, help="default bfloat16,float16 (smoke: float32,bfloat16)")
-    parser.add_argument("--batches", default=None, help=f"default {','.join(map(str, BATCHES))} (smoke: 1,2)")
-    parser.add_argument("--sparsities", default=None, help=f"default {','.join(map(str, SPARSITIES))} (smoke: 0,0.5)")
+    parser.add_argument("--dry-run", "--smoke", dest="smoke", action="store_true",
+                        help="tiny shapes on CPU (Triton interpreter); not speed figures")
+    parser.add_argument("--dtypes", default=None, help="default bfloat16,float16 (dry run: float32,bfloat16)")
+    parser.add_argument("--batches", default=None, help=f"default {','.join(map(str, BATCHES))} (dry run: 1,2)")
+    parser.add_argument("--sparsities", default=None, help=f"default {','.join(map(str, SPARSITIES))} (dry run: 0,0.5)")
     parser.add_argument("--models", default=",".join(SHAPES), help="which shape sets: " + ", ".join(SHAPES))
     parser.add_argument("--shapes", default=None, help="explicit [out]x[in] shapes instead of --models, e.g. 4096x14336,14336x4096")
     parser.add_argument("--peak-gbps", type=float, default=None)
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--variant", default=None, help="a suffix of the result file's name (e.g. 1thread)")
+    parser.add_argument("--out-dir", default=None, help="default benchmarks/results (dry run, --quick: a temporary folder)")
     args = parser.parse_args(argv)
     if args.cpu:
         return main_cpu(args)
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
         if os.environ.get("TRITON_INTERPRET") != "1" and "wisparse_compile" in sys.modules:
-            raise SystemExit("--smoke needs TRITON_INTERPRET=1 before wisparse_compile is imported")
+            raise SystemExit("--dry-run needs TRITON_INTERPRET=1 before wisparse_compile is imported")
         os.environ["TRITON_INTERPRET"] = "1"
         log.warning(SMOKE_WARNING)
         shapes = SMOKE_SHAPES
@@ -322,20 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
     timer = _timer(smoke)
     points = [(s, d, b, sp) for m in shapes.values() for s in m for d in dtypes for b in batches for sp in sparsities]
     records = [bench_point(*s, d, b, sp, device, smoke, timer) for s, d, b, sp in tqdm(points, desc="kernel bench")]
-    tag = "smoke" if smoke else gpu_name()
-    result = {
-        "device": torch.cuda.get_device_name() if not smoke else "cpu (Triton interpreter)",
-        "torch": torch.__version__, "smoke": smoke, "peak_gbps": peak_gbps(args.peak_gbps), "records": records,
-    }
-    if smoke:
-        result["note"] = SMOKE_WARNING
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"kernel_{tag}.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / f"kernel_{tag}.md").write_text(table + "\n")
+    peak = peak_gbps(args.peak_gbps)
+    table = markdown(records, "cpu (Triton interpreter)" if smoke else device_description(device), peak, smoke)
     print(table)
-    return result
+    setup = {"shapes": shapes, "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "batches": batches,
+             "sparsities": sparsities, "peak_gbps": peak, "timer": "wall clock" if smoke else "triton.testing.do_bench"}
+    result = write_result("kernel_gpu", setup, records, table, out_dir=out_dir_for(args.out_dir, smoke, "kernel_gpu"),
+                          device=device, dry_run=smoke)
+    return {**result, "smoke": smoke}  # ``smoke``: what benchmarks/gpu_check.py reads
 
 
 if __name__ == "__main__":

@@ -111,3 +111,41 @@ def test_layers_point_one_way():
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def readme_module_map() -> list[list[str]]:
+    """The README's module map: one entry per line, each a list of paths (``plan.py, files.py``)."""
+    readme = (ROOT.parent / "README.md").read_text()
+    block = readme.split("## How the code is laid out", 1)[1].split("```", 2)[1]
+    return [[name.strip() for name in line[:21].split(",")] for line in block.strip().splitlines()]
+
+
+def _entry_of(module: str, entries: list[list[str]]) -> int | None:
+    """The map entry holding ``module``: a file's own entry wins over its folder's."""
+    path = module.removeprefix(PACKAGE).lstrip(".").replace(".", "/")
+    if not path:
+        return None  # the package's __init__ re-exports everything
+    folder = None
+    for i, names in enumerate(entries):
+        for name in names:
+            if name == f"{path}.py":
+                return i
+            if name.endswith("/") and f"{path}/".startswith(name) and folder is None:
+                folder = i
+    return folder
+
+
+def test_readme_module_map_lists_the_layers_leaves_first():
+    """README: 'each entry imports only entries above it' holds, and every module has an entry."""
+    entries = readme_module_map()
+    assert len(entries) > 20 and ["config.py"] in entries
+    upward = []
+    for module, imports in import_graph().items():
+        here = _entry_of(module, entries)
+        if module != PACKAGE:
+            assert here is not None, f"{module} has no entry in the README's module map"
+        for imported in imports:
+            there = _entry_of(imported, entries)
+            if here is not None and there is not None and there > here:
+                upward.append(f"{entries[here]} imports {entries[there]} ({module} -> {imported})")
+    assert not upward, "the README's module map lists these imports upward:\n" + "\n".join(upward)

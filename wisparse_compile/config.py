@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from .kernels.routing import DEFAULT_MAX_SPARSE_ROWS
 from .quant.primitives import INT4_GROUP_SIZE, WEIGHT_FORMATS
 
 Method = Literal["teal", "wina", "wisparse"]
@@ -255,11 +256,11 @@ class BackendConfig:
     mode: an Inductor mode of ``torch.compile`` ("reduce-overhead", "max-autotune", ...).
     inductor_options: Inductor config patches, applied over the mode's.
 
-    ``max_sparse_rows`` = 8 is not measured yet: the row count above which dense wins has to be
-    measured on a GPU (``benchmarks/kernel_bench.py``).
+    ``max_sparse_rows`` (default ``kernels.routing.DEFAULT_MAX_SPARSE_ROWS``, 8) is not measured yet:
+    the row count above which dense wins has to be measured on a GPU (``benchmarks/kernel_bench.py``).
     """
 
-    max_sparse_rows: int = 8
+    max_sparse_rows: int = DEFAULT_MAX_SPARSE_ROWS
     mask_prefill: bool = True
     debug_dir: str | None = None
     fuse_siblings: bool = False

@@ -19,22 +19,29 @@ def test_gpu_check_dry_run_passes_and_writes_its_records(tmp_path):
         [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out-dir", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
-    summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    failed = {k: v.get("error") or v for k, v in summary["steps"].items() if not v.get("ok")}
-    assert done.returncode == 0 and summary["ok"], (failed, done.stdout[-3000:])
-    assert summary["order"] == ["env", "kernel_tests", "tiny_decode", "kernel_bench", "decode_bench"]
-    kernel = summary["steps"]["kernel_tests"]
+    [path] = (tmp_path / "gpu_check" / "dry-run").glob("*.json")
+    result = json.loads(path.read_text())
+    steps = {r["step"]: r for r in result["records"] if r["kind"] == "step"}
+    targets = {r["target"]: r for r in result["records"] if r["kind"] == "target"}
+    failed = {k: v.get("error") or v for k, v in steps.items() if not v.get("ok")}
+    assert done.returncode == 0 and not failed, (failed, done.stdout[-3000:])
+    assert result["bench"] == "gpu_check" and result["dry_run"] is True and "NOT figures" in result["note"]
+    assert list(steps) == result["setup"]["steps"] == ["env", "kernel_tests", "tiny_decode", "kernel_bench", "decode_bench"]
+    kernel = steps["kernel_tests"]
     assert kernel["passed"] == kernel["total"] >= 25
-    decode = summary["steps"]["tiny_decode"]
+    decode = steps["tiny_decode"]
     assert decode["tokens_match"] and decode["plan_swap_tokens_match"] and decode["plan_swap_recompiles"] == 0
-    assert set(summary["targets"]) == {"kernel_vs_cublas_50pct_batch1", "kernel_vs_cublas_0pct_batch1",
-                                       "decode_vs_dense_compile_50pct"}
-    assert all(t["measured"] for t in summary["targets"].values())  # the dry run fills every field
-    table = (tmp_path / "gpu_check.md").read_text()
+    assert set(targets) == {"kernel_vs_cublas_50pct_batch1", "kernel_vs_cublas_0pct_batch1", "decode_vs_dense_compile_50pct"}
+    assert all(t["measured"] for t in targets.values())  # the dry run fills every field
+    bench = steps["kernel_bench"]
+    assert bench["int8_kernel"] and len(bench["measured_vs_modelled"]) == bench["records"]
+    table = path.with_suffix(".md").read_text()
     assert "DRY RUN" in table and "| target |" in table
-    assert (tmp_path / "kernel_smoke.json").exists() and (tmp_path / "decode_smoke.json").exists()
-    for step in summary["order"]:
-        assert (tmp_path / "gpu_check" / f"{step}.json").exists()
+    # the benchmarks it runs write their own results, in the harness layout, beside it
+    for step, bench_name in (("kernel_bench", "kernel_gpu"), ("decode_bench", "decode")):
+        written = pathlib.Path(steps[step]["result"])
+        assert written.parent == tmp_path / bench_name / "dry-run" and written.exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"gpu_check", "kernel_gpu", "decode"}  # nothing else, no flat files
 
 
 def test_gpu_check_targets_and_table_from_records():
