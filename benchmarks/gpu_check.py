@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(summary)
     print(table)
     records = ([{"kind": "step", "step": name, **steps[name]} for name in order if name in steps]
-               + [{"kind": "target", "target": name, **t} for name, t in summary["targets"].items()])
+               + [{"kind": "target", "name": name, "needed": t["target"], "measured": t["measured"], "met": t["met"]}
+                  for name, t in summary["targets"].items()])
     setup = {"steps": order, "budget_s": BUDGET_S, "step_timeouts_s": {n: STEP_TIMEOUTS[n][args.dry_run] for n in order},
              "targets": TARGETS}
     result = write_result("gpu_check", setup, records, table, out_dir=out, device="cpu" if args.dry_run else "cuda",

@@ -22,7 +22,7 @@ def test_gpu_check_dry_run_passes_and_writes_its_records(tmp_path):
     [path] = (tmp_path / "gpu_check" / "dry-run").glob("*.json")
     result = json.loads(path.read_text())
     steps = {r["step"]: r for r in result["records"] if r["kind"] == "step"}
-    targets = {r["target"]: r for r in result["records"] if r["kind"] == "target"}
+    targets = {r["name"]: r for r in result["records"] if r["kind"] == "target"}
     failed = {k: v.get("error") or v for k, v in steps.items() if not v.get("ok")}
     assert done.returncode == 0 and not failed, (failed, done.stdout[-3000:])
     assert result["bench"] == "gpu_check" and result["dry_run"] is True and "NOT figures" in result["note"]
