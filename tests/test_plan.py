@@ -218,3 +218,11 @@ def test_a_plan_saved_before_the_allocation_strategies_loads_attaches_and_is_rec
     assert again.sparsities == old.sparsities
     assert all(torch.equal(again.channel_thresholds[n], old.channel_thresholds[n]) for n in old.names)
     assert again.config["allocation"]["strategy"] == "sensitivity"
+
+
+def test_plan_errors_name_the_command_that_exists(tmp_path):
+    """A bad plan path's error points at the CLI as installed (``wisparse``, pyproject's script)."""
+    from wisparse_compile.plan import PlanError, SparsityPlan
+
+    with pytest.raises(PlanError, match="`wisparse calibrate`"):
+        SparsityPlan.load(tmp_path)

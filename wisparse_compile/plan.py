@@ -103,10 +103,10 @@ class SparsityPlan:
         """Read a plan file; PlanError names what is wrong with a file that is not a usable plan."""
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise PlanError(f"{path!r} is a directory; give the plan file (written by plan.save or `wisparse-compile calibrate`)")
+            raise PlanError(f"{path!r} is a directory; give the plan file (written by plan.save or `wisparse calibrate`)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no plan file at {path!r}")
-        remake = "re-create it with wsc.calibrate(...).save(path) or `wisparse-compile calibrate`"
+        remake = "re-create it with wsc.calibrate(...).save(path) or `wisparse calibrate`"
         try:
             with safe_open(path, framework="pt") as f:
                 raw = (f.metadata() or {}).get(_METADATA_KEY)
