@@ -32,3 +32,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def wina_plan():
+    """A uniform 50% WINA plan of ``tiny_llama()`` (calibrated once per test module)."""
+    import wisparse_compile as wsc
+
+    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina", allocation=wsc.Uniform()))

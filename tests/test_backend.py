@@ -246,15 +246,6 @@ def test_typed_backend_combines_mode_and_options(inductor_calls):
     assert sum(d.decision == "fused" for d in wsc.last_compile_report().decisions) == 10
 
 
-def test_typed_backend_rejects_bad_options():
-    with pytest.raises(ValueError, match="unknown Inductor mode 'fastest'"):
-        wsc.WisparseBackend(mode="fastest")
-    with pytest.raises(ValueError, match="wisparse options, not Inductor's"):
-        wsc.WisparseBackend(inductor_options={"fuse_siblings": True})
-    with pytest.raises(ValueError, match="contradicts the backend's mode"):
-        wsc.BackendConfig(mode="max-autotune").with_compile_args("reduce-overhead", None)
-
-
 def test_detach_returns_to_dense():
     model, _ = _calibrated()
     wsc.detach(model)
