@@ -27,6 +27,16 @@ def token_batches(n: int, batch: int = 2, length: int = 32, seed: int = 1, vocab
     return [torch.randint(0, vocab, (batch, length), generator=g) for _ in range(n)]
 
 
+def calibrated_llama(seed: int = 0, sparsity: float = 0.5, method: str = "wina"):
+    """``tiny_llama(seed)`` with a plan calibrated on 4 batches attached: (model, plan)."""
+    import wisparse_compile as wsc
+
+    model = tiny_llama(seed)
+    plan = wsc.calibrate(model, token_batches(4, seed=seed + 10), wsc.SparsityConfig(sparsity=sparsity, method=method))
+    wsc.attach(model, plan)
+    return model, plan
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
