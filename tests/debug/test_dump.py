@@ -12,7 +12,6 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.debug.models import Net, planned_net
-from wisparse_compile.debug import dotted_source_name
 from wisparse_compile.kernels import Route
 from wisparse_compile.passes.decisions import CompileReport, DenseReason
 from wisparse_compile.passes.graph_utils import copy_dynamo_graph_module
@@ -138,14 +137,6 @@ def test_route_names_what_the_op_lowers_to(rows, dynamic, route):
         torch.compile(planned_net(), backend=backend)(x)
     routes = {d.name: d.route for d in reports[-1].decisions}
     assert routes == {**dict.fromkeys(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], route), None: Route.DENSE}
-
-
-def test_dotted_source_names():
-    src = "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']._parameters['weight']"
-    assert dotted_source_name(src) == "model.layers.0.mlp.weight"
-    assert dotted_source_name("L['self'].model.layers[3].proj.weight") == "model.layers.3.proj.weight"
-    # a forward wrapped as forward(*args) (transformers 5.2x): the module is the first positional
-    assert dotted_source_name("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
 
 
 def test_torch_logs_and_trace_artifacts(tmp_path):
