@@ -120,30 +120,6 @@ def test_safetensors_without_plan_metadata(tmp_path):
         wsc.SparsityPlan.load(path)
 
 
-def test_plan_for_another_model_size(wina_plan):
-    bigger = tiny_llama(layers=3)
-    other = wsc.calibrate(bigger, token_batches(1), wsc.SparsityConfig())
-    with pytest.raises(wsc.PlanError, match="model.layers.2.self_attn.q_proj"):
-        wsc.attach(tiny_llama(), other)
-
-
-def test_plan_with_wrong_shapes(wina_plan):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    wide = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
-    with pytest.raises(wsc.PlanError, match="model.layers.0.mlp.gate_proj.*shape"):
-        wsc.attach(wide, wina_plan)
-
-
-def test_plan_for_another_architecture(wina_plan):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256))
-    with pytest.raises(wsc.PlanError, match="calibrated for LlamaForCausalLM.*GPT2LMHeadModel"):
-        wsc.attach(gpt2, wina_plan)
-
-
 #: written by the code before the allocation strategies (commit db8f993): wisparse's defaults at the
 #: time (every former allocation option in its config record), refinement_tokens=64, tiny_llama(seed=0)
 #: on token_batches(3, seed=5)

@@ -6,7 +6,6 @@ import logging
 import sys
 import warnings
 
-import pytest
 import torch
 
 from wisparse_compile.kernels import triton_route
