@@ -206,3 +206,37 @@ def test_quantize_model_refuses_to_requantize_another_format():
     quantize_model(model, plan.names, QuantizeConfig(weights="int8"))
     with pytest.raises(ValueError, match="already int8-quantized; detach\\(model\\) first"):
         quantize_model(model, plan.names, QuantizeConfig(weights="int4"))
+
+
+class _Mixed(nn.Module):
+    """One weight of each kind quantize_model meets: a linear, stacked experts, an [in, out] weight, integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(32, 16)
+        self.experts = nn.Parameter(torch.randn(2, 16, 32))
+        self.conv1d = nn.Parameter(torch.randn(32, 16))  # [in, out]
+        self.codes = nn.Parameter(torch.ones(16, 32, dtype=torch.int8), requires_grad=False)
+
+
+def test_quantize_model_skips_what_it_cannot_quantize_and_says_why():
+    from wisparse_compile.quant.model import dequantize_model, quantize_model
+
+    model = _Mixed()
+    original = model.proj.weight
+    assert quantization_of(model) is None and dequantize_model(model) == []
+    with pytest.raises(ValueError, match="'nowhere' names no weight of this _Mixed"):
+        quantize_model(model, ["nowhere"], QuantizeConfig())
+    summary = quantize_model(model, ["proj", "proj", "experts", "conv1d", "codes"], QuantizeConfig(), in_dims={"conv1d": 0})
+    assert summary == quantization_of(model)
+    assert (summary.quantized, summary.head, summary.untied, summary.format) == (["proj"], None, False, "int8")
+    assert summary.skipped == {
+        "experts": "3-D weight (stacked experts stay in their float dtype)",
+        "conv1d": "[in, out] weight (1-D-convolution style): int8 takes [out, in] linears",
+        "codes": "weight dtype torch.int8 is not floating point",
+    }
+    assert isinstance(model.proj.weight, Int8Weight) and not model.proj.weight.requires_grad
+    assert type(model.experts) is nn.Parameter and type(model.conv1d) is nn.Parameter
+    assert dequantize_model(model) == ["proj"] and model.proj.weight is original
+    assert quantization_of(model) is None and dequantize_model(model) == []
