@@ -53,7 +53,11 @@ def test_data_that_cannot_be_written_leaves_no_file(tmp_path):
                    "that mode, so an atomically written plan or result is unreadable by other users (a plain write "
                    "gets 0666 & ~umask, and an existing file's mode is replaced)")
 def test_an_atomic_write_gets_the_mode_a_plain_write_gets(tmp_path):
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    atomic_write_text(tmp_path / "atomic.txt", "x")
+    umask = os.umask(0o022)  # the usual one: files readable by others
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+    finally:
+        os.umask(umask)
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
