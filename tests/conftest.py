@@ -27,8 +27,26 @@ def token_batches(n: int, batch: int = 2, length: int = 32, seed: int = 1, vocab
     return [torch.randint(0, vocab, (batch, length), generator=g) for _ in range(n)]
 
 
+def calibrated_llama(seed: int = 0, sparsity: float = 0.5, method: str = "wina"):
+    """``tiny_llama(seed)`` with a plan calibrated on 4 batches attached: (model, plan)."""
+    import wisparse_compile as wsc
+
+    model = tiny_llama(seed)
+    plan = wsc.calibrate(model, token_batches(4, seed=seed + 10), wsc.SparsityConfig(sparsity=sparsity, method=method))
+    wsc.attach(model, plan)
+    return model, plan
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def wina_plan():
+    """A uniform 50% WINA plan of ``tiny_llama()`` (calibrated once per test module)."""
+    import wisparse_compile as wsc
+
+    return wsc.calibrate(tiny_llama(), token_batches(2), wsc.SparsityConfig(sparsity=0.5, method="wina", allocation=wsc.Uniform()))

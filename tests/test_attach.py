@@ -1,5 +1,6 @@
 """attach / detach against what users do to a model afterwards: cast it, save it, detach it,
-run it with autograd on, move it. Each either keeps what is computed or says why it cannot."""
+run it with autograd on, move it. Each either keeps what is computed or says why it cannot. A plan for
+another model (size, shapes, architecture) is refused with the reason."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import wisparse_compile as wsc
+from tests.archs import BY_NAME
 from tests.conftest import tiny_llama, token_batches
 from tests.helpers import MaskingHooks, logits
 from wisparse_compile.attach import unplanned
@@ -174,3 +176,37 @@ def test_planned_sparsity_and_unplanned(plan):
         assert plan_generation() > generation
     assert all(plan_of(w) is not None for w in weights)
     assert [planned_sparsity(w) for w in weights[:2]] == [plan.sparsities[n] for n in plan.names[:2]]
+
+
+# -- plans that do not fit the model ------------------------------------------------------------
+
+
+def test_plan_for_another_model_size(wina_plan):
+    bigger = tiny_llama(layers=3)
+    other = wsc.calibrate(bigger, token_batches(1), wsc.SparsityConfig())
+    with pytest.raises(wsc.PlanError, match="model.layers.2.self_attn.q_proj"):
+        wsc.attach(tiny_llama(), other)
+
+
+def test_plan_with_wrong_shapes(wina_plan):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    with pytest.raises(wsc.PlanError, match="model.layers.0.mlp.gate_proj.*shape"):
+        wsc.attach(wide, wina_plan)
+
+
+def test_plan_for_another_architecture(wina_plan):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256))
+    with pytest.raises(wsc.PlanError, match="calibrated for LlamaForCausalLM.*GPT2LMHeadModel"):
+        wsc.attach(gpt2, wina_plan)
+
+
+def test_plan_from_one_architecture_refuses_another():
+    llama, mistral = BY_NAME["llama"].build(), BY_NAME["mistral"].build()  # same parameter names and shapes
+    plan = wsc.calibrate(llama, token_batches(1, batch=1, length=8), wsc.SparsityConfig(sparsity=0.5))
+    with pytest.raises(wsc.PlanError, match="calibrated for LlamaForCausalLM, this model is MistralForCausalLM"):
+        wsc.attach(mistral, plan)

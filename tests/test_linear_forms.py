@@ -1,16 +1,14 @@
-"""Linear recognition by dataflow: eager (LinearCallResolver) and FX (weight_root) agree on in_dim."""
+"""Linear recognition by dataflow in eager code (LinearCallResolver): the weight, its input dim and the
+activation of every call form. (The FX side, ``weight_root``: tests/passes/test_graph_utils.py.)"""
 
 from __future__ import annotations
 
-import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx
 
 from wisparse_compile.observer import LinearObserver
-from wisparse_compile.passes.graph_utils import weight_root
 
 W_OUT_IN = torch.nn.Parameter(torch.randn(6, 4))  # [out, in]
 W_IN_OUT = torch.nn.Parameter(torch.randn(4, 6))  # [in, out]
@@ -67,19 +65,3 @@ def test_activation_matmul_is_not_a_linear():
     with _Record([W_OUT_IN]) as rec:
         X @ X.T
     assert rec.calls == []
-
-
-def test_fx_weight_root_follows_permuting_views():
-    graph = fx.Graph()
-    x, w = graph.placeholder("x"), graph.placeholder("w")
-    w.meta["example_value"] = W_OUT_IN.detach()
-    t = graph.call_function(getattr, (w, "T"))
-    t.meta["example_value"] = W_OUT_IN.detach().T
-    tt = graph.call_method("transpose", (t, 0, 1))
-    tt.meta["example_value"] = W_OUT_IN.detach()
-    mm = graph.call_function(operator.matmul, (x, t))
-    viewed = graph.call_method("view", (w, 24))
-    graph.output((mm, tt, viewed))
-    assert weight_root(t) == (w, (1, 0))  # matmul contracts dim 0 of the view = input dim 1
-    assert weight_root(tt) == (w, (0, 1))
-    assert weight_root(viewed) is None  # a reshape is no permutation: not followed

@@ -1,5 +1,5 @@
-"""The registry and ``allocate`` (``allocation/registry.py``), end to end through ``calibrate``;
-the allocation side of ``SparsityConfig``."""
+"""The registry and ``allocate`` (``allocation/registry.py``), end to end through ``calibrate``.
+(``SparsityConfig``'s allocation options: tests/test_config.py.)"""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -144,59 +144,3 @@ def test_a_type_gets_one_strategy():
         register_strategy(wsc.Greedy)(lambda problem, options: Allocation({}))
     with pytest.raises(TypeError, match="AllocationConfig subclass"):
         register_strategy(dict)
-
-
-# -- SparsityConfig's allocation options ----------------------------------------------------------
-
-
-def test_each_method_has_its_default_allocation_and_an_explicit_one_wins():
-    assert wsc.SparsityConfig(method="teal").strategy == wsc.Greedy()
-    assert wsc.SparsityConfig(method="wina").strategy == wsc.Greedy()
-    assert wsc.SparsityConfig(method="wisparse").strategy == wsc.Sensitivity(band=0.1)
-    assert wsc.SparsityConfig(method="teal", allocation=wsc.Sensitivity(band=0.2)).strategy == wsc.Sensitivity(band=0.2)
-    assert wsc.SparsityConfig().to_dict()["allocation"] == {
-        "strategy": "sensitivity", "min_block_sparsity": 0.0, "max_block_sparsity": 0.9, "band": 0.1}
-    with pytest.raises(TypeError, match="allocation must be a strategy config such as Uniform"):
-        wsc.SparsityConfig(allocation="greedy")
-
-
-def test_score_option_overrides_the_methods_score():
-    assert not wsc.SparsityConfig(method="wisparse").weight_aware  # |x|: it beat the weight-aware score on SmolLM2
-    assert wsc.SparsityConfig(method="wina").weight_aware
-    assert wsc.SparsityConfig(method="wisparse", score="weight_aware").weight_aware
-    assert wsc.SparsityConfig(method="teal", score="weight_aware").weight_aware
-    assert not wsc.SparsityConfig(method="teal").weight_aware
-    with pytest.raises(ValueError, match="score must be one of"):
-        wsc.SparsityConfig(score="abs")
-
-
-def test_impossible_budget_is_a_clear_error():
-    with pytest.raises(ValueError, match="impossible budget.*max_block_sparsity"):
-        wsc.SparsityConfig(sparsity=0.5, allocation=wsc.Sensitivity(max_block_sparsity=0.4))
-    with pytest.raises(ValueError, match="impossible budget"):
-        wsc.SparsityConfig(sparsity=0.2, allocation=wsc.Sensitivity(min_block_sparsity=0.3))
-    with pytest.raises(ValueError, match="per-block bounds"):
-        wsc.Sensitivity(max_block_sparsity=0.99)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        wsc.SparsityConfig(sparsity=1.0)
-    with pytest.raises(ValueError, match="refinement_step in"):
-        wsc.SparsityConfig(refinement_step=0.0)
-
-
-@pytest.mark.parametrize("former, replacement", [
-    (dict(uniform=True), r"uniform= is no longer an option: use allocation=Uniform\(\)"),
-    (dict(across_blocks="free"), r"allocation=Search\(\.\.\.\)"),
-    (dict(block_band=None), r"allocation=Sensitivity\(band=\.\.\.\)"),
-    (dict(max_block_sparsity=0.8), r"Sensitivity\(max_block_sparsity=\.\.\.\)"),
-    (dict(population=3), r"allocation=Search\(population=\.\.\.\)"),
-    (dict(validation_tokens=64), r"allocation=Search\(validation_tokens=\.\.\.\)"),
-    (dict(split_error="mse"), r"allocation=Greedy\(\)"),
-    (dict(sensitivity_rounds=2), "removed: one sensitivity estimate"),
-    (dict(round_inputs="masked"), "removed with sensitivity_rounds"),
-    (dict(sensitivity_labels="data"), "removed: next tokens are always sampled"),
-    (dict(sensitivity_samples=4), "removed: one sampled next token"),
-    (dict(profile_degree=2, selection_tokens=64), "profile_degree= .*depth-profile search.*selection_tokens="),
-])
-def test_former_options_name_what_replaced_them(former, replacement):
-    with pytest.raises(TypeError, match=replacement):
-        wsc.SparsityConfig(sparsity=0.5, **former)

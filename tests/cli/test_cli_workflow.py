@@ -1,23 +1,37 @@
-"""``wisparse calibrate -> eval -> generate`` end to end on a tiny random model and a small text file."""
+"""The ``wisparse`` command line end to end on a tiny random model: ``explain -> diff`` on its debug
+folder, and ``calibrate -> eval -> generate`` on a small text file."""
 
 import json
 
+import pytest
 from safetensors import safe_open
 
 from wisparse_compile import SparsityPlan
 from wisparse_compile.cli import main
 
-TEXT = (
-    "Sparse activations let a decoder skip the weight rows of input channels that are nearly zero. "
-    "The compiler rewrites every planned linear into a sparse op and leaves the rest to Inductor.\n\n\n"
-    "A second document: calibration collects score histograms, and a search splits the budget across blocks. "
-    "Evaluation reports perplexity, the divergence from the dense model and the achieved sparsity.\n"
-)
+
+def test_explain_then_diff(tmp_path, capsys):
+    debug = tmp_path / "debug"
+    assert main(["explain", "random:llama", "--sparsity", "0.5", "--tokens", "4", "--debug-dir", str(debug)]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out  # captured output is not a terminal: plain text
+    assert "model.layers.1.mlp.down_proj" in out and "lm_head" in out and "no plan entry" in out
+    assert "1 graph(s): 15 linears found, 14 rewritten, 0 fused, 1 left dense" in out
+
+    assert main(["diff", str(debug)]) == 0
+    diff = capsys.readouterr().out
+    assert diff.startswith("---") and diff.count("+        sparse_linear_default") == 14
+    assert "\033[" not in diff
+
+    assert main(["--color", "always", "diff", str(debug), "--graph", "0"]) == 0
+    assert "\033[32m+" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="no graph '7'"):
+        main(["diff", str(debug), "--graph", "7"])
 
 
-def test_calibrate_eval_generate(tmp_path, capsys):
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
+def test_calibrate_eval_generate(tmp_path, capsys, text_file):
+    text = text_file
     plan_path = tmp_path / "plan.safetensors"
     assert main(["calibrate", "random:llama", "-o", str(plan_path), "--text", str(text), "--tokens", "320",
                  "--length", "32", "--sparsity", "0.5", "--method", "wisparse", "--validation-tokens", "32",
@@ -45,17 +59,3 @@ def test_calibrate_eval_generate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense (" in out and "sparse wisparse (" in out and "tok/s" in out
     assert "compiled for sparse decoding" in out and "14 sparse" in out
-
-
-def test_eval_without_plan_and_bad_text(tmp_path, capsys):
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
-    assert main(["eval", "random:llama", "--text", str(text), "--tokens", "64", "--length", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "dense" in out and "sparse" not in out
-    import pytest
-
-    with pytest.raises(SystemExit, match="less than one --length"):
-        main(["eval", "random:llama", "--text", str(text), "--tokens", "16", "--length", "32"])
-    with pytest.raises(SystemExit, match="No such file|no such file|not found|Errno"):
-        main(["calibrate", "random:llama", "-o", str(tmp_path / "p.safetensors"), "--text", str(tmp_path / "missing.txt")])

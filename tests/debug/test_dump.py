@@ -12,11 +12,8 @@ import torch
 import wisparse_compile as wsc
 from tests.conftest import tiny_llama, token_batches
 from tests.debug.models import Net, planned_net
-from wisparse_compile.debug import dotted_source_name
 from wisparse_compile.kernels import Route
 from wisparse_compile.passes.decisions import CompileReport, DenseReason
-from wisparse_compile.passes.graph_utils import copy_dynamo_graph_module
-from wisparse_compile.passes.sparsify import rewrite_sparse_linears
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,55 +94,6 @@ def test_unsupported_dtype_is_reported(tmp_path):
     assert "differs from weight dtype" in mixed.reason
     assert rows["blocks.1.up"].decision == "sparse"
     assert "dtype mismatch: input dtype float32 differs" in (folder / "linears.txt").read_text()
-
-
-def test_new_nodes_keep_source_location():
-    seen = []
-
-    def backend(gm, example_inputs):
-        gm = copy_dynamo_graph_module(gm)
-        result = rewrite_sparse_linears(gm, example_inputs)
-        seen.extend(n for n in gm.graph.nodes if n.target is torch.ops.wisparse.sparse_linear.default)
-        return lambda *args: gm.forward(*args, *result.threshold_examples)
-
-    with torch.no_grad():
-        torch.compile(planned_net(), backend=backend)(torch.randn(2, 16))
-    assert len(seen) == 4
-    for node in seen:
-        assert "tests/debug/models.py" in node.meta["stack_trace"]
-        assert "self.up(x)" in node.meta["stack_trace"] or "self.down(h)" in node.meta["stack_trace"]
-        assert any("blocks" in str(path) for path, _ in node.meta["nn_module_stack"].values())
-
-
-@pytest.mark.parametrize(("rows", "dynamic", "route"), [
-    (2, False, Route.CPU_KERNEL), (16, False, Route.MASKED_DENSE), (2, True, Route.CPU_KERNEL), (16, True, Route.MASKED_DENSE),
-])
-def test_route_names_what_the_op_lowers_to(rows, dynamic, route):
-    """Decode-sized CPU calls take the C++ kernel, larger ones masked dense; a symbolic row count
-    gets the route of its hint (the op guards on it, so the graph serves only that side)."""
-    reports = []
-
-    def backend(gm, example_inputs):
-        gm = copy_dynamo_graph_module(gm)
-        result = rewrite_sparse_linears(gm, example_inputs, wsc.BackendConfig(max_sparse_rows=4))
-        reports.append(result.report)
-        return lambda *args: gm.forward(*args, *result.threshold_examples)
-
-    x = torch.randn(rows, 16)
-    if dynamic:
-        torch._dynamo.mark_dynamic(x, 0)
-    with torch.no_grad():
-        torch.compile(planned_net(), backend=backend)(x)
-    routes = {d.name: d.route for d in reports[-1].decisions}
-    assert routes == {**dict.fromkeys(["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"], route), None: Route.DENSE}
-
-
-def test_dotted_source_names():
-    src = "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']._parameters['weight']"
-    assert dotted_source_name(src) == "model.layers.0.mlp.weight"
-    assert dotted_source_name("L['self'].model.layers[3].proj.weight") == "model.layers.3.proj.weight"
-    # a forward wrapped as forward(*args) (transformers 5.2x): the module is the first positional
-    assert dotted_source_name("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
 
 
 def test_torch_logs_and_trace_artifacts(tmp_path):

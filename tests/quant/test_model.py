@@ -1,7 +1,7 @@
-"""int8 and int4 weights (the model API, ``quant/model.py``): the ``Int8Weight``/``Int4Weight`` tensors in eager code,
-``attach(..., weights="int8"|"int4")`` through the compiler (sparse planned linears and the dense
-quantized head), tied heads, detach, switching formats, bad input, and torchao's int8 weight-only tensors.
-(The quantizers themselves: tests/quant.)"""
+"""int8 and int4 weights of a model (the model API, ``quant/model.py``): ``attach(..., weights="int8"|"int4")``
+through the compiler (sparse planned linears and the dense quantized head), tied heads, detach, switching
+formats, bad input, and torchao's int8 weight-only tensors. (The quantizers and the weight tensors in
+eager code: test_primitives.py, test_tensors.py; the int8 accuracy benchmark: tests/test_int8_accuracy_bench.py.)"""
 
 import copy
 import logging
@@ -9,7 +9,6 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
@@ -67,26 +66,6 @@ FORMATS = {
     "int4": Format(Int4Weight, quantize_int4, Layout.INT4,  # two steps of at most
                    head_error=2 / 6, error_bounds=(0.01, 0.2)),  # max|W| / 6; coarser than int8, still close
 }
-
-
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_quantized_weight_computes_with_the_dequantized_values_in_eager_code(fmt):
-    weight_type = FORMATS[fmt].weight_type
-    w = torch.randn(33, 32)  # odd out: int4's spare nibble
-    qw = weight_type.from_float(w)
-    deq = qw.dequantize()
-    x = torch.randn(3, 32)
-    assert qw.shape == (33, 32) and qw.dtype == torch.float32 and qw.stride() == (1, 33) and qw.out_features == 33
-    torch.testing.assert_close(F.linear(x, qw), F.linear(x, deq))
-    torch.testing.assert_close(x @ qw.t(), x @ deq.t())
-    torch.testing.assert_close(torch.addmm(torch.zeros(33), x, qw.T), x @ deq.t())
-    assert isinstance(qw.detach(), weight_type) and qw.detach().out_features == 33
-    assert isinstance(copy.deepcopy(nn.Parameter(qw, requires_grad=False)), weight_type)
-    half = qw.to(torch.bfloat16)
-    assert isinstance(half, weight_type) and half.dtype == torch.bfloat16 and torch.equal(half.qdata, qw.qdata)
-    with pytest.raises(RuntimeError, match=f"{fmt}-quantized weight .* detach\\(model\\) first"):
-        with torch.no_grad():
-            qw.copy_(w)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -181,7 +160,7 @@ def test_tied_head_gets_its_own_quantized_copy_and_detach_ties_it_again(fmt):
     assert model.lm_head.weight is model.model.embed_tokens.weight is emb
 
 
-# ---- attach options, bad formats, torchao's tensors, the accuracy script ----
+# ---- attach options, bad formats, torchao's tensors ----
 
 def test_keep_float_false_frees_the_originals_and_detach_restores_dequantized_values(caplog):
     model, plan = _planned()
@@ -220,27 +199,6 @@ def test_torchao_int8_weight_only_tensors_are_taken_without_requantizing():
     assert_compiled_matches_masked_reference(model, plan, ids)
 
 
-def test_int8_accuracy_script_quick_mode(tmp_path):
-    from benchmarks import int8_accuracy
-
-    result = int8_accuracy.main(["--dry-run", "--out-dir", str(tmp_path)])
-    results = {r["key"]: r for r in result["records"]}
-    assert list(results) == [
-        "fp32 dense", "int8 dense", "int8 + teal@0.5", "int8 + wisparse@0.5",
-        "int4 dense", "int4 dense, float head", "int4 + teal@0.5", "int4 + wisparse@0.5",
-    ]
-    assert results["int4 dense, float head"]["head"] is None and results["int4 dense, float head"]["quantized"] == 14
-    for fmt in ("int8", "int4"):
-        assert results[f"{fmt} dense"]["quantized"] == 15 and results[f"{fmt} dense"]["head"] == "lm_head"
-    fp, q8, q4 = (results[k]["perplexity"] for k in ("fp32 dense", "int8 dense", "int4 dense"))
-    assert q8 != fp and abs(q8 / fp - 1) < 0.01  # int8 changes the model, and only slightly
-    assert q4 != q8 and abs(q4 / fp - 1) < 0.1  # int4: coarser, still close on a random tiny model
-    sparse = [k for k in results if "@" in k]
-    assert all(0.3 < results[k]["achieved_sparsity"] < 0.7 for k in sparse)
-    table = (tmp_path / "int8_accuracy" / "dry-run" / f"{result['date']}.md").read_text()
-    assert "| int8 | teal 0.5 |" in table and "| int4 | wisparse 0.5 |" in table
-
-
 def test_quantize_model_refuses_to_requantize_another_format():
     from wisparse_compile.quant.model import quantize_model
 
@@ -248,3 +206,37 @@ def test_quantize_model_refuses_to_requantize_another_format():
     quantize_model(model, plan.names, QuantizeConfig(weights="int8"))
     with pytest.raises(ValueError, match="already int8-quantized; detach\\(model\\) first"):
         quantize_model(model, plan.names, QuantizeConfig(weights="int4"))
+
+
+class _Mixed(nn.Module):
+    """One weight of each kind quantize_model meets: a linear, stacked experts, an [in, out] weight, integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(32, 16)
+        self.experts = nn.Parameter(torch.randn(2, 16, 32))
+        self.conv1d = nn.Parameter(torch.randn(32, 16))  # [in, out]
+        self.codes = nn.Parameter(torch.ones(16, 32, dtype=torch.int8), requires_grad=False)
+
+
+def test_quantize_model_skips_what_it_cannot_quantize_and_says_why():
+    from wisparse_compile.quant.model import dequantize_model, quantize_model
+
+    model = _Mixed()
+    original = model.proj.weight
+    assert quantization_of(model) is None and dequantize_model(model) == []
+    with pytest.raises(ValueError, match="'nowhere' names no weight of this _Mixed"):
+        quantize_model(model, ["nowhere"], QuantizeConfig())
+    summary = quantize_model(model, ["proj", "proj", "experts", "conv1d", "codes"], QuantizeConfig(), in_dims={"conv1d": 0})
+    assert summary == quantization_of(model)
+    assert (summary.quantized, summary.head, summary.untied, summary.format) == (["proj"], None, False, "int8")
+    assert summary.skipped == {
+        "experts": "3-D weight (stacked experts stay in their float dtype)",
+        "conv1d": "[in, out] weight (1-D-convolution style): int8 takes [out, in] linears",
+        "codes": "weight dtype torch.int8 is not floating point",
+    }
+    assert isinstance(model.proj.weight, Int8Weight) and not model.proj.weight.requires_grad
+    assert type(model.experts) is nn.Parameter and type(model.conv1d) is nn.Parameter
+    assert dequantize_model(model) == ["proj"] and model.proj.weight is original
+    assert quantization_of(model) is None and dequantize_model(model) == []
