@@ -131,8 +131,9 @@ def test_backend_defaults_and_row_bound():
     config = BackendConfig()
     assert config.max_sparse_rows == DEFAULT_MAX_SPARSE_ROWS and config.mask_prefill and config.group_quantized
     assert not config.fuse_siblings and config.mode is None and config.inductor_patches() == {}
-    with pytest.raises(ValueError, match="max_sparse_rows must be at least 1"):
-        BackendConfig(max_sparse_rows=0)
+    for bad in (0, "8", 2.5, True):
+        with pytest.raises(ValueError, match=f"max_sparse_rows must be a whole number of token rows, at least 1; got {bad!r}"):
+            BackendConfig(max_sparse_rows=bad)
 
 
 def test_compile_options_split_into_ours_and_inductors():

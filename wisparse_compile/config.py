@@ -269,8 +269,9 @@ class BackendConfig:
     inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if self.max_sparse_rows < 1:
-            raise ValueError("max_sparse_rows must be at least 1")
+        rows = self.max_sparse_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"max_sparse_rows must be a whole number of token rows, at least 1; got {rows!r}")
         if self.mode is not None:
             from torch._inductor import list_mode_options
 

@@ -24,6 +24,10 @@ def test_token_rows_multiply_every_leading_dim(shape, rows):
     assert token_rows(torch.empty(shape)) == rows
 
 
+def test_token_rows_of_a_scalar_or_no_features_is_zero():
+    assert token_rows(torch.empty(())) == 0 and token_rows(torch.empty(3, 0)) == 0 and token_rows(torch.empty(5)) == 1
+
+
 def test_decode_sized_static_counts():
     assert DEFAULT_MAX_SPARSE_ROWS == 8
     assert decode_sized(torch.empty(8, 16), 8) and decode_sized(torch.empty(2, 4, 16), 8)

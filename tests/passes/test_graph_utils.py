@@ -13,7 +13,6 @@ from wisparse_compile.passes.graph_utils import (
     local_operand,
     nodes_under_autocast,
     replace_node,
-    token_rows,
     weight_root,
 )
 
@@ -54,11 +53,6 @@ def test_example_value_reads_dynamos_then_aots_meta():
     a.meta["example_value"], b.meta["val"] = W_OUT_IN, W_OUT_IN.T
     assert example_value(a) is W_OUT_IN and example_value(b) is not None and example_value(b).shape == (4, 6)
     assert example_value(c) is None and example_value(3) is None
-
-
-def test_token_rows_is_every_dim_but_the_last():
-    assert token_rows(torch.empty(2, 3, 4)) == 6 and token_rows(torch.empty(5)) == 1
-    assert token_rows(torch.empty(())) == 0 and token_rows(torch.empty(3, 0)) == 0
 
 
 def _autocast_graph():

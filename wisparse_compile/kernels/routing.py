@@ -44,8 +44,14 @@ class Layout(str, enum.Enum):
 
 
 def token_rows(x: torch.Tensor) -> int | torch.SymInt:
-    """Rows of ``x`` seen as ``[rows, in]`` (every leading dim is a token dim)."""
-    return x.numel() // x.shape[-1]
+    """Rows of ``x`` as a linear sees it, ``[rows, in]``: every dim but the last, multiplied (may be
+    symbolic); 0 for a scalar or no input features, where no kernel has rows to run."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return 0
+    rows = 1
+    for size in x.shape[:-1]:
+        rows = rows * size
+    return rows
 
 
 def decode_sized(x: torch.Tensor, max_rows: int) -> bool:

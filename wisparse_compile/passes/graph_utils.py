@@ -22,16 +22,6 @@ def example_value(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
-def token_rows(x: torch.Tensor) -> Any:
-    """Rows of ``x`` as a linear sees them (all dims but the last, multiplied; may be symbolic)."""
-    if x.dim() == 0 or x.shape[-1] == 0:
-        return 0
-    rows = 1
-    for size in x.shape[:-1]:
-        rows = rows * size
-    return rows
-
-
 _VIEW_METHODS = ("t", "transpose", "permute", "swapaxes", "swapdims")
 _VIEW_FUNCTIONS = {torch.t: "t", torch.transpose: "transpose", torch.permute: "permute"}
 

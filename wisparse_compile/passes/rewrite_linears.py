@@ -34,12 +34,13 @@ from torch import fx
 
 from ..config import BackendConfig
 from ..kernels import Layout, Route
+from ..kernels.routing import token_rows
 from ..linear_forms import ADDMM, LINEAR, MATMUL, LinearForm, call_operands, form_of
 from ..quant.tensors import weight_format
 from ..sharding import local_tensor
 from .decisions import DenseReason
 from .eligibility import expected_route
-from .graph_utils import GraphInputs, example_value, local_operand, token_rows, weight_root
+from .graph_utils import GraphInputs, example_value, local_operand, weight_root
 
 
 @dataclass(frozen=True)
